@@ -1,0 +1,177 @@
+"""`launcher` command line: each subcommand parses its arguments and calls one function.
+
+Exit codes: 0 success, 2 bad input (recipe, overrides, paths: nothing was written or launched),
+75 the job stopped on a signal after saving (run it again to resume), else the job's own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from launcher.config import ConfigError, RunConfig, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launcher", description="Plan and launch LLM fine-tuning from one recipe.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def recipe_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("recipe", help="recipe YAML (a path, or a name under recipes/)")
+        cmd.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.max_steps=100")
+        return cmd
+
+    cmd = recipe_command("validate", "check a recipe and print the resolved batch settings")
+    cmd.set_defaults(func=cmd_validate)
+    for name, func, help_text in (
+        ("plan", cmd_plan, "write the run directory: plan.json, launch.sh, job.sbatch, deepspeed.json|fsdp.json"),
+        ("submit", cmd_submit, "plan, then submit job.sbatch with sbatch (prints the job id)"),
+        ("run", cmd_run, "plan, then run torchrun on this machine (GPUs, or CPU processes)"),
+        ("prepare", cmd_prepare, "tokenise and pack the data once into the cache the ranks memory-map"),
+    ):
+        cmd = recipe_command(name, help_text)
+        cmd.add_argument("--out", help="run directory (default: run.output_dir or runs/<run.name>)")
+        cmd.set_defaults(func=func)
+        if name == "submit":
+            cmd.add_argument("--dry-run", action="store_true", help="plan and print the sbatch command, submit nothing")
+
+    cmd = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face model directory (safetensors)")
+    cmd.add_argument("run_dir")
+    cmd.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
+    cmd.add_argument("--out", required=True, help="output directory")
+    cmd.add_argument("--merge", action="store_true", help="LoRA/QLoRA: merge the adapter into the base model")
+    cmd.set_defaults(func=cmd_export)
+
+    cmd = sub.add_parser("status", help="the job's SLURM state and the last logged step of a run directory")
+    cmd.add_argument("run_dir")
+    cmd.set_defaults(func=cmd_status)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.recipe, args.overrides)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    t = cfg.train
+    world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    print(
+        f"ok: {args.recipe}: {cfg.method.name} on {cfg.parallel.backend}, {cfg.cluster.nodes} node(s) x "
+        f"{cfg.cluster.gpus_per_node} = {world} rank(s); batch {t.micro_batch_size} x {t.gradient_accumulation_steps} "
+        f"x {world} = {t.global_batch_size}"
+    )
+    return 0
+
+
+def _plan(args: argparse.Namespace):  # -> Plan (import kept lazy: `validate` needs no plan code)
+    from launcher.plan import build_plan, default_run_dir, write_run_dir
+
+    cfg = _load(args)
+    run_dir = os.path.abspath(args.out) if getattr(args, "out", None) else default_run_dir(cfg)
+    plan = build_plan(cfg, run_dir)
+    write_run_dir(plan)
+    return plan
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    print(_summary(plan))
+    print(f"\nnext: launcher run {shlex.quote(args.recipe)}   (or: bash {shlex.quote(plan.run_dir)}/launch.sh)")
+    print(f"      sbatch {shlex.quote(plan.run_dir)}/job.sbatch   (or: launcher submit {shlex.quote(args.recipe)})")
+    return 0
+
+
+def _summary(plan) -> str:  # plan: Plan
+    from launcher.plan.torchrun import shell_join
+
+    cfg, topo = plan.config, plan.topology
+    mem = plan.estimate
+    rows = [
+        ("run dir", plan.run_dir),
+        ("model", f"{cfg['model']['name_or_path']} ({mem['params'] / 1e6:,.1f} M params)"),
+        ("method", cfg["method"]["name"]),
+        ("backend", cfg["parallel"]["backend"] + (f" ZeRO-{cfg['parallel']['zero_stage']}" if plan.deepspeed else "")),
+        ("ranks", f"{topo['nodes']} node(s) x {topo['procs_per_node']} = {topo['world_size']} ({cfg['cluster']['accelerator']})"),
+        (
+            "batch",
+            f"{topo['micro_batch_size']} micro x {topo['gradient_accumulation_steps']} accum x {topo['data_parallel']} dp"
+            f" = {topo['global_batch_size']} seqs ({topo['tokens_per_step']:,} tokens max)",
+        ),
+        ("steps", str(cfg["train"]["max_steps"])),
+        ("memory/rank", f"{mem['total'] / 1024**3:.2f} GiB estimated (estimate.txt)"),
+        ("torchrun", shell_join(plan.torchrun)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    script = str(Path(plan.run_dir) / "job.sbatch")
+    command = ["sbatch", "--parsable", script]
+    if args.dry_run:
+        print(_summary(plan))
+        print("\ndry run, would submit: " + " ".join(shlex.quote(c) for c in command))
+        return 0
+    if shutil.which("sbatch") is None:
+        print("error: sbatch: not found on PATH; run on a SLURM login node, or use `launcher run` here", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    done = subprocess.run(command, cwd=plan.run_dir, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"error: sbatch failed: {done.stderr.strip()}", file=sys.stderr)
+        return done.returncode
+    job_id = done.stdout.strip().split(";")[0]
+    (Path(plan.run_dir) / "logs" / "job_id").write_text(job_id + "\n")
+    print(job_id)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from launcher.run_local import run_local
+
+    plan = _plan(args)
+    return run_local(plan)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from launcher.run_local import prepare
+
+    plan = _plan(args)
+    return prepare(plan)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from launcher.runtime.export import export_run
+
+    return export_run(args.run_dir, args.out, step=args.step, merge=args.merge)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from launcher.run_local import status
+
+    return status(args.run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The recipe schema: frozen dataclasses, one per section.
+
+YAML is data merged into these classes with OmegaConf, so a wrong key or type fails at load with its
+path. Cross-field rules live in `validate.py`. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Backend = Literal["fsdp", "deepspeed", "ddp", "single"]
+MethodName = Literal["full", "lora", "qlora", "freeze", "prompt_tuning"]
+Precision = Literal["bf16", "fp16", "fp32"]
+DType = Literal["bfloat16", "float16", "float32"]
+Offload = Literal["none", "cpu", "nvme"]
+Accelerator = Literal["cuda", "cpu"]
+Attention = Literal["auto", "flash", "sdpa", "eager"]
+Template = Literal["instruction", "chat", "text"]
+DataFormat = Literal["auto", "json", "jsonl", "parquet", "csv", "saved", "hub"]
+Scheduler = Literal["cosine", "linear", "constant"]
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "run"
+    output_dir: str = ""  # empty: runs/<run.name>, relative to the working directory
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    # A local Hugging Face model directory, a Hub id, or "tiny-llama" (built offline in CPU mode).
+    name_or_path: str = "tiny-llama"
+    dtype: DType = "bfloat16"  # storage dtype of the loaded weights
+    trust_remote_code: bool = False
+    # Architecture numbers used by the planner (bucket sizes, memory estimate). Read from
+    # `name_or_path/config.json` when it is a local directory; required for a Hub id.
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    vocab_size: int | None = None
+    tie_word_embeddings: bool | None = None
+    # The decoder-layer class FSDP2 shards one unit per instance of.
+    layer_class: str = "LlamaDecoderLayer"
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # "all-linear" or a list of module names, e.g. [q_proj, v_proj].
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass(frozen=True)
+class QuantSection:
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: DType = "bfloat16"
+    # The dtype 4-bit weights are stored in. FSDP and ZeRO-3 flatten parameters together, so it
+    # must equal the dtype of the unquantised parameters (see validate.py).
+    quant_storage_dtype: DType = "bfloat16"
+
+
+@dataclass(frozen=True)
+class FreezeSection:
+    trainable_last_layers: int = 2  # decoder layers left trainable, counted from the top
+    train_head: bool = True  # lm_head (and the final norm)
+    train_embeddings: bool = False
+
+
+@dataclass(frozen=True)
+class PromptTuningSection:
+    num_virtual_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class MethodSection:
+    name: MethodName = "full"
+    lora: LoraSection = field(default_factory=LoraSection)
+    quant: QuantSection = field(default_factory=QuantSection)
+    freeze: FreezeSection = field(default_factory=FreezeSection)
+    prompt_tuning: PromptTuningSection = field(default_factory=PromptTuningSection)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    # A local file (json, jsonl, parquet, csv), a directory saved with `save_to_disk`, a Hub id,
+    # or "tiny-tasks" (the shipped synthetic task set).
+    path: str = "tiny-tasks"
+    format: DataFormat = "auto"
+    split: str = "train"
+    val_path: str = ""  # empty: take val_fraction of `path`
+    val_fraction: float = 0.02
+    template: Template = "instruction"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    text_field: str = "text"
+    train_on_prompt: bool = False  # False: prompt tokens get label -100
+    max_seq_len: int = 2048
+    packing: bool = True
+    dedup: bool = True
+    unicode_normalization: Literal["NFC", "NFKC", "none"] = "NFC"
+    drop_longer: bool = True  # False: truncate over-long examples instead
+    num_proc: int = 1
+    cache_dir: str = ""  # empty: <project cache>/data
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 2.0e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1.0e-8
+    scheduler: Scheduler = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    micro_batch_size: int | None = None  # sequences per rank per forward
+    gradient_accumulation_steps: int | None = None
+    global_batch_size: int | None = None  # sequences per optimizer step, all ranks
+    max_steps: int = 1000
+    precision: Precision = "bf16"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 8
+    eval_exact_match: int = 0  # held-out prompts greedily decoded at each eval (0: none)
+
+
+@dataclass(frozen=True)
+class FsdpSection:
+    reshard_after_forward: bool = True
+    hsdp: bool = False  # shard within a node, replicate across nodes
+    reduce_dtype: DType = "float32"
+    cpu_offload: bool = False
+
+
+@dataclass(frozen=True)
+class ParallelSection:
+    backend: Backend = "fsdp"
+    zero_stage: int = 3
+    offload_optimizer: Offload = "none"
+    offload_params: Offload = "none"
+    nvme_path: str = ""
+    fsdp: FsdpSection = field(default_factory=FsdpSection)
+
+
+@dataclass(frozen=True)
+class KernelsSection:
+    attention: Attention = "auto"
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 0  # steps between saves (0: only at the end)
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | a checkpoint directory
+    async_save: bool = False
+    allow_mismatch: bool = False  # warn instead of fail when data or batch settings changed
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    accelerator: Accelerator = "cuda"
+    nodes: int = 1
+    gpus_per_node: int = 8  # processes per node (on CPU: worker processes)
+    world_size: int | None = None  # optional cross-check of nodes x gpus_per_node
+    # SLURM
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    time: str = "04:00:00"
+    cpus_per_task: int = 8  # CPUs per node task (the task runs torchrun and its workers)
+    mem: str = ""  # e.g. 0 (whole node) or 480G; empty: cluster default
+    signal_seconds: int = 300  # USR1 this long before the time limit: save, then requeue
+    requeue: bool = True
+    max_requeues: int = 3
+    extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--exclusive"]
+    env: dict[str, str] = field(default_factory=dict)  # exported in launch.sh and job.sbatch
+    # torchrun
+    max_restarts: int = 0
+    rdzv_port: int | None = None  # None: derived from the SLURM job id (multi-node)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    kernels: KernelsSection = field(default_factory=KernelsSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)

@@ -1,0 +1,301 @@
+"""Every rule a recipe must satisfy beyond its types, in one place.
+
+`check_fields` looks at single values (ranges, formats) and runs before derived values are filled
+in; `check_combinations` looks at how sections fit together, including the compatibility table
+(QLoRA x FSDP/ZeRO-3, offload x stage, packing x attention, fp16 x CPU, ...). Each problem is one
+line naming the key and the fix; all problems are reported together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from launcher.config.errors import ConfigError, Problem
+from launcher.config.schema import RunConfig
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SLURM_WORD = re.compile(r"^[A-Za-z0-9._-]*$")
+SLURM_CONSTRAINT = re.compile(r"^[A-Za-z0-9._&|,\[\]*:!()-]*$")
+SLURM_TIME = re.compile(r"^\d+-\d{1,2}(:\d{2}){0,2}$|^\d+(:\d{2}){0,2}$")
+SLURM_MEM = re.compile(r"^(\d+[KMGT]?)?$")
+SBATCH_OPTION = re.compile(r"^--[a-z][a-z0-9-]*(=[^\s\"'\\`$;]+)?$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+def validate(cfg: RunConfig, explicit: set[str] | None = None) -> None:
+    """Raise ConfigError with every problem found; `explicit` is the set of keys the user set."""
+    problems = list(check_fields(cfg)) + list(check_combinations(cfg, explicit or set()))
+    if problems:
+        raise ConfigError(problems)
+
+
+def check_fields(cfg: RunConfig) -> Iterator[Problem]:
+    for path, value in _strings(cfg, ""):
+        if "\x00" in value or ("\n" in value and not path.startswith("cluster.env.")):
+            yield Problem(path, "contains a newline or NUL byte", "write it on one line")
+    if not NAME.match(cfg.run.name):
+        yield Problem("run.name", f"{cfg.run.name!r} is not a plain name", "use letters, digits, '.', '_' and '-' (up to 128)")
+    for ch in ('"', "%", "\\"):
+        if ch in cfg.run.output_dir:
+            yield Problem("run.output_dir", f"contains {ch!r}, which SLURM log paths cannot carry", "choose a path without it")
+    yield from _at_least(cfg.run.seed, 0, "run.seed")
+    if not cfg.model.name_or_path.strip():
+        yield Problem("model.name_or_path", "is empty", "give a local model directory, a Hub id or tiny-llama")
+    for name in ("hidden_size", "num_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        value = getattr(cfg.model, name)
+        if value is not None:
+            yield from _at_least(value, 1, f"model.{name}")
+    if not MODULE_NAME.match(cfg.model.layer_class):
+        yield Problem("model.layer_class", f"{cfg.model.layer_class!r} is not a class name", "e.g. LlamaDecoderLayer")
+
+    lora = cfg.method.lora
+    yield from _at_least(lora.r, 1, "method.lora.r")
+    if lora.alpha <= 0:
+        yield Problem("method.lora.alpha", f"{lora.alpha} is not positive", "use e.g. 2 x method.lora.r")
+    yield from _fraction(lora.dropout, "method.lora.dropout", upper_open=True)
+    if not lora.target_modules:
+        yield Problem("method.lora.target_modules", "is empty", "use [all-linear] or module names like [q_proj, v_proj]")
+    for name in lora.target_modules:
+        if name != "all-linear" and not MODULE_NAME.match(name):
+            yield Problem("method.lora.target_modules", f"{name!r} is not a module name", "use names like q_proj")
+    yield from _at_least(cfg.method.freeze.trainable_last_layers, 0, "method.freeze.trainable_last_layers")
+    yield from _at_least(cfg.method.prompt_tuning.num_virtual_tokens, 1, "method.prompt_tuning.num_virtual_tokens")
+
+    data = cfg.data
+    if not data.path.strip():
+        yield Problem("data.path", "is empty", "give a data file, a saved dataset directory, a Hub id or tiny-tasks")
+    yield from _fraction(data.val_fraction, "data.val_fraction", upper_open=True)
+    yield from _at_least(data.max_seq_len, 16, "data.max_seq_len")
+    yield from _at_least(data.num_proc, 1, "data.num_proc")
+    for key in ("prompt_field", "response_field", "messages_field", "text_field", "split"):
+        if not getattr(data, key):
+            yield Problem(f"data.{key}", "is empty", "name a column of the data")
+
+    optim = cfg.optim
+    if not 0 < optim.lr < 1:
+        yield Problem("optim.lr", f"{optim.lr} is outside (0, 1)", "use e.g. 2e-5 for full fine-tuning, 2e-4 for LoRA")
+    yield from _at_least(optim.weight_decay, 0, "optim.weight_decay")
+    yield from _fraction(optim.beta1, "optim.beta1", upper_open=True)
+    yield from _fraction(optim.beta2, "optim.beta2", upper_open=True)
+    if optim.eps <= 0:
+        yield Problem("optim.eps", f"{optim.eps} is not positive", "use e.g. 1e-8")
+    yield from _at_least(optim.warmup_steps, 0, "optim.warmup_steps")
+    yield from _fraction(optim.min_lr_ratio, "optim.min_lr_ratio", upper_open=False)
+    yield from _at_least(optim.max_grad_norm, 0, "optim.max_grad_norm")
+
+    train = cfg.train
+    for key in ("micro_batch_size", "gradient_accumulation_steps", "global_batch_size"):
+        if getattr(train, key) is not None:
+            yield from _at_least(getattr(train, key), 1, f"train.{key}")
+    yield from _at_least(train.max_steps, 1, "train.max_steps")
+    yield from _at_least(train.log_every, 1, "train.log_every")
+    yield from _at_least(train.eval_every, 0, "train.eval_every")
+    yield from _at_least(train.eval_batches, 0, "train.eval_batches")
+    yield from _at_least(train.eval_exact_match, 0, "train.eval_exact_match")
+
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        yield Problem("parallel.zero_stage", f"{cfg.parallel.zero_stage} is not one of 0, 1, 2, 3", "pick a ZeRO stage 0-3")
+
+    ckpt = cfg.checkpoint
+    yield from _at_least(ckpt.every, 0, "checkpoint.every")
+    yield from _at_least(ckpt.keep_last, 1, "checkpoint.keep_last")
+    if not ckpt.resume.strip():
+        yield Problem("checkpoint.resume", "is empty", "use auto, never or a checkpoint directory")
+
+    cluster = cfg.cluster
+    yield from _at_least(cluster.nodes, 1, "cluster.nodes")
+    yield from _at_least(cluster.gpus_per_node, 1, "cluster.gpus_per_node")
+    yield from _at_least(cluster.cpus_per_task, 1, "cluster.cpus_per_task")
+    yield from _at_least(cluster.max_requeues, 0, "cluster.max_requeues")
+    yield from _at_least(cluster.max_restarts, 0, "cluster.max_restarts")
+    if not 0 <= cluster.signal_seconds <= 65535:
+        yield Problem("cluster.signal_seconds", f"{cluster.signal_seconds} is outside 0-65535", "use e.g. 300 (0 disables)")
+    if cluster.rdzv_port is not None and not 1024 <= cluster.rdzv_port <= 65535:
+        yield Problem("cluster.rdzv_port", f"{cluster.rdzv_port} is outside 1024-65535", "pick a free port, or leave it out")
+    for key in ("partition", "account", "qos"):
+        if not SLURM_WORD.match(getattr(cluster, key)):
+            yield Problem(f"cluster.{key}", f"{getattr(cluster, key)!r} is not a SLURM name", "use letters, digits, '.', '_', '-'")
+    if not SLURM_CONSTRAINT.match(cluster.constraint):
+        yield Problem("cluster.constraint", f"{cluster.constraint!r} has characters SLURM features cannot", "e.g. a100&ib")
+    if not SLURM_TIME.match(cluster.time):
+        yield Problem("cluster.time", f"{cluster.time!r} is not a SLURM time", "use minutes, HH:MM:SS or D-HH:MM:SS")
+    if not SLURM_MEM.match(cluster.mem):
+        yield Problem("cluster.mem", f"{cluster.mem!r} is not a SLURM memory size", "use e.g. 0, 480G or 512000M")
+    for line in cluster.extra_sbatch:
+        if not SBATCH_OPTION.match(line):
+            yield Problem(
+                "cluster.extra_sbatch", f"{line!r} is not one sbatch option", "write e.g. --exclusive or --gres-flags=enforce-binding"
+            )
+    for name in cluster.env:
+        if not ENV_NAME.match(name):
+            yield Problem(f"cluster.env.{name}", "is not an environment variable name", "use letters, digits and '_'")
+
+
+def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
+    par, train, method, cluster = cfg.parallel, cfg.train, cfg.method, cfg.cluster
+    world = cluster.nodes * cluster.gpus_per_node
+    cpu = cluster.accelerator == "cpu"
+
+    if cluster.world_size is not None and cluster.world_size != world:
+        yield Problem(
+            "cluster.world_size",
+            f"{cluster.world_size} != cluster.nodes {cluster.nodes} x cluster.gpus_per_node {cluster.gpus_per_node} = {world}",
+            "fix one of the three, or leave cluster.world_size out",
+        )
+    if par.backend == "single" and world != 1:
+        yield Problem(
+            "parallel.backend", f"single runs one process but the cluster has {world}", "use fsdp, ddp or deepspeed, or 1 node x 1 gpu"
+        )
+
+    # DeepSpeed and FSDP are exclusive: a setting of the backend not chosen, changed from its
+    # default, is a mistake (defaults are fine, so a written config.yaml loads again).
+    defaults = RunConfig().parallel
+    if par.backend != "deepspeed":
+        for key in ("zero_stage", "offload_optimizer", "offload_params", "nvme_path"):
+            if f"parallel.{key}" in explicit and getattr(par, key) != getattr(defaults, key):
+                yield Problem(
+                    f"parallel.{key}",
+                    f"is a DeepSpeed setting but parallel.backend is {par.backend}",
+                    "remove it, or set parallel.backend: deepspeed (FSDP offload is parallel.fsdp.cpu_offload)",
+                )
+    if par.backend != "fsdp":
+        for key in sorted(k for k in explicit if k.startswith("parallel.fsdp.")):
+            name = key.rpartition(".")[2]
+            if getattr(par.fsdp, name) == getattr(defaults.fsdp, name):
+                continue
+            yield Problem(key, f"is an FSDP setting but parallel.backend is {par.backend}", "remove it, or set parallel.backend: fsdp")
+    if par.backend == "deepspeed":
+        if par.offload_optimizer != "none" and par.zero_stage == 0:
+            yield Problem(
+                "parallel.offload_optimizer", "needs ZeRO stage 1, 2 or 3", "raise parallel.zero_stage or set offload_optimizer: none"
+            )
+        if par.offload_params != "none" and par.zero_stage != 3:
+            yield Problem(
+                "parallel.offload_params",
+                f"needs ZeRO stage 3 (stage is {par.zero_stage})",
+                "set parallel.zero_stage: 3 or offload_params: none",
+            )
+        if par.offload_optimizer == "nvme" and par.zero_stage != 3:
+            yield Problem(
+                "parallel.offload_optimizer",
+                "nvme offload needs ZeRO stage 3 (ZeRO-Infinity)",
+                "set parallel.zero_stage: 3 or offload to cpu",
+            )
+        if "nvme" in (par.offload_optimizer, par.offload_params) and not par.nvme_path:
+            yield Problem("parallel.nvme_path", "is empty but NVMe offload is on", "set it to a fast local disk, e.g. /local_nvme")
+    if par.fsdp.hsdp and cluster.nodes < 2:
+        yield Problem("parallel.fsdp.hsdp", "replicates across nodes but cluster.nodes is 1", "set cluster.nodes >= 2 or hsdp: false")
+    if par.fsdp.cpu_offload and cpu:
+        yield Problem("parallel.fsdp.cpu_offload", "offloads to the CPU but the run is already on the CPU", "set it to false")
+
+    if cpu and train.precision == "fp16":
+        yield Problem("train.precision", "fp16 is not supported on the CPU", "use bf16 or fp32")
+    if cpu and cfg.kernels.attention == "flash":
+        yield Problem("kernels.attention", "flash needs CUDA but cluster.accelerator is cpu", "use auto or sdpa")
+    if par.backend == "deepspeed" and par.zero_stage == 3 and cfg.train.compile:
+        yield Problem("train.compile", "is not supported with ZeRO-3 here", "set train.compile: false")
+
+    if method.name == "qlora":
+        quant = method.quant
+        flat = par.backend == "fsdp" or (par.backend == "deepspeed" and par.zero_stage == 3)
+        if flat and quant.quant_storage_dtype != cfg.model.dtype:
+            yield Problem(
+                "method.quant.quant_storage_dtype",
+                f"{quant.quant_storage_dtype} differs from model.dtype {cfg.model.dtype}; "
+                f'{par.backend} flattens parameters of one dtype ("Must flatten tensors with uniform dtype")',
+                f"set method.quant.quant_storage_dtype: {cfg.model.dtype}",
+            )
+        if par.offload_params != "none":
+            yield Problem("parallel.offload_params", "cannot offload 4-bit quantised weights", "set it to none for QLoRA")
+        if cfg.model.dtype == "float16" and cpu:
+            yield Problem("model.dtype", "float16 is not supported on the CPU", "use bfloat16")
+    if method.name == "freeze" and cfg.model.num_layers is not None and method.freeze.trainable_last_layers > cfg.model.num_layers:
+        yield Problem(
+            "method.freeze.trainable_last_layers",
+            f"{method.freeze.trainable_last_layers} > model.num_layers {cfg.model.num_layers}",
+            f"use at most {cfg.model.num_layers}",
+        )
+    if (
+        method.name == "freeze"
+        and method.freeze.trainable_last_layers == 0
+        and not (method.freeze.train_head or method.freeze.train_embeddings)
+    ):
+        yield Problem("method.freeze", "leaves nothing trainable", "raise trainable_last_layers or set train_head: true")
+    if method.name == "prompt_tuning" and par.backend == "deepspeed" and par.zero_stage == 3:
+        yield Problem("method.name", "prompt tuning is not supported under ZeRO-3", "use ZeRO 0-2 or FSDP")
+
+    if cfg.data.packing:
+        # Packed rows hold several documents: the attention path must keep each inside its own.
+        if method.name == "prompt_tuning":
+            yield Problem(
+                "data.packing", "prompt tuning prepends virtual tokens to each row, breaking document isolation", "set data.packing: false"
+            )
+        if cfg.model.trust_remote_code:
+            yield Problem(
+                "data.packing", "custom modeling code (trust_remote_code) may ignore the document mask", "set data.packing: false"
+            )
+        if cfg.kernels.attention == "eager" and not cpu:
+            yield Problem(
+                "data.packing",
+                "eager attention builds a dense mask per packed row (slow, memory-hungry on GPU)",
+                "use kernels.attention: auto",
+            )
+    if cfg.train.eval_exact_match and cfg.data.template == "text":
+        yield Problem(
+            "train.eval_exact_match",
+            "needs prompts and answers but data.template is text",
+            "set it to 0 or use an instruction/chat template",
+        )
+    if cfg.optim.warmup_steps > cfg.train.max_steps:
+        yield Problem(
+            "optim.warmup_steps",
+            f"{cfg.optim.warmup_steps} > train.max_steps {cfg.train.max_steps}: the peak learning rate is never reached",
+            "use fewer warmup steps",
+        )
+    if cluster.signal_seconds and SLURM_TIME.match(cluster.time) and _minutes(cluster.time) * 60 <= cluster.signal_seconds:
+        yield Problem(
+            "cluster.signal_seconds", f"{cluster.signal_seconds}s is not shorter than cluster.time {cluster.time}", "use a smaller value"
+        )
+
+
+def _minutes(time: str) -> float:
+    """SLURM time string → minutes (the formats SLURM_TIME admits)."""
+    days, dash, rest = time.partition("-")
+    if not dash:
+        rest, days = days, "0"
+    parts = [int(p) for p in rest.split(":")]
+    if dash:  # days-hours[:minutes[:seconds]]
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 3:  # hours:minutes:seconds
+        hours, minutes, seconds = parts
+    else:  # minutes[:seconds]
+        hours, (minutes, seconds) = 0, (parts + [0])[:2]
+    return int(days) * 1440 + hours * 60 + minutes + seconds / 60
+
+
+def _at_least(value: float, low: float, key: str) -> Iterator[Problem]:
+    if value < low:
+        yield Problem(key, f"{value} is less than {low}", f"use a value >= {low}")
+
+
+def _fraction(value: float, key: str, upper_open: bool) -> Iterator[Problem]:
+    if value < 0 or value > 1 or (upper_open and value == 1):
+        yield Problem(key, f"{value} is outside [0, 1{')' if upper_open else ']'}", "use a fraction")
+
+
+def _strings(obj: Any, prefix: str) -> Iterator[tuple[str, str]]:
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _strings(getattr(obj, f.name), f"{prefix}{f.name}.")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _strings(value, f"{prefix}{key}.")
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _strings(value, prefix)
+    elif isinstance(obj, str):
+        yield prefix.rstrip("."), obj

@@ -1,0 +1,142 @@
+"""The Plan: everything the ranks need, computed once from a RunConfig and written to the run dir.
+
+`build_plan` is a pure function (no file system, no torch); `write_run_dir` writes it out. The
+ranks read plan.json and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher import __version__
+from launcher.config import RunConfig, config_from_dict
+from launcher.plan.deepspeed import build_deepspeed_config
+from launcher.plan.estimate import estimate_memory, render_estimate, step_seconds
+from launcher.plan.fsdp import build_fsdp_plan
+from launcher.plan.slurm import build_launch_script, build_sbatch
+from launcher.plan.topology import Topology, build_topology
+from launcher.plan.torchrun import build_torchrun_argv
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class Plan:
+    launcher_version: str
+    run_dir: str
+    config: dict[str, Any]  # the resolved RunConfig as plain data
+    topology: dict[str, Any]
+    deepspeed: dict[str, Any] | None
+    fsdp: dict[str, Any] | None
+    torchrun: list[str]
+    env: dict[str, str]
+    estimate: dict[str, float]
+    launch_script: str
+    sbatch_script: str
+
+    @property
+    def run_config(self) -> RunConfig:
+        return config_from_dict(self.config, user_written=False)
+
+    @property
+    def plan_path(self) -> str:
+        return str(Path(self.run_dir) / PLAN_FILE)
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        del data["launch_script"], data["sbatch_script"]  # written as their own files
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        data = json.loads(text)
+        data.setdefault("launch_script", "")
+        data.setdefault("sbatch_script", "")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        return cls.from_json(Path(path).read_text())
+
+
+def default_run_dir(cfg: RunConfig) -> str:
+    return os.path.abspath(cfg.run.output_dir or os.path.join("runs", cfg.run.name))
+
+
+def plan_env(cfg: RunConfig, topology: Topology) -> dict[str, str]:
+    env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, cfg.cluster.cpus_per_task // topology.procs_per_node))}
+    if cfg.cluster.accelerator == "cuda":
+        env.update({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"})
+    env.update(cfg.cluster.env)
+    return env
+
+
+def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Plan:
+    """RunConfig → Plan; `run_dir` must be absolute (scripts cd into it on other machines)."""
+    topology = build_topology(cfg.cluster, cfg.train, cfg.data)
+    deepspeed = fsdp = None
+    if cfg.parallel.backend == "deepspeed":
+        deepspeed = build_deepspeed_config(cfg.parallel, cfg.train, cfg.optim, cfg.model, topology)
+    elif cfg.parallel.backend == "fsdp":
+        fsdp = build_fsdp_plan(cfg.parallel, cfg.train, cfg.model, topology)
+    plan_path = str(Path(run_dir) / PLAN_FILE)
+    torchrun = build_torchrun_argv(cfg.cluster, topology, plan_path, python)
+    env = plan_env(cfg, topology)
+    cuda = cfg.cluster.accelerator == "cuda"
+    memory = estimate_memory(cfg.model, cfg.method, cfg.parallel, cfg.train, cfg.data.max_seq_len, topology, cuda)
+    return Plan(
+        launcher_version=__version__,
+        run_dir=run_dir,
+        config=dataclasses.asdict(cfg),
+        topology=dataclasses.asdict(topology),
+        deepspeed=deepspeed,
+        fsdp=fsdp,
+        torchrun=torchrun,
+        env=env,
+        estimate=memory,
+        launch_script=build_launch_script(topology, cfg.run.name, env, torchrun),
+        sbatch_script=build_sbatch(cfg.cluster, topology, cfg.run.name, run_dir, env, torchrun),
+    )
+
+
+def render_files(plan: Plan) -> dict[str, str]:
+    """File name → content, exactly what `write_run_dir` writes."""
+    cfg = plan.run_config
+    seconds = step_seconds(plan.estimate, cfg.method, cfg.train, Topology(**plan.topology)) if cfg.cluster.accelerator == "cuda" else None
+    files = {
+        "config.yaml": yaml.safe_dump(plan.config, sort_keys=False, width=120),
+        PLAN_FILE: plan.to_json(),
+        "launch.sh": plan.launch_script,
+        "job.sbatch": plan.sbatch_script,
+        "estimate.txt": render_estimate(plan.estimate, seconds),
+    }
+    if plan.deepspeed is not None:
+        files["deepspeed.json"] = json.dumps(plan.deepspeed, indent=2) + "\n"
+    if plan.fsdp is not None:
+        files["fsdp.json"] = json.dumps(plan.fsdp, indent=2) + "\n"
+    return files
+
+
+def write_run_dir(plan: Plan) -> list[Path]:
+    """Write the plan's files into its run directory, each replaced atomically."""
+    run_dir = Path(plan.run_dir)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in render_files(plan).items():
+        target = run_dir / name
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{name}.")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o755 if name.endswith((".sh", ".sbatch")) else 0o644)
+        os.replace(tmp, target)
+        written.append(target)
+    return written

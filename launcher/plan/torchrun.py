@@ -1,0 +1,49 @@
+"""Plan → the torchrun argv, and shell rendering that keeps every recipe value literal."""
+
+from __future__ import annotations
+
+import shlex
+
+from launcher.config.schema import ClusterSection
+from launcher.plan.topology import Topology
+
+# Values known only inside the allocation; launch.sh / job.sbatch export them.
+HEAD_ADDR = "${LAUNCHER_HEAD_ADDR}"
+RDZV_PORT = "${LAUNCHER_RDZV_PORT}"
+RDZV_ID = "${LAUNCHER_RDZV_ID}"
+RDZV_ENDPOINT = f"{HEAD_ADDR}:{RDZV_PORT}"
+_PLACEHOLDERS = frozenset({RDZV_ENDPOINT, RDZV_ID})
+
+
+def build_torchrun_argv(cluster: ClusterSection, topology: Topology, plan_path: str, python: str) -> list[str]:
+    argv = [python, "-m", "torch.distributed.run"]
+    if topology.nodes == 1:
+        # --standalone: a private c10d store on a free local port, so two runs on a box don't clash.
+        argv += ["--standalone", "--nnodes", "1"]
+    else:
+        argv += [
+            "--nnodes",
+            str(topology.nodes),
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            RDZV_ENDPOINT,
+            "--rdzv_id",
+            RDZV_ID,
+        ]
+    argv += [
+        "--nproc_per_node",
+        str(topology.procs_per_node),
+        "--max_restarts",
+        str(cluster.max_restarts),
+        "-m",
+        "launcher.runtime",
+        "--plan",
+        plan_path,
+    ]
+    return argv
+
+
+def shell_join(argv: list[str]) -> str:
+    """Quote each argument for bash; only our own ${LAUNCHER_*} placeholders expand."""
+    return " ".join(f'"{arg}"' if arg in _PLACEHOLDERS else shlex.quote(arg) for arg in argv)

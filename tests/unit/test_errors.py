@@ -1,0 +1,179 @@
+"""Bad input: one line per mistake naming the exact key, exit code 2, and nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from launcher.cli import main
+from launcher.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "recipes" / "tiny-cpu.yaml")
+
+# (overrides on tiny-cpu.yaml, the key the error must name)
+MALFORMED: list[tuple[list[str], str]] = [
+    (["train.max_stepz=10"], "train.max_stepz"),
+    (["trian.max_steps=10"], "trian"),
+    (["parallel.fsdp.reshard=true"], "parallel.fsdp.reshard"),
+    (["train.max_steps=ten"], "train.max_steps"),
+    (["train.max_steps=2.5"], "train.max_steps"),
+    (["train.max_steps=0"], "train.max_steps"),
+    (["optim.lr=fast"], "optim.lr"),
+    (["optim.lr=0"], "optim.lr"),
+    (["optim.lr=2"], "optim.lr"),
+    (["optim.beta2=1.0"], "optim.beta2"),
+    (["optim.eps=0"], "optim.eps"),
+    (["optim.warmup_steps=500"], "optim.warmup_steps"),
+    (["optim.min_lr_ratio=1.5"], "optim.min_lr_ratio"),
+    (["optim.scheduler=exponential"], "optim.scheduler"),
+    (["train.precision=fp8"], "train.precision"),
+    (["train.precision=fp16"], "train.precision"),
+    (["train.global_batch_size=10"], "train.global_batch_size"),
+    (["train.global_batch_size=24", "train.gradient_accumulation_steps=2"], "train.global_batch_size"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size"),
+    (["parallel.backend=megatron"], "parallel.backend"),
+    (["parallel.backend=deepspeed", "parallel.zero_stage=4"], "parallel.zero_stage"),
+    (["parallel.zero_stage=2"], "parallel.zero_stage"),
+    (["parallel.offload_optimizer=cpu"], "parallel.offload_optimizer"),
+    (["parallel.backend=deepspeed", "parallel.zero_stage=2", "parallel.offload_params=cpu"], "parallel.offload_params"),
+    (["parallel.backend=deepspeed", "parallel.zero_stage=0", "parallel.offload_optimizer=cpu"], "parallel.offload_optimizer"),
+    (["parallel.backend=deepspeed", "parallel.offload_params=nvme"], "parallel.nvme_path"),
+    (["parallel.backend=deepspeed", "parallel.fsdp.hsdp=true"], "parallel.fsdp.hsdp"),
+    (["parallel.fsdp.hsdp=true"], "parallel.fsdp.hsdp"),
+    (["parallel.fsdp.cpu_offload=true"], "parallel.fsdp.cpu_offload"),
+    (["parallel.backend=single"], "parallel.backend"),
+    (["cluster.world_size=4"], "cluster.world_size"),
+    (["cluster.nodes=0"], "cluster.nodes"),
+    (["cluster.gpus_per_node=-1"], "cluster.gpus_per_node"),
+    (["cluster.accelerator=tpu"], "cluster.accelerator"),
+    (["cluster.time=forever"], "cluster.time"),
+    (["cluster.time=00:01:00", "cluster.signal_seconds=120"], "cluster.signal_seconds"),
+    (["cluster.partition=gpu;rm -rf /"], "cluster.partition"),
+    (["cluster.mem=lots"], "cluster.mem"),
+    (["cluster.extra_sbatch=[--exclusive; echo hi]"], "cluster.extra_sbatch"),
+    (["cluster.extra_sbatch=--exclusive"], "cluster.extra_sbatch"),
+    (["cluster.env={'1BAD': x}"], "cluster.env.1BAD"),
+    (["cluster.rdzv_port=80"], "cluster.rdzv_port"),
+    (["run.name=my run"], "run.name"),
+    (["run.name="], "run.name"),
+    (["run.output_dir=/tmp/a%jb"], "run.output_dir"),
+    (["method.name=dpo"], "method.name"),
+    (["method.lora.r=0"], "method.lora.r"),
+    (["method.lora.dropout=1.0"], "method.lora.dropout"),
+    (["method.lora.target_modules=[]"], "method.lora.target_modules"),
+    (["method.name=qlora", "method.quant.quant_storage_dtype=float32", "model.dtype=bfloat16"], "method.quant.quant_storage_dtype"),
+    (["method.name=qlora", "model.dtype=float32"], "method.quant.quant_storage_dtype"),
+    (["method.quant.quant_type=int3"], "method.quant.quant_type"),
+    (["method.name=freeze", "method.freeze.trainable_last_layers=9"], "method.freeze.trainable_last_layers"),
+    (["method.name=prompt_tuning"], "data.packing"),
+    (["model.trust_remote_code=true"], "data.packing"),
+    (["kernels.attention=flash"], "kernels.attention"),
+    (["model.name_or_path=./no/such/model"], "model.name_or_path"),
+    (["model.name_or_path=org/hub-model"], "model.hidden_size"),
+    (["model.hidden_size=0"], "model.hidden_size"),
+    (["data.path=/no/such/file.jsonl"], "data.path"),
+    (["data.path=missing.jsonl"], "data.path"),
+    (["data.template=alpaca"], "data.template"),
+    (["data.max_seq_len=8"], "data.max_seq_len"),
+    (["data.val_fraction=1.5"], "data.val_fraction"),
+    (["data.template=text"], "train.eval_exact_match"),
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+    (["checkpoint.every=-1"], "checkpoint.every"),
+    (["checkpoint.resume="], "checkpoint.resume"),
+    (["train=5"], "train"),
+]
+
+
+def test_table_is_large_enough() -> None:
+    assert len(MALFORMED) >= 40
+
+
+@pytest.mark.parametrize(("overrides", "key"), MALFORMED, ids=[" ".join(o) for o, _ in MALFORMED])
+def test_malformed_recipe_names_key_and_writes_nothing(
+    overrides: list[str], key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["plan", TINY, *overrides, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), err
+    assert any(line.startswith(f"error: {key}: ") for line in lines), err
+    assert all(";" in line for line in lines), "every error line says how to fix it"
+    assert not out.exists()
+
+
+def test_every_mistake_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["train.max_stepz=1", "optim.lr=fast", "parallel.zero_stage=2", "train.global_batch_size=10"])
+    assert err.value.keys == ["train.max_stepz", "optim.lr", "train.global_batch_size", "parallel.zero_stage"]
+
+
+def test_existing_run_dir_is_not_overwritten_on_error(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["plan", TINY, "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(["plan", TINY, "train.max_steps=-1", "--out", str(out)]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_cli_error_is_clean_not_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: [1, 2\n")
+    for argv in (["validate", str(bad)], ["plan", TINY, "parallel.zero_stage=9"], ["validate", str(tmp_path / "none.yaml")]):
+        done = subprocess.run([sys.executable, "-m", "launcher", *argv], capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 2, done
+        assert "Traceback" not in done.stderr and done.stderr.startswith("error: "), done.stderr
+
+
+KEYS = [
+    "train.max_steps",
+    "train.micro_batch_size",
+    "train.global_batch_size",
+    "train.gradient_accumulation_steps",
+    "train.precision",
+    "optim.lr",
+    "optim.warmup_steps",
+    "parallel.backend",
+    "parallel.zero_stage",
+    "parallel.offload_optimizer",
+    "parallel.fsdp.hsdp",
+    "cluster.nodes",
+    "cluster.gpus_per_node",
+    "cluster.time",
+    "cluster.env",
+    "cluster.extra_sbatch",
+    "method.name",
+    "method.lora.r",
+    "method.quant.quant_storage_dtype",
+    "model.name_or_path",
+    "model.dtype",
+    "data.path",
+    "data.packing",
+    "run.name",
+    "run.output_dir",
+    "checkpoint.every",
+    "no.such.key",
+]
+VALUES = st.one_of(
+    st.integers(-5, 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=12),
+    st.sampled_from(["deepspeed", "fsdp", "ddp", "single", "qlora", "lora", "bf16", "fp16", "cpu", "null", "[1, 2]", "{a: 1}"]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=4))
+def test_random_overrides_give_clean_errors_only(pairs: list[tuple[str, object]]) -> None:
+    overrides = [f"{key}={value}" for key, value in pairs]
+    try:
+        load_config(TINY, overrides)
+    except ConfigError as exc:
+        assert exc.problems and all(line.startswith("error: ") for line in str(exc).splitlines())
