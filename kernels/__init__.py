@@ -1,0 +1,1 @@
+"""Attention kernels and the PyTorch fallbacks (installed as `launcher.kernels`)."""

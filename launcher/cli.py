@@ -21,7 +21,13 @@ EXIT_BAD_INPUT = 2
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after options too (`plan R --out D a.b=c`): collect the leftovers.
+    args, extra = parser.parse_known_args(argv)
+    bad = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -1,0 +1,72 @@
+"""Model + optimizer (+ engine) for a plan, and how that backend saves and loads checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from launcher.config.schema import CheckpointSection, RunConfig
+from launcher.plan import Plan
+from launcher.runtime import checkpoint as ckpt
+from launcher.runtime.dist import DistInfo
+from launcher.runtime.loop import build_optimizer
+from launcher.runtime.model import DTYPES, apply_method, build_on_meta, load_weights
+from launcher.runtime.shard import materialize, shard_model, wrap_ddp
+
+
+@dataclass
+class Built:
+    model: nn.Module
+    optimizer: Any
+    engine: Any = None
+
+    def saver(self, root: Path, info: DistInfo, checkpoint: CheckpointSection) -> Any:
+        if self.engine is not None:
+            from launcher.runtime.engine import DeepSpeedSaver
+
+            return DeepSpeedSaver(root, info.rank, checkpoint.keep_last, self.engine)
+        group = dist.new_group(backend="gloo") if checkpoint.async_save else None
+        return ckpt.Saver(root, info.rank, checkpoint.keep_last, async_save=checkpoint.async_save, group=group)
+
+    def load(self, folder: Path, rank: int) -> dict[str, Any]:
+        if self.engine is not None:
+            from launcher.runtime.engine import load_deepspeed
+
+            return load_deepspeed(folder, self.engine, rank)
+        return ckpt.load(folder, self.model, self.optimizer, rank)
+
+
+def build_training_model(plan: Plan, cfg: RunConfig, info: DistInfo, path: Path, attn_implementation: str) -> Built:
+    backend = cfg.parallel.backend
+    if cfg.method.name == "qlora":
+        from launcher.runtime.adapters import build_qlora
+
+        model = build_qlora(path, cfg, info, attn_implementation)
+        model = shard_model(model, backend, plan.fsdp, info)
+    else:
+        # Trainable weights are fp32 masters; the compute dtype comes from the mixed-precision policy.
+        frozen_dtype = DTYPES[cfg.model.dtype] if cfg.method.name in ("lora", "prompt_tuning") else torch.float32
+        model = build_on_meta(path, cfg.model, attn_implementation, frozen_dtype)
+        model = apply_method(model, cfg.method, cfg.model.num_layers or 0)
+        if cfg.train.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = shard_model(model, backend, plan.fsdp, info)
+        materialize(model, info.device)
+        load_weights(model, path, info.device)
+        if cfg.method.name in ("lora", "prompt_tuning"):
+            from launcher.runtime.adapters import init_adapters
+
+            init_adapters(model, cfg.run.seed)
+    if backend == "deepspeed":
+        from launcher.runtime.engine import deepspeed_engine
+
+        engine = deepspeed_engine(model, plan, cfg)
+        return Built(model=engine, optimizer=engine.optimizer, engine=engine)
+    if backend == "ddp":
+        model = wrap_ddp(model, info)
+    return Built(model=model, optimizer=build_optimizer(model, cfg.optim))

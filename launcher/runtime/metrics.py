@@ -1,0 +1,100 @@
+"""What a person sees: rank 0's progress line or bar, metrics.jsonl, and loss.png at the end."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class Reporter:
+    """Rank 0 reports; every other rank gets a Reporter that does nothing."""
+
+    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, start_step: int) -> None:
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.start = time.perf_counter()
+        self.start_step = start_step
+        self.path = run_dir / "metrics.jsonl"
+        self._bar: Any = None
+        self._file: TextIO | None = None
+        if enabled:
+            self._file = self.path.open("a")
+            if sys.stderr.isatty():
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def step(self, record: dict[str, Any]) -> None:
+        """One optimizer step's numbers; `record` is written if it is a log step."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(record["step"] - self._bar.n)
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        else:
+            done = record["step"] - self.start_step
+            eta = (self.max_steps - record["step"]) * self.elapsed() / max(done, 1)
+            self.print(
+                f"step {record['step']}/{self.max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"grad_norm {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:.0f}  eta {_duration(eta)}"
+            )
+        self.write(record)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def plot_losses(metrics: Path, out: Path) -> None:
+    """Train and validation loss against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = [], []
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            train.append((record["step"], record["loss"]))
+        if "val_loss" in record:
+            val.append((record["step"], record["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*sorted(dict(train).items())), label="train")
+    if val:
+        ax.plot(*zip(*sorted(dict(val).items())), marker="o", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

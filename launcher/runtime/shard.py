@@ -1,0 +1,88 @@
+"""One `match` on the backend: fully_shard | DDP | none (DeepSpeed wraps in engine.py).
+
+Also the one place that knows how each backend accumulates gradients, so the loop stays
+backend-agnostic: `no_sync(model, backend, last)` and `loss_scale(...)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher.runtime.dist import DistInfo
+from launcher.runtime.model import DTYPES
+
+
+def decoder_layers(model: nn.Module, layer_class: str) -> list[nn.Module]:
+    layers = [m for m in model.modules() if type(m).__name__ == layer_class]
+    if not layers:
+        raise RuntimeError(f"model.layer_class: no module of class {layer_class} in this model; set it to the decoder layer class")
+    return layers
+
+
+def apply_fsdp(model: nn.Module, fsdp: dict[str, Any], info: DistInfo) -> nn.Module:
+    """FSDP2: one unit per decoder layer, then the root; mesh and policies from the plan."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh_spec = fsdp["mesh"]
+    mesh = init_device_mesh(info.device.type, tuple(mesh_spec["shape"]), mesh_dim_names=tuple(mesh_spec["dim_names"]))
+    mixed = fsdp["mixed_precision"]
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[mixed["param_dtype"]], reduce_dtype=DTYPES[mixed["reduce_dtype"]])
+    offload: OffloadPolicy = CPUOffloadPolicy() if fsdp["cpu_offload"] else OffloadPolicy()
+    common = {"mesh": mesh, "mp_policy": policy, "offload_policy": offload}
+    layers = decoder_layers(model, fsdp["shard_module_class"])
+    for i, layer in enumerate(layers):
+        # The last layer's parameters are needed again at once by backward: keep them gathered.
+        reshard = fsdp["reshard_after_forward"] and i < len(layers) - 1
+        fully_shard(layer, reshard_after_forward=reshard, **common)
+    fully_shard(model, reshard_after_forward=fsdp["reshard_root_after_forward"], **common)
+    return model
+
+
+def shard_model(model: nn.Module, backend: str, fsdp: dict[str, Any] | None, info: DistInfo) -> nn.Module:
+    match backend:
+        case "fsdp":
+            assert fsdp is not None
+            return apply_fsdp(model, fsdp, info)
+        case "ddp" | "single" | "deepspeed":
+            return model  # DDP wraps after materialisation (wrap_ddp); DeepSpeed in engine.py
+    raise AssertionError(backend)
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, backend: str, last_micro_batch: bool) -> Iterator[None]:
+    """Reduce gradients only on the last micro-batch of an accumulation window."""
+    if backend == "fsdp":
+        model.set_requires_gradient_sync(last_micro_batch)  # type: ignore[operator]
+        yield
+    elif backend == "ddp" and not last_micro_batch:
+        with model.no_sync():  # type: ignore[operator]
+            yield
+    else:
+        yield
+
+
+def loss_scale(backend: str, world_size: int) -> float:
+    """Factor that turns (sum of token losses / global label tokens) into what each backend expects.
+
+    FSDP and DDP average gradients over ranks, so each rank's share is multiplied by the world size
+    to make the reduced gradient the gradient of the global token-mean loss. DeepSpeed averages too;
+    its engine.backward would also divide by the accumulation steps, which engine.py turns off.
+    """
+    return float(world_size) if backend in ("fsdp", "ddp", "deepspeed") else 1.0
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    model.to_empty(device=device)

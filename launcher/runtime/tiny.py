@@ -1,0 +1,158 @@
+"""CPU tiny-model mode, fully offline: a synthetic task set, a BPE tokenizer trained on it, and a
+small Llama (the shape in config/resolve.py TINY_LLAMA), saved as a normal Hugging Face model
+directory in the cache. Everything is deterministic: the same files on every machine and run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+from filelock import FileLock
+
+from launcher.config.resolve import TINY_LLAMA
+
+TINY_VERSION = "v1"  # bump when the task set, tokenizer or model recipe changes
+TASKS_NAME = "tiny-tasks"
+N_TASKS = 4000
+
+_WORDS = (
+    "cat dog fox owl bee ant elk yak emu cow pig hen bat rat eel cod jay ram ewe doe "
+    "red blue green black white pink gray gold teal navy plum rose sand snow rust mint "
+    "sun moon star rain wind fire ice rock tree leaf seed root fern moss lake sea hill "
+    "cup pen box key map bag hat car bus cap jar pot pan mug fan lamp door desk bell "
+    "run sit jump swim read walk talk sing play cook draw fly dig hop nap"
+).split()
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LAUNCHER_CACHE_DIR") or Path.home() / ".cache" / "launcher")
+
+
+def tiny_model_dir() -> Path:
+    return cache_dir() / f"tiny-llama-{TINY_VERSION}"
+
+
+def tiny_tasks_path() -> Path:
+    return cache_dir() / f"{TASKS_NAME}-{TINY_VERSION}.jsonl"
+
+
+def make_task(rng: random.Random) -> dict[str, str]:
+    """One instruction/response pair from a small family of learnable tasks."""
+    kind = rng.choice(["copy", "reverse", "sort", "add", "last", "count"])
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(2, 5))]
+    if kind == "copy":
+        return {"prompt": "copy: " + " ".join(words), "response": " ".join(words)}
+    if kind == "reverse":
+        return {"prompt": "reverse: " + " ".join(words), "response": " ".join(reversed(words))}
+    if kind == "last":
+        return {"prompt": "last word of: " + " ".join(words), "response": words[-1]}
+    if kind == "count":
+        return {"prompt": "count words: " + " ".join(words), "response": str(len(words))}
+    if kind == "sort":
+        digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6))]
+        return {"prompt": "sort: " + " ".join(digits), "response": " ".join(sorted(digits))}
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    return {"prompt": f"add: {a} + {b}", "response": str(a + b)}
+
+
+def tiny_tasks(n: int = N_TASKS, seed: int = 0) -> list[dict[str, str]]:
+    """The shipped task set (duplicates included on purpose: the cleaning step removes them)."""
+    rng = random.Random(seed)
+    return [make_task(rng) for _ in range(n)]
+
+
+def ensure_tiny_tasks() -> Path:
+    path = tiny_tasks_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            if not path.exists():
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(row) + "\n" for row in tiny_tasks()))
+                os.replace(tmp, path)
+    return path
+
+
+def _corpus() -> list[str]:
+    lines = [f"{t['prompt']}\n{t['response']}" for t in tiny_tasks()]
+    lines += [" ".join(_WORDS[i : i + 8]) for i in range(0, len(_WORDS), 8)] * 20
+    lines += ["### Instruction:\n", "\n\n### Response:\n", "<|user|>\n", "<|assistant|>\n", "<|end|>\n"] * 50
+    return lines
+
+
+def build_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Digits one by one: arithmetic stays learnable for a tiny model.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_LLAMA["vocab_size"],
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=2048
+    )
+    fast.chat_template = _CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+
+def build_model(path: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    config = LlamaConfig(
+        vocab_size=TINY_LLAMA["vocab_size"],
+        hidden_size=TINY_LLAMA["hidden_size"],
+        intermediate_size=TINY_LLAMA["intermediate_size"],
+        num_hidden_layers=TINY_LLAMA["num_layers"],
+        num_attention_heads=TINY_LLAMA["num_attention_heads"],
+        num_key_value_heads=TINY_LLAMA["num_key_value_heads"],
+        tie_word_embeddings=TINY_LLAMA["tie_word_embeddings"],
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def ensure_tiny_model() -> Path:
+    """Build the tiny model directory once (under a file lock: several ranks may ask at once)."""
+    path = tiny_model_dir()
+    if (path / "COMPLETE").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if (path / "COMPLETE").exists():
+            return path
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        build_tokenizer(tmp)
+        build_model(tmp)
+        (tmp / "COMPLETE").write_text(TINY_VERSION + "\n")
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    return path

@@ -1,0 +1,431 @@
+#!/usr/bin/env bash
+# A throw-away SLURM cluster on this machine, for the tests: munged, slurmctld and two slurmd nodes
+# (n1, n2), every file under one state directory. Needs root and Debian's slurmctld, slurmd,
+# slurm-client and munge packages.
+#
+#   slurm/cluster.sh start  [STATE_DIR]   start (or report the running cluster); waits until both nodes are idle
+#   slurm/cluster.sh stop   [STATE_DIR]   stop what `start` started and undo its network and /etc/hosts changes
+#   slurm/cluster.sh status [STATE_DIR]   exit 0 when everything runs
+#   slurm/cluster.sh env    [STATE_DIR]   `export SLURM_CONF=...` lines for the client commands
+#
+# STATE_DIR defaults to $LAUNCHER_SLURM_DIR, then /tmp/launcher-slurm. Other settings:
+#   LAUNCHER_SLURM_MODE=auto|netns|loopback  auto (default) tries network namespaces, then loopback
+#   LAUNCHER_SLURM_TIMEOUT=30                seconds to wait for the nodes to become idle
+#   LAUNCHER_SLURM_SUBNET=10.213.77          /24 for the bridge (.1) and the nodes (.11, .12)
+#   LAUNCHER_SLURM_PORT=16817                slurmctld port; slurmd uses the next ones
+#
+# netns mode gives every node its own network namespace, IP address and hostname (as on a real
+# cluster); loopback mode runs both slurmd on 127.0.0.1 with distinct ports. Either way n1 and n2
+# are added to /etc/hosts (torchrun's rendezvous connects to the head node by name) and removed at stop.
+set -euo pipefail
+
+NODES=(n1 n2)
+CPUS_PER_NODE=2 # this machine's cores; the nodes oversubscribe them
+GPUS_PER_NODE=8 # fake: gres files are symlinks to /dev/null, enough for --gpus-per-node=8
+MEM_PER_NODE_MB=1024000 # advertised like a GPU node's, so `--mem=64G` fits; CR_CPU does not track memory
+PARTITION=local
+BRIDGE=lslurm0
+NETNS_PREFIX=launcher-slurm-
+SUBNET=${LAUNCHER_SLURM_SUBNET:-10.213.77}
+CTLD_PORT=${LAUNCHER_SLURM_PORT:-16817}
+TIMEOUT=${LAUNCHER_SLURM_TIMEOUT:-30}
+MODE_WANTED=${LAUNCHER_SLURM_MODE:-auto}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export PATH="$PATH:/usr/sbin:/sbin"
+
+die() {
+  echo "cluster.sh: $*" >&2
+  exit 1
+}
+note() { echo "cluster.sh: $*" >&2; }
+
+usage() {
+  sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+  exit 2
+}
+
+cmd=${1:-}
+[[ -n $cmd ]] || usage
+STATE_DIR=$(realpath -m "${2:-${LAUNCHER_SLURM_DIR:-/tmp/launcher-slurm}}")
+[[ $STATE_DIR =~ ^/[A-Za-z0-9._/+-]+$ ]] || die "state directory '$STATE_DIR' must be a plain path (slurm.conf cannot quote)"
+CONF=$STATE_DIR/slurm.conf
+MUNGE_DIR=$STATE_DIR/munge         # key, pid, log, seed: 0700, owned by munge
+MUNGE_RUN=$STATE_DIR/munge-run     # the socket: 0755, owned by munge
+MUNGE_SOCKET=$MUNGE_RUN/munge.socket
+PIDS=$STATE_DIR/pids               # PIDs of the processes we started, one file each
+CREATED=$STATE_DIR/created         # network objects we created: "netns NAME" / "link NAME"
+HOSTS_ADDED=$STATE_DIR/hosts.added # the exact lines we appended to /etc/hosts
+MARKER="LAUNCHER_SLURM_CLUSTER=$STATE_DIR" # in the environment of slurmd and so of every slurmstepd
+
+node_ip() { echo "$SUBNET.$((10 + $1))"; } # node index 1.. -> address
+node_port() { echo "$((CTLD_PORT + 1 + $1))"; }
+
+# --- processes ------------------------------------------------------------------------------------
+
+# alive NAME COMM: the PID recorded for NAME runs and is still the program we started (not a reused PID).
+alive() {
+  local pid
+  pid=$(cat "$PIDS/$1.pid" 2>/dev/null) || return 1
+  [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]]
+}
+
+# stop_pids NAME:COMM...: TERM them all at once (each takes ~2 s to exit), KILL what is left after 5 s.
+stop_pids() {
+  local item i left
+  for item in "$@"; do
+    alive "${item%%:*}" "${item#*:}" && kill -TERM "$(cat "$PIDS/${item%%:*}.pid")" 2>/dev/null
+  done
+  for ((i = 0; i <= 50; i++)); do
+    left=()
+    for item in "$@"; do alive "${item%%:*}" "${item#*:}" && left+=("$item"); done
+    ((${#left[@]})) || break
+    ((i < 50)) && sleep 0.1
+  done
+  for item in "${left[@]}"; do
+    note "${item%%:*} ignored SIGTERM for 5 s; killing it"
+    kill -KILL "$(cat "$PIDS/${item%%:*}.pid")" 2>/dev/null || true
+  done
+  for item in "$@"; do rm -f "$PIDS/${item%%:*}.pid"; done
+}
+
+# Processes our slurmd left behind: slurmstepd (they inherit MARKER) and job processes (they carry our
+# SLURM_CONF and a job id). proctrack/linuxproc loses track of processes that re-parent to init.
+leftover_pids() {
+  local env_file pid environ
+  for env_file in /proc/[0-9]*/environ; do
+    pid=${env_file#/proc/}
+    pid=${pid%/environ}
+    [[ $pid == "$$" || $pid == "$BASHPID" ]] && continue
+    environ=$({ tr '\0' '\n' <"$env_file"; } 2>/dev/null) || continue
+    if grep -qxF "$MARKER" <<<"$environ" ||
+      { grep -qxF "SLURM_CONF=$CONF" <<<"$environ" && grep -q '^SLURM_JOB_ID=' <<<"$environ"; }; then
+      echo "$pid"
+    fi
+  done
+}
+
+mode() { cat "$STATE_DIR/mode" 2>/dev/null || echo none; }
+
+# --- network namespaces and /etc/hosts ------------------------------------------------------------
+
+setup_netns() {
+  local i ns veth
+  ip -4 addr show | grep -q "inet $SUBNET\." && { note "subnet $SUBNET.0/24 is already in use"; return 1; }
+  ip link add "$BRIDGE" type bridge || return 1
+  echo "link $BRIDGE" >>"$CREATED"
+  ip addr add "$SUBNET.1/24" dev "$BRIDGE" && ip link set "$BRIDGE" up || return 1
+  for i in "${!NODES[@]}"; do
+    ns=$NETNS_PREFIX${NODES[i]}
+    veth=lslurm-${NODES[i]}
+    ip netns add "$ns" || return 1
+    echo "netns $ns" >>"$CREATED"
+    ip link add "$veth" type veth peer name "$veth-p" || return 1
+    echo "link $veth" >>"$CREATED"
+    ip link set "$veth-p" netns "$ns" &&
+      ip link set "$veth" master "$BRIDGE" &&
+      ip link set "$veth" up &&
+      ip -n "$ns" addr add "$(node_ip $((i + 1)))/24" dev "$veth-p" &&
+      ip -n "$ns" link set "$veth-p" up &&
+      ip -n "$ns" link set lo up || return 1
+  done
+}
+
+teardown_net() {
+  local kind name
+  [[ -f $CREATED ]] || return 0
+  # Namespaces first (that frees their end of each veth), then links, newest first.
+  while read -r kind name; do
+    case $kind in
+      netns) ip netns delete "$name" 2>/dev/null || note "could not delete netns $name" ;;
+    esac
+  done <"$CREATED"
+  while read -r kind name; do
+    case $kind in
+      link) if ip link show "$name" >/dev/null 2>&1; then ip link delete "$name" || note "could not delete link $name"; fi ;;
+    esac
+  done < <(tac "$CREATED")
+  rm -f "$CREATED"
+}
+
+# /etc/hosts may be a bind mount: rewrite it in place, never replace the file.
+add_hosts() {
+  local i name addr line
+  for name in "${NODES[@]}"; do
+    # A name already in /etc/hosts would win over ours (first match) and send torchrun elsewhere.
+    if awk -v n="$name" '{sub(/#.*/, "")} {for (f = 2; f <= NF; f++) if ($f == n) found = 1} END {exit !found}' /etc/hosts; then
+      note "/etc/hosts already names $name (not added by this cluster); remove that line"
+      return 1
+    fi
+  done
+  : >"$HOSTS_ADDED"
+  if [[ -s /etc/hosts && -n $(tail -c 1 /etc/hosts) ]]; then
+    echo >>/etc/hosts
+    touch "$HOSTS_ADDED.newline" # remove_hosts takes this newline away again
+  fi
+  for i in "${!NODES[@]}"; do
+    name=${NODES[i]}
+    if [[ $(mode) == netns ]]; then addr=$(node_ip $((i + 1))); else addr=127.0.0.1; fi
+    line="$addr $name # added by launcher slurm/cluster.sh for $STATE_DIR"
+    echo "$line" >>"$HOSTS_ADDED"
+    echo "$line" >>/etc/hosts
+  done
+}
+
+remove_hosts() {
+  local kept=$STATE_DIR/hosts.kept
+  [[ -f $HOSTS_ADDED ]] || return 0
+  grep -vxF -f "$HOSTS_ADDED" /etc/hosts >"$kept" || true
+  if [[ -f $HOSTS_ADDED.newline && -s $kept && -z $(tail -c 1 "$kept") ]]; then truncate -s -1 "$kept"; fi
+  cat "$kept" >/etc/hosts
+  rm -f "$kept" "$HOSTS_ADDED" "$HOSTS_ADDED.newline"
+}
+
+# --- configuration --------------------------------------------------------------------------------
+
+write_config() {
+  local mode=$1 nodes="" i name ctld_addr text
+  for i in "${!NODES[@]}"; do
+    name=${NODES[i]}
+    if [[ $mode == netns ]]; then
+      nodes+="NodeName=$name NodeHostname=$name NodeAddr=$(node_ip $((i + 1))) Port=$((CTLD_PORT + 1))"
+    else
+      nodes+="NodeName=$name NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(node_port $((i + 1)))"
+    fi
+    nodes+=" CPUs=$CPUS_PER_NODE RealMemory=$MEM_PER_NODE_MB Gres=gpu:$GPUS_PER_NODE State=UNKNOWN"$'\n'
+  done
+  if [[ $mode == netns ]]; then ctld_addr=$SUBNET.1; else ctld_addr=127.0.0.1; fi
+  text=$(<"$HERE/slurm.conf.in")
+  text=${text//@STATE_DIR@/$STATE_DIR}
+  text=${text//@CTLD_HOST@/$(hostname -s)}
+  text=${text//@CTLD_ADDR@/$ctld_addr}
+  text=${text//@CTLD_PORT@/$CTLD_PORT}
+  text=${text//@SLURMD_PORT@/$((CTLD_PORT + 1))}
+  text=${text//@MUNGE_SOCKET@/$MUNGE_SOCKET}
+  text=${text//@PARTITION@/$PARTITION}
+  text=${text//@NODES@/${nodes%$'\n'}}
+  printf '%s\n' "$text" >"$CONF"
+  # gres.conf sits next to slurm.conf; File= must name device files, so point symlinks at /dev/null.
+  mkdir -p "$STATE_DIR/dev"
+  for ((i = 0; i < GPUS_PER_NODE; i++)); do ln -sfn /dev/null "$STATE_DIR/dev/gpu$i"; done
+  echo "NodeName=${NODES[0]},${NODES[1]} Name=gpu File=$STATE_DIR/dev/gpu[0-$((GPUS_PER_NODE - 1))]" >"$STATE_DIR/gres.conf"
+}
+
+# --- start ----------------------------------------------------------------------------------------
+
+start_munge() {
+  alive munged munged && return 0
+  mkdir -p "$MUNGE_DIR" "$MUNGE_RUN"
+  rm -f "$MUNGE_DIR/munged.log"
+  chown munge:munge "$MUNGE_DIR" "$MUNGE_RUN"
+  chmod 0700 "$MUNGE_DIR"
+  chmod 0755 "$MUNGE_RUN"
+  if [[ ! -s $MUNGE_DIR/munge.key ]]; then
+    dd if=/dev/urandom of="$MUNGE_DIR/munge.key" bs=1024 count=1 status=none
+    chown munge:munge "$MUNGE_DIR/munge.key"
+    chmod 0600 "$MUNGE_DIR/munge.key"
+  fi
+  # munged forks and returns once its socket is ready (or prints why it is not).
+  runuser -u munge -- munged --force --socket="$MUNGE_SOCKET" --key-file="$MUNGE_DIR/munge.key" \
+    --pid-file="$MUNGE_DIR/munged.pid" --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed"
+  cp "$MUNGE_DIR/munged.pid" "$PIDS/munged.pid"
+}
+
+# spawned NAME COMM: record $! as NAME once it has exec'd COMM (env, setsid, nsenter... come first).
+spawned() {
+  local pid=$! i
+  echo "$pid" >"$PIDS/$1.pid"
+  for ((i = 0; i < 100; i++)); do
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]] && return 0
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.02
+  done
+  note "$1 did not start"
+  return 1
+}
+
+start_slurm() {
+  local mode=$1 i name
+  env "$MARKER" setsid slurmctld -D -c -f "$CONF" </dev/null >>"$STATE_DIR/log/slurmctld.out" 2>&1 &
+  spawned slurmctld slurmctld || return 1
+  for i in "${!NODES[@]}"; do
+    name=${NODES[i]}
+    if [[ $mode == netns ]]; then
+      # nsenter --net only (`ip netns exec` remounts /sys and hides the cgroup mounts slurmd reads);
+      # unshare --uts gives the node its own hostname. Every step execs, so $! is slurmd's PID.
+      # shellcheck disable=SC2016 # expanded by the inner shell
+      env "$MARKER" setsid nsenter --net="/run/netns/$NETNS_PREFIX$name" unshare --uts \
+        sh -c 'hostname "$1" && exec slurmd -D -N "$1" -f "$2"' node "$name" "$CONF" \
+        </dev/null >>"$STATE_DIR/log/slurmd-$name.out" 2>&1 &
+    else
+      env "$MARKER" setsid slurmd -D -N "$name" -f "$CONF" </dev/null >>"$STATE_DIR/log/slurmd-$name.out" 2>&1 &
+    fi
+    spawned "slurmd-$name" slurmd || return 1
+  done
+}
+
+all_running() {
+  local name
+  alive munged munged && alive slurmctld slurmctld || return 1
+  for name in "${NODES[@]}"; do alive "slurmd-$name" slurmd || return 1; done
+}
+
+# Nodes reach each other? (a bridge can be filtered by the host firewall, e.g. br_netfilter + DROP)
+nodes_connected() {
+  local i j
+  for i in "${!NODES[@]}"; do
+    for j in "${!NODES[@]}"; do
+      [[ $i == "$j" ]] && continue
+      # shellcheck disable=SC2016
+      timeout 3 nsenter --net="/run/netns/$NETNS_PREFIX${NODES[i]}" \
+        bash -c 'exec 3<>"/dev/tcp/$1/$2"' probe "$(node_ip $((j + 1)))" "$((CTLD_PORT + 1))" 2>/dev/null || return 1
+    done
+  done
+}
+
+# Wait until every node is idle; 1 with a reason on stderr if that does not happen in TIMEOUT s.
+wait_idle() {
+  local mode=$1 deadline=$((SECONDS + TIMEOUT)) name idle
+  while ((SECONDS < deadline)); do
+    alive slurmctld slurmctld || { note "slurmctld exited"; return 1; }
+    for name in "${NODES[@]}"; do alive "slurmd-$name" slurmd || { note "slurmd $name exited"; return 1; }; done
+    idle=$(SLURM_CONF=$CONF sinfo -h -N -o '%N %T' 2>/dev/null | awk '$2 == "idle"' | wc -l)
+    if ((idle == ${#NODES[@]})); then
+      [[ $mode != netns ]] || nodes_connected || { note "the nodes cannot reach each other over $BRIDGE"; return 1; }
+      return 0
+    fi
+    sleep 0.2
+  done
+  note "the nodes did not become idle within ${TIMEOUT} s:"
+  SLURM_CONF=$CONF sinfo -N >&2 2>&1 || true
+  return 1
+}
+
+log_tails() {
+  local f
+  for f in "$STATE_DIR"/log/*.log "$STATE_DIR"/log/*.out "$MUNGE_DIR/munged.log"; do
+    [[ -s $f ]] || continue
+    echo "----- tail of $f" >&2
+    tail -n 15 "$f" >&2
+  done
+}
+
+# Stop the slurm daemons (and NAME:COMM... more) and their leftovers; undo the network and /etc/hosts.
+stop_slurm() {
+  local daemons=(slurmctld:slurmctld) name pids kind ns
+  if alive slurmctld slurmctld && [[ -f $CONF ]]; then
+    # Cancel jobs first so slurmstepd ends its tasks itself; give it a few seconds.
+    pids=$(SLURM_CONF=$CONF timeout 5 squeue -h -o %A 2>/dev/null || true)
+    if [[ -n $pids ]]; then
+      # shellcheck disable=SC2086 # one argument per job id
+      SLURM_CONF=$CONF timeout 5 scancel $pids 2>/dev/null || true
+      for _ in {1..25}; do
+        [[ -z $(SLURM_CONF=$CONF timeout 5 squeue -h -t running,completing -o %A 2>/dev/null) ]] && break
+        sleep 0.2
+      done
+    fi
+  fi
+  for name in "${NODES[@]}"; do daemons+=("slurmd-$name:slurmd"); done
+  stop_pids "${daemons[@]}" "$@"
+  # Whatever is left in our namespaces, or carries our marker, was started by this cluster.
+  pids=$(leftover_pids)
+  if [[ -f $CREATED ]]; then
+    while read -r kind ns; do
+      [[ $kind == netns ]] && pids+=$'\n'$(ip netns pids "$ns" 2>/dev/null || true)
+    done <"$CREATED"
+  fi
+  pids=$(sort -un <<<"$pids" | grep -v '^$' || true)
+  if [[ -n $pids ]]; then
+    note "killing leftover job processes: $(tr '\n' ' ' <<<"$pids")"
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+  fi
+  remove_hosts
+  teardown_net
+  rm -f "$STATE_DIR/mode"
+}
+
+cmd_stop() {
+  [[ -d $STATE_DIR ]] || return 0
+  stop_slurm munged:munged
+}
+
+try_start() {
+  local mode=$1
+  : >"$CREATED"
+  if [[ $mode == netns ]]; then
+    setup_netns || { note "could not set up network namespaces"; return 1; }
+  fi
+  echo "$mode" >"$STATE_DIR/mode"
+  write_config "$mode"
+  add_hosts || return 1
+  start_slurm "$mode" || return 1
+  wait_idle "$mode"
+}
+
+start_failed() {
+  local rc=$?
+  ((rc == 0)) && return
+  note "start failed; logs:"
+  log_tails
+  cmd_stop
+  exit "$rc"
+}
+
+cmd_start() {
+  local binary
+  [[ $(id -u) == 0 ]] || die "must run as root (network namespaces, /etc/hosts, munged as user munge)"
+  for binary in munged slurmctld slurmd sbatch sinfo; do
+    command -v "$binary" >/dev/null || die "$binary not found: apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
+  done
+  id munge >/dev/null 2>&1 || die "no user munge (install the munge package)"
+  case $MODE_WANTED in auto | netns | loopback) ;; *) die "LAUNCHER_SLURM_MODE=$MODE_WANTED is not auto, netns or loopback" ;; esac
+  if all_running; then
+    note "already running"
+    cmd_status
+    return 0
+  fi
+  cmd_stop # whatever a crashed earlier run left behind
+  rm -rf "$STATE_DIR/log"
+  mkdir -p "$STATE_DIR"/{log,run,spool/ctld,pids}
+  trap start_failed EXIT
+  start_munge
+  if [[ $MODE_WANTED != loopback ]]; then
+    if try_start netns; then
+      trap - EXIT
+      cmd_status
+      return 0
+    fi
+    [[ $MODE_WANTED == auto ]] || exit 1
+    note "network namespaces did not work; falling back to loopback nodes. Logs of the netns attempt:"
+    log_tails
+    stop_slurm
+    mkdir -p "$STATE_DIR/log/netns-attempt"
+    mv "$STATE_DIR"/log/*.* "$STATE_DIR/log/netns-attempt/" 2>/dev/null || true
+  fi
+  try_start loopback
+  trap - EXIT
+  cmd_status
+}
+
+cmd_status() {
+  local name state rc=0
+  echo "state dir: $STATE_DIR"
+  echo "mode:      $(mode)"
+  for name in munged slurmctld "${NODES[@]/#/slurmd-}"; do
+    if alive "$name" "${name%%-*}"; then state="running (pid $(cat "$PIDS/$name.pid"))"; else state="not running" rc=1; fi
+    printf '%-10s %s\n' "$name:" "$state"
+  done
+  if alive slurmctld slurmctld; then SLURM_CONF=$CONF timeout 5 sinfo -N -o '%N %P %T %c %G' || rc=1; fi
+  return "$rc"
+}
+
+case $cmd in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  env)
+    echo "export SLURM_CONF=$CONF"
+    echo "export LAUNCHER_SLURM_DIR=$STATE_DIR"
+    ;;
+  *) usage ;;
+esac
