@@ -13,6 +13,8 @@
 #   LAUNCHER_SLURM_TIMEOUT=30                seconds to wait for the nodes to become idle
 #   LAUNCHER_SLURM_SUBNET=10.213.77          /24 for the bridge (.1) and the nodes (.11, .12)
 #   LAUNCHER_SLURM_PORT=16817                slurmctld port; slurmd uses the next ones
+#   LAUNCHER_SLURM_OWNER=...                 written to STATE_DIR/owner at start (the test fixture
+#                                            stops a cluster left running by an interrupted session)
 #
 # netns mode gives every node its own network namespace, IP address and hostname (as on a real
 # cluster); loopback mode runs both slurmd on 127.0.0.1 with distinct ports. Either way n1 and n2
@@ -62,18 +64,20 @@ node_port() { echo "$((CTLD_PORT + 1 + $1))"; }
 
 # --- processes ------------------------------------------------------------------------------------
 
-# alive NAME COMM: the PID recorded for NAME runs and is still the program we started (not a reused PID).
+# alive NAME COMM: the PID recorded for NAME runs (not a zombie) and is still the program we started
+# (not a reused PID).
 alive() {
-  local pid
+  local pid stat
   pid=$(cat "$PIDS/$1.pid" 2>/dev/null) || return 1
-  [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]]
+  [[ $pid =~ ^[0-9]+$ ]] && read -r stat <"/proc/$pid/stat" 2>/dev/null || return 1
+  [[ $stat == "$pid ($2) "* && ${stat#*) } != Z* ]]
 }
 
 # stop_pids NAME:COMM...: TERM them all at once (each takes ~2 s to exit), KILL what is left after 5 s.
 stop_pids() {
   local item i left
   for item in "$@"; do
-    alive "${item%%:*}" "${item#*:}" && kill -TERM "$(cat "$PIDS/${item%%:*}.pid")" 2>/dev/null
+    if alive "${item%%:*}" "${item#*:}"; then kill -TERM "$(cat "$PIDS/${item%%:*}.pid")" 2>/dev/null || true; fi
   done
   for ((i = 0; i <= 50; i++)); do
     left=()
@@ -91,14 +95,13 @@ stop_pids() {
 # Processes our slurmd left behind: slurmstepd (they inherit MARKER) and job processes (they carry our
 # SLURM_CONF and a job id). proctrack/linuxproc loses track of processes that re-parent to init.
 leftover_pids() {
-  local env_file pid environ
+  local env_file pid
   for env_file in /proc/[0-9]*/environ; do
     pid=${env_file#/proc/}
     pid=${pid%/environ}
     [[ $pid == "$$" || $pid == "$BASHPID" ]] && continue
-    environ=$({ tr '\0' '\n' <"$env_file"; } 2>/dev/null) || continue
-    if grep -qxF "$MARKER" <<<"$environ" ||
-      { grep -qxF "SLURM_CONF=$CONF" <<<"$environ" && grep -q '^SLURM_JOB_ID=' <<<"$environ"; }; then
+    if grep -qzxF "$MARKER" "$env_file" 2>/dev/null ||
+      { grep -qzxF "SLURM_CONF=$CONF" "$env_file" 2>/dev/null && grep -qz '^SLURM_JOB_ID=' "$env_file" 2>/dev/null; }; then
       echo "$pid"
     fi
   done
@@ -233,6 +236,7 @@ start_munge() {
 # spawned NAME COMM: record $! as NAME once it has exec'd COMM (env, setsid, nsenter... come first).
 spawned() {
   local pid=$! i
+  disown "$pid" # no "Killed" job report from this shell when stop kills it
   echo "$pid" >"$PIDS/$1.pid"
   for ((i = 0; i < 100; i++)); do
     [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]] && return 0
@@ -286,7 +290,11 @@ nodes_connected() {
 wait_idle() {
   local mode=$1 deadline=$((SECONDS + TIMEOUT)) name idle
   while ((SECONDS < deadline)); do
-    alive slurmctld slurmctld || { note "slurmctld exited"; return 1; }
+    alive slurmctld slurmctld || {
+      note "slurmctld exited"
+      touch "$STATE_DIR/no-fallback"
+      return 1
+    }
     for name in "${NODES[@]}"; do alive "slurmd-$name" slurmd || { note "slurmd $name exited"; return 1; }; done
     idle=$(SLURM_CONF=$CONF sinfo -h -N -o '%N %T' 2>/dev/null | awk '$2 == "idle"' | wc -l)
     if ((idle == ${#NODES[@]})); then
@@ -300,13 +308,20 @@ wait_idle() {
   return 1
 }
 
+# The end of each daemon's log (its .out when it died before opening the log), without plugin noise.
 log_tails() {
-  local f
-  for f in "$STATE_DIR"/log/*.log "$STATE_DIR"/log/*.out "$MUNGE_DIR/munged.log"; do
-    [[ -s $f ]] || continue
-    echo "----- tail of $f" >&2
-    tail -n 15 "$f" >&2
+  local name log
+  for name in slurmctld "${NODES[@]/#/slurmd-}"; do
+    log=$STATE_DIR/log/$name.log
+    [[ -s $log ]] || log=$STATE_DIR/log/$name.out
+    [[ -s $log ]] || continue
+    echo "----- $log" >&2
+    grep -v 'pmix\|MPI: Cannot create context' "$log" | tail -n 8 >&2
   done
+  if ! alive munged munged && [[ -s $MUNGE_DIR/munged.log ]]; then
+    echo "----- $MUNGE_DIR/munged.log" >&2
+    tail -n 8 "$MUNGE_DIR/munged.log" >&2
+  fi
 }
 
 # Stop the slurm daemons (and NAME:COMM... more) and their leftovers; undo the network and /etc/hosts.
@@ -357,7 +372,7 @@ try_start() {
   fi
   echo "$mode" >"$STATE_DIR/mode"
   write_config "$mode"
-  add_hosts || return 1
+  add_hosts || { touch "$STATE_DIR/no-fallback"; return 1; }
   start_slurm "$mode" || return 1
   wait_idle "$mode"
 }
@@ -385,8 +400,9 @@ cmd_start() {
     return 0
   fi
   cmd_stop # whatever a crashed earlier run left behind
-  rm -rf "$STATE_DIR/log"
+  rm -rf "$STATE_DIR/log" "$STATE_DIR/spool" "$STATE_DIR/no-fallback"
   mkdir -p "$STATE_DIR"/{log,run,spool/ctld,pids}
+  echo "${LAUNCHER_SLURM_OWNER:-hand}" >"$STATE_DIR/owner"
   trap start_failed EXIT
   start_munge
   if [[ $MODE_WANTED != loopback ]]; then
@@ -395,7 +411,9 @@ cmd_start() {
       cmd_status
       return 0
     fi
-    [[ $MODE_WANTED == auto ]] || exit 1
+    # A controller that died (port taken, bad config) or a name clash in /etc/hosts is not the
+    # namespaces' fault: no fallback then.
+    [[ $MODE_WANTED == auto && ! -f $STATE_DIR/no-fallback ]] || exit 1
     note "network namespaces did not work; falling back to loopback nodes. Logs of the netns attempt:"
     log_tails
     stop_slurm

@@ -72,6 +72,7 @@ def load_records(path: str, data_format: str, split: str) -> list[dict[str, Any]
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # we report the failure ourselves, once
     p = Path(path)
     fmt = data_format
     if fmt == "auto":
@@ -92,11 +93,19 @@ def load_records(path: str, data_format: str, split: str) -> list[dict[str, Any]
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs the file and the reason
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _root_reason(exc)
         if fmt == "hub" and ("offline" in reason.lower() or "OfflineMode" in type(exc).__name__ or "connect" in reason.lower()):
             raise DataError(f"{path}: not a local file and the Hub is unreachable (offline); download it first or give a local path") from None
         raise DataError(f"{path}: cannot be read as {fmt} ({reason})") from None
     return [dict(row) for row in ds]
+
+
+def _root_reason(exc: BaseException) -> str:
+    """The innermost cause's first line: datasets wraps the parser's message in generic ones."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def normalize(text: str, form: str) -> str:

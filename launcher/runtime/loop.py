@@ -205,7 +205,8 @@ def train(ctx: Context, start_step: int, on_step_end: Callable[[int], bool]) -> 
             record = {"step": step, **numbers, "tokens_seen": seen, "elapsed": ctx.reporter.elapsed()}
             record["tokens_per_s"] = numbers["tokens"] / max(time.perf_counter() - begin, 1e-9)
             ctx.reporter.step(record)
-        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps:
+        wants_eval = cfg.train.eval_batches > 0 or cfg.train.eval_exact_match > 0
+        if wants_eval and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps):
             result = evaluate(ctx, step)
             ctx.reporter.write({**result, "elapsed": ctx.reporter.elapsed()})
             ctx.reporter.print("eval " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))

@@ -15,9 +15,9 @@ from filelock import FileLock
 
 from launcher.config.resolve import TINY_LLAMA
 
-TINY_VERSION = "v1"  # bump when the task set, tokenizer or model recipe changes
+TINY_VERSION = "v2"  # bump when the task set, tokenizer or model recipe changes
 TASKS_NAME = "tiny-tasks"
-N_TASKS = 4000
+N_TASKS = 12000
 
 _WORDS = (
     "cat dog fox owl bee ant elk yak emu cow pig hen bat rat eel cod jay ram ewe doe "
@@ -117,6 +117,11 @@ def build_tokenizer(path: Path) -> None:
 def build_model(path: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # save_pretrained imports DeepSpeed, which would warn
 
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     config = LlamaConfig(
@@ -138,14 +143,17 @@ def build_model(path: Path) -> None:
     model.save_pretrained(path, safe_serialization=True)
 
 
+_TINY_FILES = ("COMPLETE", "config.json", "model.safetensors", "tokenizer.json")
+
+
 def ensure_tiny_model() -> Path:
     """Build the tiny model directory once (under a file lock: several ranks may ask at once)."""
     path = tiny_model_dir()
-    if (path / "COMPLETE").exists():
+    if all((path / name).exists() for name in _TINY_FILES):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        if (path / "COMPLETE").exists():
+        if all((path / name).exists() for name in _TINY_FILES):
             return path
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

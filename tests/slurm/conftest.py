@@ -1,7 +1,8 @@
 """A real, local SLURM cluster (slurm/cluster.sh: munged, slurmctld, nodes n1 and n2) for the tests here.
 
 The `slurm_cluster` fixture starts it once per session and stops it at the end; a cluster that was
-already running (`slurm/cluster.sh start` by hand, for a fast edit-test loop) is reused and left running.
+already running (`slurm/cluster.sh start` by hand, for a fast edit-test loop) is reused and left running,
+except one an interrupted test session left behind, which is stopped this time.
 Without root or the Debian packages the tests skip, unless LAUNCHER_REQUIRE_SLURM=1 (CI) makes that a failure.
 The fixture returns a `SlurmCluster` whose methods submit jobs and read their state from
 `scontrol show job -o` (there is no slurmdbd, so no sacct).
@@ -93,7 +94,9 @@ class SlurmCluster:
     def cancel(self, job_id: int) -> None:
         self.run("scancel", str(job_id), check=False)
 
-    def wait_for(self, job_id: int, predicate: Callable[[dict[str, str]], bool], timeout: float = 60, what: str = "the expected state") -> dict[str, str]:
+    def wait_for(
+        self, job_id: int, predicate: Callable[[dict[str, str]], bool], timeout: float = 60, what: str = "the expected state"
+    ) -> dict[str, str]:
         """Poll the job until predicate(record) holds; fail with the record and the job's log otherwise."""
         deadline = time.monotonic() + timeout
         record = self.job(job_id)
@@ -141,7 +144,7 @@ def _cluster_sh(command: str, state_dir: str, timeout: float = 120) -> subproces
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PATH": SBIN_PATH},
+        env={**os.environ, "PATH": SBIN_PATH, "LAUNCHER_SLURM_OWNER": "pytest"},
     )
 
 
@@ -153,8 +156,11 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             pytest.fail(f"LAUNCHER_REQUIRE_SLURM=1 but {reason}", pytrace=False)
         pytest.skip(reason)
     state_dir = os.environ.get("LAUNCHER_SLURM_DIR") or DEFAULT_STATE_DIR
-    started_here = _cluster_sh("status", state_dir).returncode != 0
-    if started_here:
+    running = _cluster_sh("status", state_dir).returncode == 0
+    owner = Path(state_dir, "owner").read_text().strip() if Path(state_dir, "owner").is_file() else ""
+    # Ours to stop unless started by hand; one left running by an interrupted session is adopted.
+    started_here = not running or owner == "pytest"
+    if not running:
         t0 = time.monotonic()
         proc = _cluster_sh("start", state_dir)
         if proc.returncode != 0:
@@ -162,6 +168,10 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         print(f"\nslurm cluster started in {time.monotonic() - t0:.2f} s")
     mode = (Path(state_dir) / "mode").read_text().strip()
     cluster = SlurmCluster(state_dir=Path(state_dir), conf=Path(state_dir) / "slurm.conf", mode=mode)
+    if running and started_here:  # adopted: the interrupted session's jobs would hold the nodes' CPUs
+        leftover_jobs = cluster.run("squeue", "-h", "-o", "%A").stdout.split()
+        if leftover_jobs:
+            cluster.run("scancel", *leftover_jobs, check=False)
     saved = {key: os.environ.get(key) for key in ("SLURM_CONF", "LAUNCHER_SLURM_DIR")}
     os.environ["SLURM_CONF"] = str(cluster.conf)
     os.environ["LAUNCHER_SLURM_DIR"] = state_dir

@@ -1,0 +1,31 @@
+"""2 ranks over gloo give the same per-step losses as 1 process with the same global batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.dist
+
+COMMON = [
+    "train.max_steps=20",
+    "train.log_every=1",
+    "train.eval_batches=0",
+    "train.eval_exact_match=0",
+    "checkpoint.every=0",
+    "checkpoint.resume=never",
+]
+SINGLE = ["parallel.backend=single", "cluster.gpus_per_node=1", "train.micro_batch_size=8"]
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "ddp"])
+def test_two_ranks_match_one_process(backend: str, tmp_path: Path, launcher, metrics) -> None:
+    launcher("run", "tiny-cpu.yaml", *COMMON, f"parallel.backend={backend}", "--out", str(tmp_path / "two"))
+    launcher("run", "tiny-cpu.yaml", *COMMON, *SINGLE, "--out", str(tmp_path / "one"))
+    two, _ = metrics(tmp_path / "two")
+    one, _ = metrics(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 21))
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+    assert two[-1]["loss"] < two[0]["loss"] - 1.0  # and it learned something
