@@ -54,7 +54,7 @@ def build_training_model(plan: Plan, cfg: RunConfig, info: DistInfo, path: Path,
         model = build_on_meta(path, cfg.model, attn_implementation, frozen_dtype)
         model = apply_method(model, cfg.method, cfg.model.num_layers or 0)
         if cfg.train.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
         model = shard_model(model, backend, plan.fsdp, info)
         materialize(model, info.device)
         load_weights(model, path, info.device)

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def file_sizes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (COMPLETE, MANIFEST)}
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (COMPLETE, MANIFEST)
+    }
 
 
 @dataclass
@@ -116,6 +121,10 @@ class Saver:
             self._finish(folder, manifest)
 
     def _finish(self, folder: Path, manifest: dict[str, Any]) -> None:
+        # Test hook: hold every rank between writing its shard and the COMPLETE marker, so a test
+        # can kill a rank in the middle of a save.
+        if os.environ.get("LAUNCHER_TEST_PAUSE_BEFORE_COMPLETE") == str(manifest["step"]):
+            time.sleep(3600)
         dist.barrier(group=self.group)  # every rank's shard is on disk
         if self.rank == 0:
             record = {**manifest, "launcher_version": __version__, "files": file_sizes(folder)}

@@ -95,7 +95,9 @@ def load_records(path: str, data_format: str, split: str) -> list[dict[str, Any]
     except Exception as exc:  # datasets raises many types; the user needs the file and the reason
         reason = _root_reason(exc)
         if fmt == "hub" and ("offline" in reason.lower() or "OfflineMode" in type(exc).__name__ or "connect" in reason.lower()):
-            raise DataError(f"{path}: not a local file and the Hub is unreachable (offline); download it first or give a local path") from None
+            raise DataError(
+                f"{path}: not a local file and the Hub is unreachable (offline); download it first or give a local path"
+            ) from None
         raise DataError(f"{path}: cannot be read as {fmt} ({reason})") from None
     return [dict(row) for row in ds]
 

@@ -46,9 +46,7 @@ def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimi
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, foreach=True
-    )
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, foreach=True)
 
 
 @dataclass
@@ -85,7 +83,9 @@ def token_loss_sum(ctx: Context, batch: Batch) -> tuple[torch.Tensor, int]:
         logits = ctx.model(input_ids=ids, **inputs).logits
     targets = labels[:, 1:].clone()
     targets[positions[:, 1:] == 0] = IGNORE_INDEX  # a document's last token does not predict the next document
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
@@ -100,7 +100,9 @@ def train_step(ctx: Context, step: int) -> dict[str, float]:
     cfg, info = ctx.cfg, ctx.info
     t = cfg.train
     assert t.micro_batch_size and t.gradient_accumulation_steps and t.global_batch_size
-    micro_batches = ctx.order.step_rows(step, t.global_batch_size, info.rank, info.world_size, t.micro_batch_size, t.gradient_accumulation_steps)
+    micro_batches = ctx.order.step_rows(
+        step, t.global_batch_size, info.rank, info.world_size, t.micro_batch_size, t.gradient_accumulation_steps
+    )
     label_tokens = max(ctx.order.step_label_tokens(ctx.train_data, step, t.global_batch_size), 1)
     lr = lr_at(step, cfg.optim, t.max_steps)
     for group in ctx.optimizer.param_groups:

@@ -147,7 +147,10 @@ def pack(examples: list[Example], capacity: int) -> list[list[Example]]:
 
 
 def _write_rows(rows: list[list[Example]], prefix: Path) -> dict[str, int]:
-    ids, labels, positions, offsets, counts = [], [], [], [0], []
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    offsets, counts = [0], []
     for row in rows:
         for doc in row:
             ids += doc.input_ids

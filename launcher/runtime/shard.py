@@ -34,7 +34,7 @@ def apply_fsdp(model: nn.Module, fsdp: dict[str, Any], info: DistInfo) -> nn.Mod
     mixed = fsdp["mixed_precision"]
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[mixed["param_dtype"]], reduce_dtype=DTYPES[mixed["reduce_dtype"]])
     offload: OffloadPolicy = CPUOffloadPolicy() if fsdp["cpu_offload"] else OffloadPolicy()
-    common = {"mesh": mesh, "mp_policy": policy, "offload_policy": offload}
+    common: dict[str, Any] = {"mesh": mesh, "mp_policy": policy, "offload_policy": offload}
     layers = decoder_layers(model, fsdp["shard_module_class"])
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again at once by backward: keep them gathered.

@@ -107,9 +107,7 @@ def build_tokenizer(path: Path) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=2048
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=2048)
     fast.chat_template = _CHAT_TEMPLATE
     fast.save_pretrained(path)
 
@@ -131,7 +129,7 @@ def build_model(path: Path) -> None:
         num_hidden_layers=TINY_LLAMA["num_layers"],
         num_attention_heads=TINY_LLAMA["num_attention_heads"],
         num_key_value_heads=TINY_LLAMA["num_key_value_heads"],
-        tie_word_embeddings=TINY_LLAMA["tie_word_embeddings"],
+        tie_word_embeddings=bool(TINY_LLAMA["tie_word_embeddings"]),
         max_position_embeddings=2048,
         rms_norm_eps=1e-5,
         bos_token_id=tok.bos_token_id,
@@ -139,7 +137,7 @@ def build_model(path: Path) -> None:
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]
     model.save_pretrained(path, safe_serialization=True)
 
 

@@ -62,7 +62,9 @@ def test_instruction_template_masks_the_prompt(tokenizer) -> None:
     assert example.labels[-len(answer) :] == answer
     assert set(example.labels[: -len(answer)]) == {IGNORE_INDEX}
     assert example.input_ids[0] == tokenizer.bos_token_id
-    assert tokenizer.decode(example.input_ids[: -len(answer)], skip_special_tokens=True) == "### Instruction:\nadd: 2 + 3\n\n### Response:\n"
+    assert (
+        tokenizer.decode(example.input_ids[: -len(answer)], skip_special_tokens=True) == "### Instruction:\nadd: 2 + 3\n\n### Response:\n"
+    )
     full = tokenize({"prompt": "add: 2 + 3", "response": "5"}, _data(train_on_prompt="true"), tokenizer)
     assert full.labels == full.input_ids
 
@@ -133,7 +135,7 @@ def test_prepared_cache_is_reused_and_keyed(tmp_path: Path, tiny_dir: Path) -> N
 def test_corrupt_file_is_one_line_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{not json\n')
-    with pytest.raises(DataError, match="bad.jsonl"):
+    with pytest.raises(DataError, match=r"bad\.jsonl"):
         load_records(str(bad), "auto", "train")
 
 

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from launcher.kernels.attention import document_causal_mask
 
 from launcher.config import load_config
-from launcher.kernels.attention import document_causal_mask
 from launcher.runtime.data import IGNORE_INDEX, tokenize
 from launcher.runtime.dist import DistInfo
 from launcher.runtime.loop import token_loss_sum
@@ -36,7 +36,9 @@ def setup():
 def _ctx(cfg, model, implementation: str):
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     model.config._attn_implementation = implementation
-    return SimpleNamespace(cfg=cfg, info=info, model=model, attn_implementation=implementation, backend="single", compute_dtype=torch.float32)
+    return SimpleNamespace(
+        cfg=cfg, info=info, model=model, attn_implementation=implementation, backend="single", compute_dtype=torch.float32
+    )
 
 
 def _row(examples, packed: bool) -> Batch:

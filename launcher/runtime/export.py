@@ -1,0 +1,183 @@
+"""`launcher export`: a sharded checkpoint → a Hugging Face model directory (safetensors).
+
+Reads the DCP checkpoint without a process group, a bounded group of tensors at a time (one output
+shard), so memory stays near one shard however large the model. Full models are written under
+their Hugging Face names; LoRA/QLoRA runs write the adapter alone (peft format) or, with --merge,
+the base model with the adapter merged in (a QLoRA base is reloaded in bf16 for that). Afterwards
+every expected parameter is checked for presence, shape and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.plan import Plan
+from launcher.runtime import checkpoint as ckpt
+from launcher.runtime.model import DTYPES, ModelError, model_dir
+
+MAX_SHARD_BYTES = 2 * 1024**3
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+
+
+class ExportError(Exception):
+    pass
+
+
+def export_run(run_dir: str, out: str, step: int | None = None, merge: bool = False) -> int:
+    try:
+        written = export(Path(run_dir), Path(out), step, merge)
+    except (ExportError, ckpt.CheckpointError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"launcher: exported {written} tensors to {out}")
+    return 0
+
+
+def pick_checkpoint(run_dir: Path, step: int | None) -> Path:
+    root = run_dir / "checkpoints"
+    if step is None:
+        found = ckpt.find_resume(root, "auto")
+        if found is None:
+            raise ExportError(f"{root}: no complete checkpoint to export")
+        return found
+    folder = ckpt.step_dir(root, step)
+    ok, reason = ckpt.is_complete(folder)
+    if not ok:
+        raise ExportError(f"--step {step}: {folder} cannot be exported: {reason}")
+    return folder
+
+
+def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
+    if not (run_dir / "plan.json").exists():
+        raise ExportError(f"{run_dir}: not a run directory (no plan.json)")
+    cfg = Plan.load(run_dir / "plan.json").run_config
+    folder = pick_checkpoint(run_dir, step)
+    base = model_dir(cfg.model)
+    if cfg.parallel.backend == "deepspeed":
+        from launcher.runtime.engine import deepspeed_model_state
+
+        read = deepspeed_model_state(folder)
+    else:
+        read = _dcp_reader(folder / "model_optim")
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = DTYPES[cfg.model.dtype]
+    if cfg.method.name in ("lora", "qlora", "prompt_tuning") and not merge:
+        from launcher.runtime.adapters import write_adapter
+
+        count = write_adapter(read, cfg, out)
+    elif cfg.method.name in ("lora", "qlora"):
+        from launcher.runtime.adapters import merged_tensors
+
+        count = write_model(merged_tensors(read, cfg, base, dtype), out, dtype)
+        _copy_side_files(base, out)
+    else:
+        count = write_model(((name.removeprefix("model."), tensor) for name, tensor in read.items()), out, dtype)
+        _copy_side_files(base, out)
+        verify(out, base)
+    return count
+
+
+class _dcp_reader:
+    """Model tensors of a DCP checkpoint, loaded in groups of at most MAX_SHARD_BYTES."""
+
+    def __init__(self, path: Path) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = path
+        metadata = FileSystemReader(str(path)).read_metadata()
+        self.tensors = {
+            key: meta
+            for key, meta in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+        }
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def items(self):  # -> Iterator[tuple[str, torch.Tensor]]
+        import torch.distributed.checkpoint as dcp
+
+        group: dict[str, torch.Tensor] = {}
+        size = 0
+        for key, meta in self.tensors.items():
+            group[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+            size += group[key].numel() * group[key].element_size()
+            if size >= MAX_SHARD_BYTES:
+                dcp.load(group, checkpoint_id=str(self.path), no_dist=True)
+                yield from group.items()
+                group, size = {}, 0
+        if group:
+            dcp.load(group, checkpoint_id=str(self.path), no_dist=True)
+            yield from group.items()
+
+
+def write_model(tensors, out: Path, dtype: torch.dtype) -> int:  # tensors: Iterable[tuple[str, Tensor]]
+    """Write safetensors shards (with an index when there is more than one)."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    paths: list[Path] = []
+    weight_map: dict[str, int] = {}
+
+    def flush() -> None:
+        paths.append(out / f"shard-{len(paths):05d}.safetensors")
+        save_file(shards[-1], str(paths[-1]), metadata={"format": "pt"})
+        shards.append({})
+
+    for name, tensor in tensors:
+        tensor = tensor.to(dtype).contiguous() if tensor.is_floating_point() else tensor.contiguous()
+        if size and size + tensor.numel() * tensor.element_size() > MAX_SHARD_BYTES:
+            flush()
+            size = 0
+        shards[-1][name] = tensor
+        weight_map[name] = len(paths)
+        size += tensor.numel() * tensor.element_size()
+    if shards[-1]:
+        flush()
+    total = len(paths)
+    if total == 1:
+        paths[0].rename(out / "model.safetensors")
+    else:
+        names = [out / f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+        for old, new in zip(paths, names):
+            old.rename(new)
+        index = {"metadata": {}, "weight_map": {k: names[i].name for k, i in sorted(weight_map.items())}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return len(weight_map)
+
+
+def _copy_side_files(base: Path, out: Path) -> None:
+    for name in ("config.json", "generation_config.json", *_TOKENIZER_FILES):
+        if (base / name).exists():
+            shutil.copy2(base / name, out / name)
+
+
+def verify(out: Path, base: Path) -> None:
+    """Every parameter the architecture expects is present with the right shape."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    found: dict[str, Any] = {}
+    for file in out.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118
+                found[key] = handle.get_slice(key).get_shape()
+    if getattr(config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise ExportError(f"{out}: {len(missing)} parameters were not written, e.g. {missing[0]}")
+    wrong = [k for k in expected if list(found[k]) != list(expected[k])]
+    if wrong:
+        raise ExportError(f"{out}: {wrong[0]} has shape {found[wrong[0]]}, expected {list(expected[wrong[0]])}")

@@ -1,0 +1,187 @@
+"""Checkpoints: exact resume after a signal, resharded resume, crash safety, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from launcher.runtime import checkpoint as ckpt
+
+pytestmark = pytest.mark.dist
+
+STEPS = 20
+BASE = [
+    f"train.max_steps={STEPS}",
+    "train.log_every=1",
+    "train.eval_batches=0",
+    "train.eval_exact_match=0",
+    "optim.warmup_steps=3",
+]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted 2-rank reference run, with checkpoints every 5 steps."""
+    from conftest import launcher_cli
+
+    run = tmp_path_factory.mktemp("straight") / "run"
+    launcher_cli("run", "tiny-cpu.yaml", *BASE, "checkpoint.every=5", "checkpoint.keep_last=10", "--out", str(run))
+    return run
+
+
+def _start(run: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", "tiny-cpu.yaml", *BASE, *extra, "--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _ranks(proc: subprocess.Popen) -> list[psutil.Process]:
+    children = psutil.Process(proc.pid).children(recursive=True)
+    workers = [c for c in children if "launcher.runtime" in c.cmdline() and "torch.distributed.run" not in c.cmdline()]
+    return sorted(workers, key=lambda c: c.pid)
+
+
+def _wait_for(condition, timeout: float = 240, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_signal_saves_and_resume_is_exact(straight: Path, tmp_path: Path, launcher) -> None:
+    run = tmp_path / "run"
+    proc = _start(run, "checkpoint.every=0")
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_losses(run)) >= 6, what="6 logged steps")
+    ranks = _ranks(proc)
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGUSR1)  # one rank only: all must stop at the same step
+    time.sleep(0.05)
+    ranks[0].send_signal(signal.SIGTERM)  # a second signal during the save changes nothing
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 75, output
+    stopped_at = int((run / "checkpoints" / "REQUEUE").read_text().strip().removeprefix("step-"))
+    assert 6 <= stopped_at < STEPS
+    assert ckpt.is_complete(ckpt.step_dir(run / "checkpoints", stopped_at))[0]
+
+    done = launcher("run", "tiny-cpu.yaml", *BASE, "checkpoint.every=0", "--out", str(run))
+    assert f"resuming from {ckpt.step_dir(run / 'checkpoints', stopped_at)} at step {stopped_at}" in done.stdout
+    reference, resumed = _losses(straight), _losses(run)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert all(resumed[step] == reference[step] for step in resumed), "losses must be bit-identical"
+
+    # Final weights are bit-identical too.
+    for name in ("a", "b"):
+        source = straight if name == "a" else run
+        launcher("export", str(source), "--out", str(tmp_path / f"export-{name}"))
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "export-a" / "model.safetensors"), load_file(tmp_path / "export-b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_resume_at_another_world_size(straight: Path, tmp_path: Path, world: int, launcher) -> None:
+    source = ckpt.step_dir(straight / "checkpoints", 10)
+    run = tmp_path / f"w{world}"
+    done = launcher(
+        "run",
+        "tiny-cpu.yaml",
+        *BASE,
+        f"cluster.gpus_per_node={world}",
+        f"checkpoint.resume={source}",
+        "checkpoint.every=0",
+        "--out",
+        str(run),
+    )
+    assert f"saved at world size 2, now {world}" in done.stdout
+    reference, resumed = _losses(straight), _losses(run)
+    assert sorted(resumed) == list(range(11, STEPS + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], rel=1e-4), step
+
+
+def test_rank_killed_mid_save_keeps_previous_checkpoint(tmp_path: Path, launcher) -> None:
+    run = tmp_path / "run"
+    proc = _start(run, "checkpoint.every=5", env={"LAUNCHER_TEST_PAUSE_BEFORE_COMPLETE": "10"})
+    shard_written = ckpt.step_dir(run / "checkpoints", 10) / "model_optim" / ".metadata"
+    _wait_for(shard_written.exists, what="the step-10 save to be under way")
+    _ranks(proc)[1].kill()  # SIGKILL, mid-save
+    proc.communicate(timeout=120)
+    assert proc.returncode not in (0, 75)
+    assert not (ckpt.step_dir(run / "checkpoints", 10) / ckpt.COMPLETE).exists()
+    assert os.readlink(run / "checkpoints" / "latest") == "step-00000005"
+
+    done = launcher("run", "tiny-cpu.yaml", *BASE, "checkpoint.every=5", "--out", str(run))
+    assert "skipping checkpoint" in done.stderr and "step-00000010: no COMPLETE marker" in done.stderr
+    assert "at step 5" in done.stdout
+    assert sorted(_losses(run))[-1] == STEPS
+
+
+def test_truncated_or_unmarked_checkpoints_are_skipped(straight: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "checkpoints"
+    for step in (15, 20):
+        shutil.copytree(ckpt.step_dir(straight / "checkpoints", step), ckpt.step_dir(root, step))
+    shard = next((ckpt.step_dir(root, 20) / "model_optim").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match="step-00000020.*truncated"):
+        assert ckpt.find_resume(root, "auto") == ckpt.step_dir(root, 15)
+    (ckpt.step_dir(root, 15) / ckpt.COMPLETE).unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ckpt.find_resume(root, "auto") is None
+    assert any("step-00000015: no COMPLETE marker" in str(w.message) for w in caught)
+    with pytest.raises(ckpt.CheckpointError, match="no COMPLETE"):
+        ckpt.find_resume(root, str(ckpt.step_dir(root, 15)))
+
+
+def test_retention_keeps_newest_complete(straight: Path) -> None:
+    kept = sorted(p.name for p in (straight / "checkpoints").glob("step-*"))
+    assert kept == [f"step-{s:08d}" for s in (5, 10, 15, 20)]  # keep_last=10 kept all four
+    assert os.readlink(straight / "checkpoints" / "latest") == "step-00000020"
+
+
+def test_export_loads_and_matches_checkpoint_logits(straight: Path, tmp_path: Path, launcher) -> None:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    launcher("export", str(straight), "--step", "15", "--out", str(out))
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    # Reference: torch's own DCP converter, loaded into the base architecture.
+    dcp_to_torch_save(ckpt.step_dir(straight / "checkpoints", 15) / "model_optim", tmp_path / "ref.pt")
+    reference = AutoModelForCausalLM.from_pretrained(out).eval()
+    reference.load_state_dict(torch.load(tmp_path / "ref.pt", weights_only=False)["model"])
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+    base = AutoModelForCausalLM.from_pretrained(Path(os.environ["LAUNCHER_CACHE_DIR"]) / "tiny-llama-v2").eval()
+    with torch.no_grad():
+        assert not torch.allclose(exported(ids).logits, base(ids).logits, atol=1e-3)  # it did train
+    bad = launcher("export", str(straight), "--step", "7", "--out", str(tmp_path / "x"), check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --step 7")
