@@ -48,6 +48,13 @@ def build_training_model(plan: Plan, cfg: RunConfig, info: DistInfo, path: Path,
 
         model = build_qlora(path, cfg, info, attn_implementation)
         model = shard_model(model, backend, plan.fsdp, info)
+    elif backend == "deepspeed" and cfg.parallel.zero_stage == 3 and cfg.method.name in ("full", "freeze"):
+        from launcher.runtime.engine import zero3_model
+
+        model = zero3_model(path, cfg, plan, attn_implementation, info.device)
+        model = apply_method(model, cfg.method, cfg.model.num_layers or 0)
+        if cfg.train.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
     else:
         # Trainable weights are fp32 masters; the compute dtype comes from the mixed-precision policy.
         frozen_dtype = DTYPES[cfg.model.dtype] if cfg.method.name in ("lora", "prompt_tuning") else torch.float32

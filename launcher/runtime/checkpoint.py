@@ -181,9 +181,8 @@ def find_resume(root: Path, resume: str, warn: bool = True) -> Path | None:
 def load(folder: Path, model: torch.nn.Module, optimizer: Any, rank: int) -> dict[str, Any]:
     """Load model and optimizer (resharded by DCP to this world size) and this rank's RNG state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(folder / "model_optim"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / "model_optim"))  # fills in place
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     rng_file = folder / "rng" / f"rank-{rank:05d}.pt"
     if rng_file.exists():  # a rank that did not exist at save time keeps its seeded state
         set_rng_state(torch.load(rng_file, weights_only=False))

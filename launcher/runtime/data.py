@@ -181,7 +181,8 @@ def tokenize(record: dict[str, Any], data: DataSection, tokenizer: Any) -> Examp
         spans = [(prompt, False), (answer, True)]
     else:
         spans = chat_spans(record[data.messages_field], tokenizer)
-    ids, labels = [], []
+    ids: list[int] = []
+    labels: list[int] = []
     for tokens, trained in spans:
         ids += tokens
         labels += tokens if (trained or data.train_on_prompt) else [IGNORE_INDEX] * len(tokens)

@@ -1,0 +1,128 @@
+"""DeepSpeed: the engine from the plan's deepspeed.json (nothing re-derived here), ZeRO-3 partitioned
+construction, and checkpoints in the common layout. The only module that imports deepspeed.
+
+The loop drives the engine like the torch backends: the same loss (sum of token losses over the
+global label-token count, times the world size because DeepSpeed averages over ranks), the same
+learning-rate schedule (set on the optimizer's groups each step), `engine.step()` after every
+micro-batch (DeepSpeed steps the optimizer at the accumulation boundary).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher.config.schema import RunConfig
+from launcher.plan import Plan
+from launcher.runtime import checkpoint as ckpt
+
+TAG = "deepspeed"
+
+
+def _prepare_environment() -> None:
+    """Point DeepSpeed's JIT builds at the project cache and let it adopt our process group."""
+    from launcher.runtime.tiny import cache_dir
+
+    # JIT builds (shared-memory op, CPU Adam) land in the project cache, so runs and CI reuse them.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    import deepspeed
+    import torch.distributed as dist
+
+    backend = dist.get_backend() if dist.is_initialized() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+_HF_DEEPSPEED: list[Any] = []  # transformers holds a weak reference; keep the object alive
+
+
+def zero3_model(path: Path, cfg: RunConfig, plan: Plan, attn_implementation: str, device: torch.device) -> nn.Module:
+    """Load under ZeRO-3 partitioning: transformers builds inside zero.Init (each rank allocates only
+    its partition) and fills the weights partition by partition."""
+    _prepare_environment()
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from launcher.runtime.model import reinit_buffers
+
+    _HF_DEEPSPEED[:] = [HfDeepSpeedConfig(plan.deepspeed)]
+    model = AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation=attn_implementation, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
+    )
+    model.config.use_cache = False
+    reinit_buffers(model, device)
+    return model
+
+
+def deepspeed_engine(model: nn.Module, plan: Plan, cfg: RunConfig) -> Any:
+    _prepare_environment()
+    import deepspeed
+
+    assert plan.deepspeed is not None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=plan.deepspeed, dist_init_required=False)
+    return engine
+
+
+class DeepSpeedSaver(ckpt.Saver):
+    """DeepSpeed's own sharded files under step-N/deepspeed/, with our manifest and COMPLETE."""
+
+    def __init__(self, root: Path, rank: int, keep_last: int, engine: Any) -> None:
+        super().__init__(root, rank, keep_last)
+        self.engine = engine
+
+    def save(self, model: nn.Module, optimizer: Any, manifest: dict[str, Any]) -> Path:
+        import torch.distributed as dist
+
+        folder = ckpt.step_dir(self.root, manifest["step"])
+        if self.rank == 0:
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)
+            (folder / "rng").mkdir(parents=True)
+        dist.barrier()
+        torch.save(ckpt.rng_state(), folder / "rng" / f"rank-{self.rank:05d}.pt")
+        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+        self._finish(folder, manifest)
+        return folder
+
+
+def load_deepspeed(folder: Path, engine: Any, rank: int) -> dict[str, Any]:
+    import json
+
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    world = torch.distributed.get_world_size()
+    if manifest["world_size"] != world:
+        raise ckpt.CheckpointError(
+            f"checkpoint.resume: {folder} was saved by DeepSpeed at world size {manifest['world_size']}, this run has {world}; "
+            f"convert it first: python -m deepspeed.checkpoint.ds_to_universal --input_folder {folder / TAG} "
+            f"--output_folder {folder}-universal, or resume at world size {manifest['world_size']} (FSDP2 checkpoints reshard by themselves)"
+        )
+    path, _ = engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise ckpt.CheckpointError(f"checkpoint.resume: DeepSpeed could not load {folder / TAG}")
+    rng_file = folder / "rng" / f"rank-{rank:05d}.pt"
+    if rng_file.exists():
+        ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
+    return manifest
+
+
+class deepspeed_model_state:  # noqa: N801 (reads like a function, as export's _dcp_reader)
+    """Consolidated fp32 model tensors of a DeepSpeed checkpoint (DeepSpeed's zero_to_fp32)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def items(self):  # -> Iterator[tuple[str, torch.Tensor]], names prefixed "model." like DCP's
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(self.folder), tag=TAG)
+        for name, tensor in state.items():
+            yield f"model.{name}", tensor
+
+    def keys(self) -> list[str]:
+        return [name for name, _ in self.items()]
