@@ -35,12 +35,15 @@ def run_local(plan: Plan) -> int:
     if code != 0:
         return code
     marker = Path(plan.run_dir) / "checkpoints" / "REQUEUE"
+    exit_file = Path(plan.run_dir) / "logs" / "exit_code"
     marker.unlink(missing_ok=True)
+    exit_file.unlink(missing_ok=True)
     launch = Path(plan.run_dir) / "launch.sh"
     print(f"launcher: {plan.topology['world_size']} process(es): bash {launch}", flush=True)
     done = subprocess.run(["bash", str(launch)], env=os.environ.copy())
-    if done.returncode != 0 and marker.exists():
-        return 75  # saved after a signal: the same command resumes
+    if done.returncode != 0 and exit_file.exists():
+        # torchrun turns every worker failure into 1; rank 0 recorded what it meant (2 bad input, 75 saved on a signal).
+        return int(exit_file.read_text().strip() or done.returncode)
     return done.returncode
 
 

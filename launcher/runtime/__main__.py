@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         code = EXIT_BAD_INPUT
     finally:
+        if info.is_main:  # torchrun reports any failure as 1; `launcher run` reads the real code here
+            (Path(plan.run_dir) / "logs").mkdir(exist_ok=True)
+            (Path(plan.run_dir) / "logs" / "exit_code").write_text(f"{code}\n")
         teardown(synchronise=code in (0, EXIT_BAD_INPUT, REQUEUE_EXIT_CODE))
     return code
 

@@ -111,7 +111,7 @@ def load_deepspeed(folder: Path, engine: Any, rank: int) -> dict[str, Any]:
     return manifest
 
 
-class deepspeed_model_state:  # noqa: N801 (reads like a function, as export's _dcp_reader)
+class DeepSpeedModelReader:
     """Consolidated fp32 model tensors of a DeepSpeed checkpoint (DeepSpeed's zero_to_fp32)."""
 
     def __init__(self, folder: Path) -> None:

@@ -60,11 +60,11 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
     folder = pick_checkpoint(run_dir, step)
     base = model_dir(cfg.model)
     if cfg.parallel.backend == "deepspeed":
-        from launcher.runtime.engine import deepspeed_model_state
+        from launcher.runtime.engine import DeepSpeedModelReader
 
-        read = deepspeed_model_state(folder)
+        read = DeepSpeedModelReader(folder)
     else:
-        read = _dcp_reader(folder / "model_optim")
+        read = DcpModelReader(folder / "model_optim")
     out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[cfg.model.dtype]
     if cfg.method.name in ("lora", "qlora", "prompt_tuning") and not merge:
@@ -83,7 +83,7 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
     return count
 
 
-class _dcp_reader:
+class DcpModelReader:
     """Model tensors of a DCP checkpoint, loaded in groups of at most MAX_SHARD_BYTES."""
 
     def __init__(self, path: Path) -> None:
