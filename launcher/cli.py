@@ -143,6 +143,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if shutil.which("sbatch") is None:
         print("error: sbatch: not found on PATH; run on a SLURM login node, or use `launcher run` here", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from launcher.run_local import prepare
+
+    # Tokenise once here, not on the ranks (a shared file system may not honour their file lock).
+    code = prepare(plan)
+    if code != 0:
+        return code
     done = subprocess.run(command, cwd=plan.run_dir, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"error: sbatch failed: {done.stderr.strip()}", file=sys.stderr)

@@ -40,12 +40,23 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         return 0
 
-    from launcher.runtime.dist import init_distributed, teardown
+    import os
+    import socket
 
+    from launcher.runtime.dist import init_distributed, teardown
+    from launcher.runtime.signals import StopFlag
+
+    # Catch USR1/TERM from the first moment: a preemption while a large model loads must not be lost.
+    stop = StopFlag()
+    stop.install()
     info = init_distributed(cfg.cluster.accelerator)
+    print(
+        f"launcher: rank {info.rank} of {info.world_size} (local {info.local_rank}) on {socket.gethostname()}, pid {os.getpid()}",
+        flush=True,
+    )
     code = EXIT_FAILURE
     try:
-        code = run(plan, cfg, info)
+        code = run(plan, cfg, info, stop)
     except (DataError, ModelError, CheckpointError) as exc:
         if info.is_main:
             print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -70,7 +81,7 @@ def prepare(cfg: RunConfig) -> Path:
     return prepare_data(cfg.data, source, path, cache_root, cfg.run.seed)
 
 
-def run(plan: Plan, cfg: RunConfig, info: Any) -> int:
+def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     from launcher.kernels.attention import attn_implementation
     from launcher.runtime import checkpoint as ckpt
     from launcher.runtime.build import build_training_model
@@ -79,7 +90,6 @@ def run(plan: Plan, cfg: RunConfig, info: Any) -> int:
     from launcher.runtime.metrics import Reporter, plot_losses
     from launcher.runtime.model import load_tokenizer, model_dir
     from launcher.runtime.packing import GlobalOrder, TokenData
-    from launcher.runtime.signals import StopFlag
 
     seed_everything(cfg.run.seed)
     run_dir = Path(plan.run_dir)
@@ -100,12 +110,12 @@ def run(plan: Plan, cfg: RunConfig, info: Any) -> int:
         "method": cfg.method.name,
         "backend": cfg.parallel.backend,
     }
-    start_step = 0
+    start_step, tokens_seen = 0, 0.0
     resume_from = ckpt.find_resume(run_dir / "checkpoints", cfg.checkpoint.resume, warn=info.is_main)
     if resume_from is not None:
         saved = built.load(resume_from, info.rank)
         changed = ckpt.compare_manifest(saved, now, cfg.checkpoint.allow_mismatch)
-        start_step = int(saved["step"])
+        start_step, tokens_seen = int(saved["step"]), float(saved.get("tokens_seen", 0.0))
         if info.is_main:
             moved = f" (saved at world size {saved['world_size']}, now {info.world_size})" if saved["world_size"] != info.world_size else ""
             print(f"launcher: resuming from {resume_from} at step {start_step}{moved}", flush=True)
@@ -113,8 +123,6 @@ def run(plan: Plan, cfg: RunConfig, info: Any) -> int:
                 print(f"warning: checkpoint.allow_mismatch: {line}", file=sys.stderr, flush=True)
 
     reporter = Reporter(run_dir, info.is_main, cfg.train.max_steps, start_step)
-    stop = StopFlag()
-    stop.install()
     ctx = Context(
         cfg=cfg,
         info=info,
@@ -129,13 +137,15 @@ def run(plan: Plan, cfg: RunConfig, info: Any) -> int:
         eval_prompts=eval_prompts,
         tokenizer=tokenizer,
         engine=built.engine,
+        tokens_seen=tokens_seen,
     )
     topology = plan.topology
     stopped = False
 
     def on_step_end(step: int) -> bool:
         nonlocal stopped
-        stopped = stop.agreed(info.device)
+        # A signal during the last step needs no requeue: the run is finishing anyway.
+        stopped = stop.agreed(info.device) and step < cfg.train.max_steps
         saver.poll()
         every = cfg.checkpoint.every
         if stopped or (every and step % every == 0) or step == cfg.train.max_steps:
@@ -143,6 +153,7 @@ def run(plan: Plan, cfg: RunConfig, info: Any) -> int:
                 **now,
                 "step": step,
                 "samples": step * (cfg.train.global_batch_size or 0),
+                "tokens_seen": ctx.tokens_seen,
                 "world_size": info.world_size,
                 "micro_batch_size": topology["micro_batch_size"],
                 "gradient_accumulation_steps": topology["gradient_accumulation_steps"],

@@ -173,8 +173,8 @@ def tokenize(record: dict[str, Any], data: DataSection, tokenizer: Any) -> Examp
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id]
     if data.template == "text":
-        ids = bos + tokenizer.encode(record[data.text_field], add_special_tokens=False) + eos
-        return Example(ids, list(ids))
+        text_ids = bos + tokenizer.encode(record[data.text_field], add_special_tokens=False) + eos
+        return Example(text_ids, list(text_ids))
     if data.template == "instruction":
         prompt = bos + tokenizer.encode(instruction_prompt(record[data.prompt_field]), add_special_tokens=False)
         answer = tokenizer.encode(record[data.response_field], add_special_tokens=False) + eos

@@ -59,6 +59,7 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
     cfg = Plan.load(run_dir / "plan.json").run_config
     folder = pick_checkpoint(run_dir, step)
     base = model_dir(cfg.model)
+    read: Any
     if cfg.parallel.backend == "deepspeed":
         from launcher.runtime.engine import DeepSpeedModelReader
 

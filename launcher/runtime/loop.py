@@ -66,6 +66,7 @@ class Context:
     eval_prompts: list[dict[str, Any]] = field(default_factory=list)
     tokenizer: Any = None
     engine: Any = None  # the DeepSpeed engine, when the backend is deepspeed
+    tokens_seen: float = 0.0  # real tokens trained on so far, across restarts
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -196,15 +197,14 @@ def train(ctx: Context, start_step: int, on_step_end: Callable[[int], bool]) -> 
     """Run steps start_step..max_steps-1; `on_step_end(step_done)` checkpoints and says whether to stop."""
     cfg = ctx.cfg
     ctx.model.train()
-    seen = 0.0
     step = start_step
     while step < cfg.train.max_steps:
         begin = time.perf_counter()
         numbers = train_step(ctx, step)
         step += 1
-        seen += numbers["tokens"]
+        ctx.tokens_seen += numbers["tokens"]
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or step == start_step + 1:
-            record = {"step": step, **numbers, "tokens_seen": seen, "elapsed": ctx.reporter.elapsed()}
+            record = {"step": step, **numbers, "tokens_seen": ctx.tokens_seen, "elapsed": ctx.reporter.elapsed()}
             record["tokens_per_s"] = numbers["tokens"] / max(time.perf_counter() - begin, 1e-9)
             ctx.reporter.step(record)
         wants_eval = cfg.train.eval_batches > 0 or cfg.train.eval_exact_match > 0

@@ -185,3 +185,19 @@ def test_export_loads_and_matches_checkpoint_logits(straight: Path, tmp_path: Pa
         assert not torch.allclose(exported(ids).logits, base(ids).logits, atol=1e-3)  # it did train
     bad = launcher("export", str(straight), "--step", "7", "--out", str(tmp_path / "x"), check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --step 7")
+
+
+def test_signal_during_startup_is_not_lost(tmp_path: Path) -> None:
+    """USR1 while the model and data are still loading: the first step boundary saves and stops."""
+    run = tmp_path / "run"
+    proc = _start(run, "checkpoint.every=0")
+    seen = []
+    assert proc.stdout is not None
+    for line in proc.stdout:  # each rank announces itself once its signal handlers are in place
+        seen += [line] if line.startswith("launcher: rank ") else []
+        if len(seen) == 2:
+            break
+    _ranks(proc)[0].send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 75, output
+    assert (run / "checkpoints" / "REQUEUE").read_text().strip() == "step-00000001"

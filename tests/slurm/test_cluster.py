@@ -134,7 +134,7 @@ def test_usr1_trap_requeues_and_the_job_completes(slurm_cluster: SlurmCluster, t
     job_id = slurm_cluster.submit(script)
     slurm_cluster.wait_for(job_id, lambda r: r["JobState"] == "RUNNING" and ready.exists(), timeout=30, what="RUNNING with the trap set")
     slurm_cluster.signal_batch(job_id, "USR1")
-    # cred_expire=10 and sched_interval=5 in slurm.conf: the requeued attempt starts after ~12 s.
+    # cred_expire=5 and sched_interval=2 in slurm.conf: the requeued attempt starts ~6 s after the requeue.
     record = slurm_cluster.wait_done(job_id, timeout=60)  # a requeued job passes PENDING, not a final state
     log = out.read_text()
     assert record["JobState"] == "COMPLETED", log
