@@ -77,7 +77,11 @@ def hf_worker(args: argparse.Namespace) -> None:
     totals = torch.tensor([counts["real"], counts["padded"]], dtype=torch.float64)
     dist.all_reduce(totals)
     if dist.get_rank() == 0:
-        print(json.dumps({"real": totals[0].item(), "padded": totals[1].item(), "train_runtime": result.metrics["train_runtime"], "elapsed": elapsed}))
+        print(
+            json.dumps(
+                {"real": totals[0].item(), "padded": totals[1].item(), "train_runtime": result.metrics["train_runtime"], "elapsed": elapsed}
+            )
+        )
 
 
 def run_ours(steps: int, out: Path) -> dict[str, float]:
@@ -123,7 +127,9 @@ def main() -> None:
         rate = r["real"] / r["train_runtime"]
         waste = 1 - r["real"] / r["padded"]
         rows.append((name, rate, waste, r["train_runtime"], r["wall"]))
-        print(f"{name:26s} {rate:9.0f} real tokens/s  padding {100 * waste:5.1f} %  train {r['train_runtime']:6.1f} s  wall {r['wall']:6.1f} s")
+        print(
+            f"{name:26s} {rate:9.0f} real tokens/s  padding {100 * waste:5.1f} %  train {r['train_runtime']:6.1f} s  wall {r['wall']:6.1f} s"
+        )
     print(f"ratio (real tokens/s, ours / Trainer): {rows[0][1] / rows[1][1]:.2f}x over {args.steps} steps of 16 sequences")
 
 
