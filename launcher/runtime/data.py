@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,9 +95,12 @@ def load_records(path: str, data_format: str, split: str) -> list[dict[str, Any]
         raise
     except Exception as exc:  # datasets raises many types; the user needs the file and the reason
         reason = _root_reason(exc)
-        if fmt == "hub" and ("offline" in reason.lower() or "OfflineMode" in type(exc).__name__ or "connect" in reason.lower()):
+        if fmt == "hub":
+            offline = any(os.environ.get(v) == "1" for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+            why = "the Hub is off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if offline else f"the Hub could not provide it ({reason})"
             raise DataError(
-                f"{path}: not a local file and the Hub is unreachable (offline); download it first or give a local path"
+                f"{path}: not a local file and {why}; download it first "
+                f"(huggingface-cli download --repo-type dataset {path}) or give a local path"
             ) from None
         raise DataError(f"{path}: cannot be read as {fmt} ({reason})") from None
     return [dict(row) for row in ds]

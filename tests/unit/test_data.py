@@ -160,3 +160,9 @@ def test_launcher_run_with_corrupt_data_fails_before_launch(tmp_path: Path) -> N
     )
     assert missing.returncode == 2 and missing.stderr.startswith("error: data.path: /no/such.jsonl does not exist")
     assert not (tmp_path / "r2").exists()
+
+
+def test_hub_dataset_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"someorg/somedata: not a local file and the Hub is off .*download it first"):
+        load_records("someorg/somedata", "auto", "train")
