@@ -73,7 +73,13 @@ def default_run_dir(cfg: RunConfig) -> str:
 
 
 def plan_env(cfg: RunConfig, topology: Topology) -> dict[str, str]:
-    env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, cfg.cluster.cpus_per_task // topology.procs_per_node))}
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        # Never put the working directory on sys.path: started from a checkout, its kernels/ folder
+        # would shadow Hugging Face's `kernels` package (ours installs as launcher.kernels).
+        "PYTHONSAFEPATH": "1",
+        "OMP_NUM_THREADS": str(max(1, cfg.cluster.cpus_per_task // topology.procs_per_node)),
+    }
     if cfg.cluster.accelerator == "cuda":
         env.update({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"})
     env.update(cfg.cluster.env)

@@ -130,8 +130,15 @@ def _persistent(module: nn.Module, name: str) -> set[str]:
 
 def _match_key(key: str, expected: dict[str, Any]) -> str | None:
     """Map a Hugging Face checkpoint key onto the (possibly peft-wrapped) model's name."""
-    wrapped = f"base_model.model.{key}"
-    for candidate in (key, wrapped, key.replace(".weight", ".base_layer.weight"), wrapped.replace(".weight", ".base_layer.weight")):
+    wrapped = f"base_model.model.{key}"  # LoRA: PeftModel → LoraModel → the model
+    prompted = f"base_model.{key}"  # prompt tuning: PeftModel → the model
+    for candidate in (
+        key,
+        wrapped,
+        prompted,
+        key.replace(".weight", ".base_layer.weight"),
+        wrapped.replace(".weight", ".base_layer.weight"),
+    ):
         if candidate in expected:
             return candidate
     return None

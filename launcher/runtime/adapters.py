@@ -1,0 +1,244 @@
+"""Parameter-efficient methods: peft LoRA and prompt tuning, QLoRA through bitsandbytes.
+
+The only module besides model.py that imports peft or bitsandbytes (lazily, inside functions).
+
+- LoRA and prompt tuning wrap a model that is still on the meta device (build.py then shards,
+  materialises and loads the base weights), so `init_adapters` must fill the adapter weights
+  afterwards: each full tensor comes from a generator seeded by (run seed, parameter name), and a
+  rank keeps only its shard. Every rank and every world size therefore starts from the same
+  adapters, and 1-rank and 2-rank runs give the same losses.
+- Trainable adapter weights are fp32 masters whatever the frozen base's dtype; FSDP2 accepts
+  parameters of several dtypes in one unit (it all-gathers in the mixed-precision param dtype).
+- QLoRA loads the 4-bit base with `from_pretrained` on the rank's device (bitsandbytes quantises
+  while loading), then adds LoRA; build.py shards it afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher.config.schema import LoraSection, MethodSection, RunConfig
+from launcher.runtime.dist import DistInfo
+from launcher.runtime.model import DTYPES, ModelError, copy_full_into
+
+ADAPTER_MARKERS = ("lora_", "prompt_encoder")
+
+# peft imports bitsandbytes, whose CPU backend warns on every rank (on AVX512-BF16 CPUs) that the
+# optional `kernels` package is missing: it only speeds up the 4-bit inference path we turn off.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def is_adapter(name: str) -> bool:
+    return any(marker in name for marker in ADAPTER_MARKERS)
+
+
+def lora_config(lora: LoraSection) -> Any:
+    from peft import LoraConfig
+
+    # "all-linear": every nn.Linear of the decoder; peft leaves out the output layer (lm_head).
+    targets: str | list[str] = "all-linear" if "all-linear" in lora.target_modules else list(lora.target_modules)
+    return LoraConfig(
+        task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none"
+    )
+
+
+def wrap_with_peft(module: nn.Module, method: MethodSection) -> nn.Module:
+    """Add LoRA or prompt-tuning adapters; only they stay trainable, as fp32 masters."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    match method.name:
+        case "lora" | "qlora":
+            config = lora_config(method.lora)
+        case "prompt_tuning":
+            config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.prompt_tuning.num_virtual_tokens)
+        case _:
+            raise AssertionError(method.name)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning per rank).
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(module, config)
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_adapter(name))
+        if is_adapter(name) and param.dtype != torch.float32:
+            param.data = param.data.float()
+    if method.name == "prompt_tuning":
+        _align_prompt_tuning_io(model, method.prompt_tuning.num_virtual_tokens)
+    return model
+
+
+def _align_prompt_tuning_io(model: nn.Module, num_virtual_tokens: int) -> None:
+    """Make a prompt-tuned model take and return what the loop gives any causal LM.
+
+    peft prepends the virtual tokens to the input embeddings: it cannot extend the loop's 4-D
+    document mask and ignores position ids, and its logits start with one row per virtual token.
+    Prompt tuning runs unpacked (validate.py), so each row is one document with its padding at the
+    end, and plain causal attention over [virtual tokens, row] is exact for every real token.
+    """
+
+    def before(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return args, {**kwargs, "attention_mask": None, "position_ids": None}
+
+    def after(_module: nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], output: Any) -> Any:
+        output.logits = output.logits[:, num_virtual_tokens:]
+        return output
+
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(after, with_kwargs=True)
+
+
+def _canonical(name: str) -> str:
+    """The parameter's name without wrapper prefixes, so the seed does not depend on wrapping."""
+    for prefix in ("module.", "_orig_mod."):
+        name = name.removeprefix(prefix)
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """Initialise every adapter weight as peft does, identically on every rank and world size.
+
+    LoRA A: kaiming-uniform (a=sqrt(5)), LoRA B: zeros (embedding LoRA: A zeros, B normal);
+    prompt-tuning embeddings: normal(0, 1) like a fresh nn.Embedding. The full tensor is drawn
+    from a generator seeded by (seed, name), then each rank keeps its shard (DTensor) or all of it.
+    """
+    for name, param in model.named_parameters():
+        if not is_adapter(name):
+            continue
+        key = _canonical(name)
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
+        full = torch.empty(tuple(param.shape), dtype=torch.float32)
+        if "lora_embedding_A" in key:
+            full.zero_()
+        elif "lora_embedding_B" in key or "prompt_encoder" in key:
+            full.normal_(generator=generator)
+        elif "lora_A" in key:
+            nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+        elif "lora_B" in key:
+            full.zero_()
+        else:
+            raise RuntimeError(f"{name}: an adapter weight this launcher does not know how to initialise")
+        copy_full_into(param, full)
+
+
+def build_qlora(path: Path, cfg: RunConfig, info: DistInfo, attn_implementation: str) -> nn.Module:
+    """4-bit base (bitsandbytes, quantised while loading on this rank's device) + LoRA adapters."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per rank is noise in the run log
+    quant = cfg.method.quant
+    storage = DTYPES[quant.quant_storage_dtype]
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        bnb_4bit_quant_storage=storage,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=config,
+        dtype=DTYPES[cfg.model.dtype],
+        device_map={"": info.device},
+        attn_implementation=attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    model.config.use_cache = False  # training: no KV cache (and packed batches need it off)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            # bitsandbytes' CPU inference path repacks the 4-bit weight in place on the first
+            # no-grad forward (our eval): it fails when in_features is not a multiple of the block
+            # size (the tiny model's 352), and under FSDP2 the repacked quant state would no longer
+            # match the weight all-gathered at the next forward. Keep the one training layout.
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
+    checkpointing = cfg.train.activation_checkpointing
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None
+    )
+    if cfg.parallel.backend == "fsdp":
+        # prepare_model_for_kbit_training upcast the frozen norms, embeddings and lm_head to fp32.
+        # FSDP2 computes in its param dtype whatever they are stored in, so the fp32 copies only
+        # cost memory: store them like the 4-bit weights (lossless: they were loaded in that dtype).
+        for param in model.parameters():
+            if param.dtype == torch.float32 and type(param).__name__ != "Params4bit":
+                param.data = param.data.to(DTYPES[cfg.model.dtype])
+    adapted = wrap_with_peft(model, cfg.method)
+    init_adapters(adapted, cfg.run.seed)  # the same adapters on every rank, whatever peft drew
+    return adapted
+
+
+def _checkpoint_name(name: str) -> str:
+    """A checkpoint key (`model.` + the training model's name) → the name inside the PeftModel."""
+    return re.sub(r"\.default(?=\.|$)", "", name.removeprefix("model."))
+
+
+def write_adapter(read: Any, cfg: RunConfig, out: Path) -> int:
+    """Write the trained adapter alone in peft's format (adapter_config.json + adapter_model.safetensors)."""
+    from peft import PromptTuningConfig
+    from safetensors.torch import save_file
+
+    from launcher.runtime.model import model_dir
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in read.items():
+        if not is_adapter(name):
+            continue
+        key = _checkpoint_name(name)
+        # peft saves a prompt encoder's embedding under one name, whatever the adapter is called.
+        key = "prompt_embeddings" if key.startswith("prompt_encoder.") else key
+        tensors[key] = tensor.float().contiguous()
+    if not tensors:
+        raise ModelError(f"method.name {cfg.method.name}: the checkpoint holds no adapter weights")
+    method = cfg.method
+    if method.name == "prompt_tuning":
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.prompt_tuning.num_virtual_tokens)
+    else:
+        config = lora_config(method.lora)
+    config.base_model_name_or_path = str(model_dir(cfg.model))
+    config.save_pretrained(str(out))
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return len(tensors)
+
+
+def merged_tensors(read: Any, cfg: RunConfig, base: Path, dtype: torch.dtype) -> Any:
+    """The base model's tensors (from its own safetensors) with W + (alpha / r) B A merged in.
+
+    Frozen base weights are read from the original files rather than the checkpoint, so a QLoRA
+    adapter merges into the unquantised weights. Yields (Hugging Face name, tensor).
+    """
+    from safetensors import safe_open
+
+    lora = cfg.method.lora
+    scale = lora.alpha / lora.r
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in read.items():
+        if "lora_" not in name:
+            continue
+        module, _, rest = _checkpoint_name(name).removeprefix("base_model.model.").partition(".lora_")
+        pairs.setdefault(f"{module}.weight", {})[rest.split(".")[0]] = tensor.float()  # A, B, embedding_A, embedding_B
+    merged = 0
+    for file in sorted(base.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                tensor = handle.get_tensor(key)
+                pair = pairs.get(key)
+                if pair is not None:
+                    if "A" in pair:
+                        delta = pair["B"] @ pair["A"]
+                    else:  # an embedding's LoRA: A is [r, vocab], B is [dim, r]
+                        delta = (pair["embedding_B"] @ pair["embedding_A"]).T
+                    tensor = (tensor.float() + scale * delta).to(dtype)
+                    merged += 1
+                yield key, tensor
+    if merged != len(pairs):
+        raise ModelError(f"merged {merged} of {len(pairs)} LoRA pairs into {base}; the base does not match the checkpoint")
