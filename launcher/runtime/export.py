@@ -76,10 +76,10 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
         from launcher.runtime.adapters import merged_tensors
 
         count = write_model(merged_tensors(read, cfg, base, dtype), out, dtype)
-        _copy_side_files(base, out)
+        _copy_side_files(base, out, dtype)
     else:
         count = write_model(((name.removeprefix("model."), tensor) for name, tensor in read.items()), out, dtype)
-        _copy_side_files(base, out)
+        _copy_side_files(base, out, dtype)
         verify(out, base)
     return count
 
@@ -155,10 +155,15 @@ def write_model(tensors, out: Path, dtype: torch.dtype) -> int:  # tensors: Iter
     return len(weight_map)
 
 
-def _copy_side_files(base: Path, out: Path) -> None:
-    for name in ("config.json", "generation_config.json", *_TOKENIZER_FILES):
+def _copy_side_files(base: Path, out: Path, dtype: torch.dtype) -> None:
+    """Tokenizer and generation config as they are; config.json with the dtype actually written."""
+    for name in ("generation_config.json", *_TOKENIZER_FILES):
         if (base / name).exists():
             shutil.copy2(base / name, out / name)
+    config = json.loads((base / "config.json").read_text())
+    written = str(dtype).removeprefix("torch.")
+    config.update({key: written for key in ("dtype", "torch_dtype") if key in config} or {"dtype": written})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def verify(out: Path, base: Path) -> None:
