@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from _support import launcher_cli, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -26,27 +27,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
-
-
-def launcher_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None, check: bool = True):
-    """Run `python -m launcher ARGS` as a user would; returns the CompletedProcess."""
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-m", "launcher", *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"launcher {' '.join(args)} exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-    return done
-
-
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) from a run's metrics.jsonl."""
-    import json
-
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
 
 
 @pytest.fixture

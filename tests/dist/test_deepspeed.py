@@ -32,7 +32,7 @@ def _losses(run: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> Path:
-    from conftest import launcher_cli
+    from _support import launcher_cli
 
     run = tmp_path_factory.mktemp("fsdp") / "run"
     launcher_cli("run", "tiny-cpu.yaml", *COMMON, "--out", str(run))
@@ -41,7 +41,7 @@ def fsdp_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory) -> Path:
-    from conftest import launcher_cli
+    from _support import launcher_cli
 
     run = tmp_path_factory.mktemp("zero3") / "run"
     launcher_cli("run", "tiny-cpu-deepspeed.yaml", *COMMON, "--out", str(run))

@@ -41,7 +41,7 @@ def _losses(run: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """The uninterrupted 2-rank reference run, with checkpoints every 5 steps."""
-    from conftest import launcher_cli
+    from _support import launcher_cli
 
     run = tmp_path_factory.mktemp("straight") / "run"
     launcher_cli("run", "tiny-cpu.yaml", *BASE, "checkpoint.every=5", "checkpoint.keep_last=10", "--out", str(run))

@@ -77,7 +77,7 @@ def meta_model(method: str) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory) -> Path:
     """LoRA on 2 ranks (FSDP2), 20 steps, checkpoints at steps 10 and 20."""
-    from conftest import launcher_cli
+    from _support import launcher_cli
 
     run = tmp_path_factory.mktemp("lora") / "run"
     launcher_cli("run", "tiny-cpu.yaml", *QUICK, *LORA, "train.max_steps=20", "checkpoint.every=10", "--out", str(run))
