@@ -201,3 +201,28 @@ def test_signal_during_startup_is_not_lost(tmp_path: Path) -> None:
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 75, output
     assert (run / "checkpoints" / "REQUEUE").read_text().strip() == "step-00000001"
+
+
+def test_async_save_writes_the_same_checkpoint(straight: Path, tmp_path: Path, launcher) -> None:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    run = tmp_path / "async"
+    launcher("run", "tiny-cpu.yaml", *BASE, "checkpoint.every=10", "checkpoint.async_save=true", "--out", str(run))
+    for step in (10, 20):
+        assert ckpt.is_complete(ckpt.step_dir(run / "checkpoints", step))[0]
+        dcp_to_torch_save(ckpt.step_dir(run / "checkpoints", step) / "model_optim", tmp_path / "a.pt")
+        dcp_to_torch_save(ckpt.step_dir(straight / "checkpoints", step) / "model_optim", tmp_path / "s.pt")
+        a = torch.load(tmp_path / "a.pt", weights_only=False)["model"]
+        s = torch.load(tmp_path / "s.pt", weights_only=False)["model"]
+        assert a.keys() == s.keys() and all(torch.equal(a[k], s[k]) for k in a), step
+
+
+def test_changed_settings_are_refused_unless_allowed(straight: Path, tmp_path: Path, launcher) -> None:
+    source = ckpt.step_dir(straight / "checkpoints", 15)
+    changed = ["train.global_batch_size=8", f"checkpoint.resume={source}"]
+    refused = launcher("run", "tiny-cpu.yaml", *BASE, *changed, "--out", str(tmp_path / "a"), check=False)
+    assert refused.returncode == 2
+    assert "global_batch_size: 16 -> 8" in refused.stderr and "checkpoint.allow_mismatch=true" in refused.stderr
+    allowed = launcher("run", "tiny-cpu.yaml", *BASE, *changed, "checkpoint.allow_mismatch=true", "--out", str(tmp_path / "b"))
+    assert "warning: checkpoint.allow_mismatch: global_batch_size: 16 -> 8" in allowed.stderr
+    assert "at step 15" in allowed.stdout
