@@ -41,7 +41,7 @@ from launcher.runtime.data import (
     tokenize,
 )
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when the on-disk rows change (2: packing no longer sorts by length)
 SPLITS = ("train", "val")
 
 
@@ -129,8 +129,10 @@ def _build(data: DataSection, data_source: str, tokenizer_dir: Path, seed: int, 
 
 
 def pack(examples: list[Example], capacity: int) -> list[list[Example]]:
-    """Best-fit decreasing: each document goes into the fullest row that still has room."""
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    """Best fit, in the (already shuffled) order given: each document goes into the fullest row
+    that still has room. Not sorted by length first: that would fill rows with documents of one
+    length (often one task), and batches of such rows are far from a random sample."""
+    order = range(len(examples))
     rows: list[list[Example]] = []
     free: list[tuple[int, int]] = []  # (room left, row index), sorted
     for i in order:
