@@ -40,13 +40,20 @@ def config_from_dict(raw: dict[str, Any], user_written: bool = True) -> RunConfi
     """
     problems = unknown_keys(raw, RunConfig, "")
     base = OmegaConf.structured(RunConfig)
+    known = leaves(raw, RunConfig, "")
     good: dict[str, Any] = {}  # the known, well-typed leaves: later rules still run on these
-    for path, value in leaves(raw, RunConfig, ""):
-        try:
-            OmegaConf.merge(base, nest(path, value))
-            good = merge_dicts(good, nest(path, value))
-        except OmegaConfBaseException as exc:
-            problems.append(Problem(path, _first_line(exc), _type_fix(path)))
+    for path, value in known:
+        good = merge_dicts(good, nest(path, value))
+    try:
+        OmegaConf.merge(base, good)  # the usual case: every value fits, one merge
+    except (OmegaConfBaseException, TypeError, ValueError):
+        good = {}  # find each value that does not fit, so that all are reported
+        for path, value in known:
+            try:
+                OmegaConf.merge(base, nest(path, value))
+                good = merge_dicts(good, nest(path, value))
+            except (OmegaConfBaseException, TypeError, ValueError) as exc:  # OmegaConf raises TypeError for list-vs-dict
+                problems.append(Problem(path, _first_line(exc), _type_fix(path)))
     try:
         merged = OmegaConf.merge(base, good)
         assert isinstance(merged, DictConfig)

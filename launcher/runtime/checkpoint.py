@@ -83,17 +83,23 @@ class Saver:
     _pending: Any = None
     _pending_finish: Any = None
 
-    def save(self, model: torch.nn.Module, optimizer: Any, manifest: dict[str, Any]) -> Path:
-        folder = step_dir(self.root, manifest["step"])
+    def begin(self, step: int) -> Path:
+        """A fresh step folder (an earlier, never completed attempt at this step is removed) with
+        this rank's RNG state in it; every rank returns once the folder exists."""
+        folder = step_dir(self.root, step)
         self.wait()  # one save in flight at a time
         if self.rank == 0:
             if folder.exists():
-                shutil.rmtree(folder)  # an earlier attempt at this step that never completed
+                shutil.rmtree(folder)
             (folder / "rng").mkdir(parents=True)
         dist.barrier()
+        torch.save(rng_state(), folder / "rng" / f"rank-{self.rank:05d}.pt")
+        return folder
+
+    def save(self, model: torch.nn.Module, optimizer: Any, manifest: dict[str, Any]) -> Path:
+        folder = self.begin(manifest["step"])
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        torch.save(rng_state(), folder / "rng" / f"rank-{self.rank:05d}.pt")
         if self.async_save:
             self._pending = dcp.async_save(state, checkpoint_id=str(folder / "model_optim"), process_group=self.group)
             self._pending_finish = (folder, manifest)

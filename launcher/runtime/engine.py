@@ -75,17 +75,7 @@ class DeepSpeedSaver(ckpt.Saver):
         self.engine = engine
 
     def save(self, model: nn.Module, optimizer: Any, manifest: dict[str, Any]) -> Path:
-        import torch.distributed as dist
-
-        folder = ckpt.step_dir(self.root, manifest["step"])
-        if self.rank == 0:
-            if folder.exists():
-                import shutil
-
-                shutil.rmtree(folder)
-            (folder / "rng").mkdir(parents=True)
-        dist.barrier()
-        torch.save(ckpt.rng_state(), folder / "rng" / f"rank-{self.rank:05d}.pt")
+        folder = self.begin(manifest["step"])
         self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
         self._finish(folder, manifest)
         return folder
