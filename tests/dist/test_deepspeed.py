@@ -14,14 +14,14 @@ from launcher.runtime import checkpoint as ckpt
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.dist
 
-STEPS = 12
+STEPS = 20
 COMMON = [
     f"train.max_steps={STEPS}",
     "train.log_every=1",
     "train.eval_batches=0",
     "train.eval_exact_match=0",
     "optim.warmup_steps=3",
-    "checkpoint.every=6",
+    "checkpoint.every=10",
 ]
 
 
@@ -67,19 +67,19 @@ def test_zero_1_and_2_train(stage: int, tmp_path: Path, fsdp_run: Path, launcher
 
 
 def test_deepspeed_resume_is_exact(zero3_run: Path, tmp_path: Path, launcher) -> None:
-    source = ckpt.step_dir(zero3_run / "checkpoints", 6)
+    source = ckpt.step_dir(zero3_run / "checkpoints", 10)
     assert ckpt.is_complete(source)[0] and (source / "deepspeed").is_dir()
     run = tmp_path / "resumed"
     done = launcher("run", "tiny-cpu-deepspeed.yaml", *COMMON, f"checkpoint.resume={source}", "--out", str(run))
-    assert "at step 6" in done.stdout
+    assert "at step 10" in done.stdout
     reference, resumed = _losses(zero3_run), _losses(run)
-    assert sorted(resumed) == list(range(7, STEPS + 1))
+    assert sorted(resumed) == list(range(11, STEPS + 1))
     for step, loss in resumed.items():
         assert loss == pytest.approx(reference[step], rel=1e-6), step
 
 
 def test_deepspeed_resume_at_other_world_size_says_how(zero3_run: Path, tmp_path: Path, launcher) -> None:
-    source = ckpt.step_dir(zero3_run / "checkpoints", 6)
+    source = ckpt.step_dir(zero3_run / "checkpoints", 10)
     done = launcher(
         "run",
         "tiny-cpu-deepspeed.yaml",

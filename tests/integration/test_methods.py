@@ -162,6 +162,42 @@ def test_qlora_one_and_two_processes(tmp_path: Path, launcher) -> None:
     packed = last["model"]["base_model.model.model.layers.0.mlp.down_proj.base_layer.weight"]
     assert packed.dtype == torch.bfloat16 and packed.numel() * 2 * 2 == 128 * 352  # 4-bit codes in bf16 storage
 
+    # The adapter exported from each run loads with peft and gives the checkpoint's logits; the
+    # merged export (bf16 base + adapter) loads with from_pretrained.
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from launcher.runtime.tiny import ensure_tiny_model
+
+    def four_bit_base() -> torch.nn.Module:
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_storage=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(), quantization_config=quant, dtype=torch.bfloat16)
+        for module in model.modules():  # bitsandbytes' AVX512-BF16 inference repack breaks on in_features 352
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        return model
+
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    for run in (one, two):
+        launcher("export", str(run), "--out", str(run / "adapter"))
+        launcher("export", str(run), "--merge", "--out", str(run / "merged"))
+        state = consolidated(run / "checkpoints" / "step-00000020", tmp_path)["model"]
+        reference = get_peft_model(four_bit_base(), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        trained = {k: v for k, v in state.items() if ".lora_" in k}
+        assert len(trained) == 56 and set(trained) <= set(reference.state_dict())
+        reference.load_state_dict(trained, strict=False)
+        adapted = PeftModel.from_pretrained(four_bit_base(), run / "adapter")
+        with torch.no_grad():
+            assert torch.allclose(adapted.eval()(ids).logits.float(), reference.eval()(ids).logits.float(), atol=1e-5, rtol=0)
+        merged = AutoModelForCausalLM.from_pretrained(run / "merged", dtype="auto")
+        assert merged.dtype == torch.bfloat16
+
 
 def test_freeze_trains_only_the_top_layers_and_head(tmp_path: Path, launcher) -> None:
     run = tmp_path / "freeze"

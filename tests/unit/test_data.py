@@ -166,3 +166,20 @@ def test_hub_dataset_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match=r"someorg/somedata: not a local file and the Hub is off .*download it first"):
         load_records("someorg/somedata", "auto", "train")
+
+
+def test_every_local_format_reads_the_same_records(tmp_path: Path) -> None:
+    import datasets
+
+    rows = [{"prompt": f"copy: w{i}", "response": f"w{i}"} for i in range(5)]
+    ds = datasets.Dataset.from_list(rows)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.to_csv(str(tmp_path / "d.csv"), index=False)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    for name in ("d.jsonl", "d.json", "d.parquet", "d.csv", "saved"):
+        assert load_records(str(tmp_path / name), "auto", "train") == rows, name
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(DataError, match=r"unknown file type '\.txt'"):
+        load_records(str(tmp_path / "d.txt"), "auto", "train")
