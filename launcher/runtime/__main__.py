@@ -111,6 +111,12 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
         "backend": cfg.parallel.backend,
     }
     start_step, tokens_seen = 0, 0.0
+    if cfg.checkpoint.resume == "never" and ckpt.find_resume(run_dir / "checkpoints", "auto", warn=False) is not None:
+        # Starting over here would mix two runs' checkpoints, and retention could delete the new ones.
+        raise ckpt.CheckpointError(
+            f"checkpoint.resume: never, but {run_dir / 'checkpoints'} holds an earlier run's checkpoints; "
+            "resume them (checkpoint.resume=auto), write elsewhere (--out or run.output_dir), or delete them"
+        )
     resume_from = ckpt.find_resume(run_dir / "checkpoints", cfg.checkpoint.resume, warn=info.is_main)
     if resume_from is not None:
         saved = built.load(resume_from, info.rank)

@@ -21,7 +21,8 @@ class Reporter:
         self._bar: Any = None
         self._file: TextIO | None = None
         if enabled:
-            self._file = self.path.open("a")
+            # A run from step 0 starts the file afresh; a resumed one continues it.
+            self._file = self.path.open("a" if start_step > 0 else "w")
             if sys.stderr.isatty():
                 from tqdm import tqdm
 

@@ -226,3 +226,11 @@ def test_changed_settings_are_refused_unless_allowed(straight: Path, tmp_path: P
     allowed = launcher("run", "tiny-cpu.yaml", *BASE, *changed, "checkpoint.allow_mismatch=true", "--out", str(tmp_path / "b"))
     assert "warning: checkpoint.allow_mismatch: global_batch_size: 16 -> 8" in allowed.stderr
     assert "at step 15" in allowed.stdout
+
+
+def test_starting_over_on_top_of_checkpoints_is_refused(straight: Path, launcher) -> None:
+    before = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    done = launcher("run", "tiny-cpu.yaml", *BASE, "checkpoint.resume=never", "--out", str(straight), check=False)
+    assert done.returncode == 2 and "holds an earlier run's checkpoints" in done.stderr
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == before
+    assert sorted(_losses(straight)) == list(range(1, STEPS + 1))  # metrics untouched
