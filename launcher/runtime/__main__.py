@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     info = init_distributed(cfg.cluster.accelerator)
-    print(
-        f"launcher: rank {info.rank} of {info.world_size} (local {info.local_rank}) on {socket.gethostname()}, pid {os.getpid()}",
-        flush=True,
-    )
+    # One write call: the ranks share one pipe, and print() writes the newline separately.
+    host = socket.gethostname()
+    sys.stdout.write(f"launcher: rank {info.rank} of {info.world_size} (local {info.local_rank}) on {host}, pid {os.getpid()}\n")
+    sys.stdout.flush()
     code = EXIT_FAILURE
     try:
         code = run(plan, cfg, info, stop)

@@ -58,10 +58,23 @@ def _start(run: Path, *extra: str, env: dict[str, str] | None = None) -> subproc
     )
 
 
-def _ranks(proc: subprocess.Popen) -> list[psutil.Process]:
-    children = psutil.Process(proc.pid).children(recursive=True)
-    workers = [c for c in children if "launcher.runtime" in c.cmdline() and "torch.distributed.run" not in c.cmdline()]
-    return sorted(workers, key=lambda c: c.pid)
+def _ranks(proc: subprocess.Popen, world: int = 2) -> list[psutil.Process]:
+    """The worker processes under `launcher run` (torchrun's children), once all of them exist."""
+    seen: list[str] = []
+    for _ in range(100):
+        workers, seen = [], []
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                cmdline = child.cmdline()
+            except psutil.Error:  # a short-lived helper process that is already gone
+                continue
+            seen.append(" ".join(cmdline))
+            if "launcher.runtime" in cmdline and "torch.distributed.run" not in cmdline:
+                workers.append(child)
+        if len(workers) == world:
+            return sorted(workers, key=lambda c: c.pid)
+        time.sleep(0.1)
+    raise AssertionError(f"expected {world} rank processes under pid {proc.pid}, saw: {seen}")
 
 
 def _wait_for(condition, timeout: float = 240, what: str = "") -> None:
@@ -191,12 +204,14 @@ def test_signal_during_startup_is_not_lost(tmp_path: Path) -> None:
     """USR1 while the model and data are still loading: the first step boundary saves and stops."""
     run = tmp_path / "run"
     proc = _start(run, "checkpoint.every=0")
-    seen = []
+    lines: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:  # each rank announces itself once its signal handlers are in place
-        seen += [line] if line.startswith("launcher: rank ") else []
-        if len(seen) == 2:
+        lines.append(line)
+        if "".join(lines).count("launcher: rank ") == 2:
             break
+    else:
+        raise AssertionError(f"the run ended before both ranks started (exit {proc.wait()}):\n{''.join(lines)}")
     _ranks(proc)[0].send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 75, output
