@@ -25,3 +25,23 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def four_bit_tiny_base():
+    """The tiny model loaded 4-bit exactly as tiny-cpu-qlora.yaml trains it (NF4, double quant, bf16)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from launcher.runtime.adapters import keep_4bit_layout
+    from launcher.runtime.tiny import ensure_tiny_model
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(), quantization_config=quant, dtype=torch.bfloat16)
+    keep_4bit_layout(model)
+    return model

@@ -129,6 +129,19 @@ def init_adapters(model: nn.Module, seed: int) -> None:
         copy_full_into(param, full)
 
 
+def keep_4bit_layout(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repack of 4-bit weights.
+
+    On AVX512-BF16 CPUs it repacks the weight in place on the first no-grad forward (our eval): that
+    fails when in_features is not a multiple of the block size (the tiny model's 352), and under
+    FSDP2 the repacked quant state would no longer match the weight all-gathered next. Keep the one
+    training layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
+
+
 def build_qlora(path: Path, cfg: RunConfig, info: DistInfo, attn_implementation: str) -> nn.Module:
     """4-bit base (bitsandbytes, quantised while loading on this rank's device) + LoRA adapters."""
     from peft import prepare_model_for_kbit_training
@@ -154,13 +167,7 @@ def build_qlora(path: Path, cfg: RunConfig, info: DistInfo, attn_implementation:
         trust_remote_code=cfg.model.trust_remote_code,
     )
     model.config.use_cache = False  # training: no KV cache (and packed batches need it off)
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            # bitsandbytes' CPU inference path repacks the 4-bit weight in place on the first
-            # no-grad forward (our eval): it fails when in_features is not a multiple of the block
-            # size (the tiny model's 352), and under FSDP2 the repacked quant state would no longer
-            # match the weight all-gathered at the next forward. Keep the one training layout.
-            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
+    keep_4bit_layout(model)
     checkpointing = cfg.train.activation_checkpointing
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None

@@ -88,9 +88,7 @@ def test_lora_zero3_adapter_is_saved_and_loads(tmp_path: Path, launcher) -> None
 
 
 def test_qlora_zero3_learns_and_exports(tmp_path: Path, launcher) -> None:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from launcher.runtime.tiny import ensure_tiny_model
+    from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
     launcher("run", "tiny-cpu-qlora.yaml", *QUICK, "--out", str(run))
@@ -99,19 +97,7 @@ def test_qlora_zero3_learns_and_exports(tmp_path: Path, launcher) -> None:
     launcher("export", str(run), "--out", str(tmp_path / "adapter"))
     launcher("export", str(run), "--merge", "--out", str(tmp_path / "merged"))
 
-    def base() -> torch.nn.Module:  # the same 4-bit base the run trained on
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_quant_storage=torch.bfloat16,
-        )
-        model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(), quantization_config=quant, dtype=torch.bfloat16)
-        for module in model.modules():  # bitsandbytes' AVX512-BF16 inference repack breaks on in_features 352
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
-        return model
+    from _support import four_bit_tiny_base as base  # the 4-bit base the run trained on
 
     reference = _reference_logits(run, base(), IDS)
     assert torch.allclose(_adapter_logits(tmp_path / "adapter", base(), IDS), reference, atol=1e-5, rtol=0)

@@ -164,24 +164,9 @@ def test_qlora_one_and_two_processes(tmp_path: Path, launcher) -> None:
 
     # The adapter exported from each run loads with peft and gives the checkpoint's logits; the
     # merged export (bf16 base + adapter) loads with from_pretrained.
+    from _support import four_bit_tiny_base as four_bit_base  # the 4-bit base the runs trained on
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from launcher.runtime.tiny import ensure_tiny_model
-
-    def four_bit_base() -> torch.nn.Module:
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_quant_storage=torch.bfloat16,
-        )
-        model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(), quantization_config=quant, dtype=torch.bfloat16)
-        for module in model.modules():  # bitsandbytes' AVX512-BF16 inference repack breaks on in_features 352
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
-        return model
+    from transformers import AutoModelForCausalLM
 
     ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     for run in (one, two):
