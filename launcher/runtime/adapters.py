@@ -1,6 +1,6 @@
 """Parameter-efficient methods: peft LoRA and prompt tuning, QLoRA through bitsandbytes.
 
-The only module besides model.py that imports peft or bitsandbytes (lazily, inside functions).
+The only module that imports peft or bitsandbytes (lazily, inside functions).
 
 - LoRA and prompt tuning wrap a model that is still on the meta device (build.py then shards,
   materialises and loads the base weights), so `init_adapters` must fill the adapter weights

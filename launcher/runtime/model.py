@@ -2,8 +2,8 @@
 
 Full, freeze and LoRA models are built on the meta device, sharded, then materialised and filled
 from the checkpoint's safetensors (each rank reads its own shard from the memory-mapped file), so
-no rank ever holds a full fp32 copy it does not need. QLoRA loads through bitsandbytes (the only
-bitsandbytes/peft use is here) and is sharded after quantisation.
+no rank ever holds a full fp32 copy it does not need. QLoRA loads through bitsandbytes and is
+sharded after quantisation (adapters.py: the only module that imports peft and bitsandbytes).
 """
 
 from __future__ import annotations
