@@ -1,17 +1,40 @@
-"""Attention path selection and document isolation for packed rows.
+"""The attention choice and the one packing contract every attention path follows.
 
-The only module that probes flash-attn. Packed rows mark document starts with position id 0:
-- flash_attention_2 (CUDA, flash-attn installed): position ids alone; Hugging Face turns them into
-  cu_seqlens for the varlen kernel, so each document attends only to itself;
-- sdpa / eager (the PyTorch fallback, and CPU): an explicit block-diagonal causal mask.
+A packed micro-batch is [B, S] input ids / labels / position ids; position ids restart at 0 at each
+document, and padding is a document of its own. `model_inputs` turns it into what the model's
+forward takes, for every implementation:
+
+- flash_attention_2/3 (CUDA) and `launcher_sdpa` (our SDPA, kernels/sdpa_varlen.py): the micro-batch
+  flattened to one row [1, T] without the documents that carry no target (padding), with position
+  ids and the explicit varlen kwargs transformers' attention functions take (`cu_seq_lens_q/k`,
+  `max_length_q/k`). FlashAttention consumes them directly at any micro-batch size (position ids
+  alone mean packing to transformers only at batch 1); `launcher_sdpa` attends per document;
+- plain `sdpa` (a model built outside the launcher): the same flattened row; transformers builds a
+  block-diagonal mask from the position ids (exact, dense);
+- eager: the rows as they are; transformers builds each row's block-diagonal causal mask (with the
+  model's sliding window, if any) from the position ids: the reference path, dense, CPU-sized;
+- `flatten=False` (prompt tuning: peft prepends virtual tokens, rows hold one document each): rows
+  as they are, nothing but the input ids; plain causal attention is exact there.
+
+Targets come back flattened in the same token order as the model's output, with IGNORE_INDEX at
+each document's last token, so the loss never predicts across documents.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from typing import Any
+
 import torch
 
+IGNORE_INDEX = -100
+VARLEN = ("flash_attention_2", "flash_attention_3", "launcher_sdpa")
 
-def _probe_flash() -> bool:
+
+@functools.cache
+def has_flash_attn() -> bool:
+    """flash-attn usable by transformers (probed once, only when a CUDA run asks)."""
     try:
         from transformers.utils import is_flash_attn_2_available
 
@@ -20,16 +43,28 @@ def _probe_flash() -> bool:
         return False
 
 
-HAS_FLASH_ATTN = _probe_flash()
+@functools.cache
+def log_once(line: str) -> None:
+    """One line on rank 0 per distinct choice."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"launcher: {line}", flush=True)
 
 
 def attn_implementation(setting: str, device_type: str) -> str:
-    """Recipe `kernels.attention` → the Hugging Face attn_implementation name."""
-    if setting == "flash" or (setting == "auto" and device_type == "cuda" and HAS_FLASH_ATTN):
-        if not HAS_FLASH_ATTN:
-            raise RuntimeError("kernels.attention: flash needs the flash-attn package (pip install launcher[flash]); or use auto")
-        return "flash_attention_2"
-    return "eager" if setting == "eager" else "sdpa"
+    """Recipe `kernels.attention` → the attn_implementation name the model is built with."""
+    flash = setting == "flash" or (setting == "auto" and device_type == "cuda" and has_flash_attn())
+    if flash and not has_flash_attn():
+        raise RuntimeError("kernels.attention: flash needs the flash-attn package (pip install launcher[flash]); or use auto")
+    if flash:
+        name = "flash_attention_2"
+    elif setting == "eager":
+        name = "eager"
+    else:
+        from launcher.kernels.sdpa_varlen import register
+
+        name = register()
+    log_once(f"attention: {name} (kernels.attention: {setting})")
+    return name
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -48,8 +83,68 @@ def document_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torc
     return mask[:, None]
 
 
+def next_token_targets(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] labels → [B, S] targets: token t predicts label t+1 of its own document, else IGNORE."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    targets[:, :-1][position_ids[:, 1:] == 0] = IGNORE_INDEX  # a document's last token: the next one is another's
+    return targets
+
+
+def varlen_kwargs(lengths: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """cu_seq_lens / max_length for documents of these lengths (a CPU tensor), in one flattened row."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    longest = int(lengths.max())
+    cu = cu.to(device, non_blocking=True)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def model_inputs(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor,
+    implementation: str,
+    *,
+    flatten: bool = True,
+    device: torch.device | None = None,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """A packed [B, S] micro-batch (CPU tensors) → (kwargs for the model's forward, targets [N]).
+
+    N is the number of tokens the model returns (B * S for rows, T when flattened);
+    `device` is where the tensors go (default: where they are).
+    """
+    device = device or input_ids.device
+    targets = next_token_targets(labels, position_ids)
+    if not flatten:
+        return {"input_ids": input_ids.to(device)}, targets.reshape(-1).to(device)
+    if implementation == "eager":  # transformers builds the per-row block-diagonal (and sliding-window) mask
+        rows = {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device), "attention_mask": None, "use_cache": False}
+        return rows, targets.reshape(-1).to(device)
+
+    starts = position_ids == 0
+    starts[:, 0] = True  # a row always starts a document
+    doc = torch.cumsum(starts.reshape(-1), 0) - 1
+    docs = int(doc[-1]) + 1
+    has_target = torch.zeros(docs, dtype=torch.int64).index_add_(0, doc, (targets.reshape(-1) != IGNORE_INDEX).long()) > 0
+    if not bool(has_target.any()):
+        has_target[0] = True  # nothing to learn from (an empty eval row): keep one document for the forward
+    keep = has_target[doc]
+    lengths = torch.bincount(doc[keep], minlength=docs)[has_target]
+    ids = input_ids.reshape(-1)[keep][None].to(device, non_blocking=True)
+    positions = position_ids.reshape(-1)[keep][None].to(device, non_blocking=True)
+    kwargs: dict[str, Any] = {"input_ids": ids, "position_ids": positions, "attention_mask": None, "use_cache": False}
+    if implementation in VARLEN or implementation == "sdpa":
+        kwargs.update(varlen_kwargs(lengths, device))
+    if implementation == "launcher_sdpa":
+        from launcher.kernels.sdpa_varlen import plan_groups, remember
+
+        remember(kwargs["cu_seq_lens_q"], plan_groups(lengths.tolist(), device))
+    return kwargs, targets.reshape(-1)[keep].to(device, non_blocking=True)
+
+
 def attention_inputs(position_ids: torch.Tensor, implementation: str, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
-    """Keyword arguments for the model's forward that keep packed documents apart."""
-    if implementation == "flash_attention_2":
-        return {"position_ids": position_ids, "attention_mask": None}
-    return {"position_ids": position_ids, "attention_mask": document_causal_mask(position_ids, dtype)}
+    """Keyword arguments for one unpacked row (generation): position ids, and the eager mask."""
+    if implementation == "eager":
+        return {"position_ids": position_ids, "attention_mask": document_causal_mask(position_ids, dtype)}
+    return {"position_ids": position_ids, "attention_mask": None}

@@ -75,19 +75,16 @@ class Context:
 
 def token_loss_sum(ctx: Context, batch: Batch) -> tuple[torch.Tensor, int]:
     """Sum of next-token losses over the batch's labelled tokens (never across documents)."""
-    device = ctx.info.device
-    ids = torch.from_numpy(batch.input_ids).to(device)
-    labels = torch.from_numpy(batch.labels).to(device)
-    positions = torch.from_numpy(batch.position_ids).to(device)
-    inputs = attention_inputs(positions, ctx.attn_implementation, ctx.compute_dtype)
+    from launcher.kernels.attention import model_inputs, next_token_targets
+
+    # One packing contract for every attention path (kernels/attention.py); prompt tuning runs unpacked.
+    ids, labels, positions = (torch.from_numpy(a) for a in (batch.input_ids, batch.labels, batch.position_ids))
+    flatten = ctx.cfg.method.name != "prompt_tuning"
+    inputs, targets = model_inputs(ids, labels, positions, ctx.attn_implementation, flatten=flatten, device=ctx.info.device)
     with _autocast(ctx):
-        logits = ctx.model(input_ids=ids, **inputs).logits
-    targets = labels[:, 1:].clone()
-    targets[positions[:, 1:] == 0] = IGNORE_INDEX  # a document's last token does not predict the next document
-    loss = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((targets != IGNORE_INDEX).sum())
+        logits = ctx.model(**inputs).logits
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((next_token_targets(labels, positions) != IGNORE_INDEX).sum())  # counted on the host: no sync
 
 
 def _autocast(ctx: Context) -> Any:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from launcher.kernels.attention import document_causal_mask
+from launcher.kernels.attention import attn_implementation, document_causal_mask
 
 from launcher.config import load_config
 from launcher.runtime.data import IGNORE_INDEX, tokenize
@@ -28,6 +28,7 @@ def setup():
     tokenizer = AutoTokenizer.from_pretrained(path)
     cfg = load_config("tiny-cpu.yaml")
     examples = [tokenize(r, cfg.data, tokenizer) for r in RECORDS]
+    attn_implementation("sdpa", "cpu")  # registers launcher_sdpa, the per-document SDPA
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
     model.config.use_cache = False
     return cfg, model, examples
@@ -51,7 +52,7 @@ def _row(examples, packed: bool) -> Batch:
     return Batch(ids.astype(np.int64), labels.astype(np.int64), positions.astype(np.int64), int((labels != IGNORE_INDEX).sum()), 0)
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("implementation", ["launcher_sdpa", "sdpa", "eager"])
 @torch.no_grad()
 def test_packed_loss_equals_one_by_one(setup, implementation: str) -> None:
     cfg, model, examples = setup

@@ -1,0 +1,223 @@
+"""The packing contract, proven on CPU: a packed micro-batch gives every document the logits it gets
+alone, on the FlashAttention path (through a reference varlen attention registered in its place),
+on our per-document SDPA and on the eager mask path, at micro-batch 1, 2 and 4, for several
+architectures. The reference refuses what FlashAttention would silently get wrong (batch > 1, no
+cu_seqlens), so the test fails if the flattening or the cu_seqlens step is removed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from launcher.kernels import sdpa_varlen
+from launcher.kernels.attention import IGNORE_INDEX, attn_implementation, model_inputs, next_token_targets
+from transformers import AttentionInterface, AutoModelForCausalLM
+
+VOCAB, WIDTH = 97, 24
+# Per micro-batch size, the documents of each row (the rest of a row is padding).
+ROWS = {1: [[5, 9, 3, 4]], 2: [[5, 9, 3], [12, 4, 1]], 4: [[5, 9, 3], [12, 4], [20], [2, 2, 2, 6, 1]]}
+
+
+def _configs() -> dict[str, object]:
+    from transformers import GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    small = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    gqa = {**small, "num_attention_heads": 4, "num_key_value_heads": 2}
+    return {
+        "llama": LlamaConfig(**gqa),
+        "gpt2": GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+        "qwen2": Qwen2Config(**gqa),
+        "mistral": MistralConfig(**gqa, sliding_window=6),  # windows shorter than the documents
+        "gemma": GemmaConfig(**gqa, head_dim=8),
+    }
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, torch.nn.Module]:
+    attn_implementation("sdpa", "cpu")  # registers launcher_sdpa
+    torch.manual_seed(0)
+    return {name: AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval() for name, cfg in _configs().items()}
+
+
+def packed_batch(rows: list[list[int]], seed: int = 0) -> tuple[list[list[torch.Tensor]], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Documents, and the [B, WIDTH] ids / labels / positions the data pipeline would give."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = [[torch.randint(1, VOCAB, (n,), generator=gen) for n in row] for row in rows]
+    ids = torch.zeros(len(rows), WIDTH, dtype=torch.long)
+    labels = torch.full((len(rows), WIDTH), IGNORE_INDEX)
+    positions = torch.arange(WIDTH).repeat(len(rows), 1)  # padding: a document of its own
+    for i, row in enumerate(docs):
+        tokens = torch.cat(row)
+        n = len(tokens)
+        ids[i, :n], labels[i, :n] = tokens, tokens
+        labels[i, :1] = IGNORE_INDEX  # a prompt token: no label
+        positions[i, :n] = torch.cat([torch.arange(len(d)) for d in row])
+        positions[i, n:] = torch.arange(WIDTH - n)
+    return docs, ids, labels, positions
+
+
+def reference_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Per-document causal attention computed naively from the cu_seqlens it is given."""
+    cu, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if query.shape[0] != 1:
+        raise AssertionError(f"varlen attention got batch {query.shape[0]}: the micro-batch was not flattened")
+    if cu is None or cu_k is None or kwargs.get("max_length_q") is None:
+        raise AssertionError("varlen attention got no cu_seq_lens: documents would attend to each other")
+    assert attention_mask is None and torch.equal(cu, cu_k) and cu[-1] == query.shape[2]
+    assert kwargs["max_length_q"] == int(cu.diff().max())
+    groups = query.shape[1] // key.shape[1]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = torch.empty_like(query)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        q = query[0, :, a:b]
+        k = key[0, :, a:b].repeat_interleave(groups, 0)
+        v = value[0, :, a:b].repeat_interleave(groups, 0)
+        scores = (q @ k.transpose(-1, -2)) * scale
+        allowed = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+        if kwargs.get("sliding_window") is not None:  # Mistral: keys within the window only
+            allowed &= ~torch.ones(b - a, b - a, dtype=torch.bool).tril(-kwargs["sliding_window"])
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[0, :, a:b] = scores.softmax(-1) @ v
+    return out.transpose(1, 2), None
+
+
+@pytest.fixture
+def flash_reference(monkeypatch):
+    """FlashAttention's name, served by the reference: the launcher's flash path runs end to end."""
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", reference_varlen)
+
+
+def _learning(docs) -> list[torch.Tensor]:
+    """The documents that predict something (a one-token document has no next token: dropped)."""
+    return [d for row in docs for d in row if len(d) > 1]
+
+
+def _alone(model, docs) -> torch.Tensor:
+    model.config._attn_implementation = "eager"
+    return torch.cat([model(input_ids=d[None]).logits[0] for d in _learning(docs)])
+
+
+def _packed(model, implementation: str, docs, ids, labels, positions) -> tuple[torch.Tensor, torch.Tensor]:
+    model.config._attn_implementation = implementation
+    kwargs, targets = model_inputs(ids, labels, positions, implementation)
+    logits = model(**kwargs).logits.reshape(-1, VOCAB)
+    if implementation == "eager":  # rows as they are: keep the tokens of the learning documents
+        keep = [
+            torch.cat([torch.full((len(d),), len(d) > 1) for d in row] + [torch.zeros(WIDTH - sum(map(len, row)), dtype=torch.bool)])
+            for row in docs
+        ]
+        logits, targets = logits[torch.cat(keep)], targets[torch.cat(keep)]
+    return logits, targets
+
+
+IMPLEMENTATIONS = ["flash_attention_2", "launcher_sdpa", "sdpa", "eager"]
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 4])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "mistral", "gemma"])
+@torch.no_grad()
+def test_packed_logits_equal_documents_alone(models, flash_reference, arch: str, implementation: str, micro_batch: int) -> None:
+    model = models[arch]
+    docs, ids, labels, positions = packed_batch(ROWS[micro_batch], seed=micro_batch)
+    alone = _alone(model, docs)
+    logits, targets = _packed(model, implementation, docs, ids, labels, positions)
+    assert logits.shape == alone.shape
+    assert (logits - alone).abs().max().item() <= 1e-5
+    # Targets: the next token of the same document; a document's last token predicts nothing.
+    expected = torch.cat([torch.cat([d[1:], torch.tensor([IGNORE_INDEX])]) for d in _learning(docs)])
+    assert torch.equal(targets, expected)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 4])
+@torch.no_grad()
+def test_flash_path_fails_without_flattening_or_cu_seqlens(models, flash_reference, micro_batch: int) -> None:
+    model = models["llama"]
+    docs, ids, labels, positions = packed_batch(ROWS[micro_batch], seed=micro_batch)
+    model.config._attn_implementation = "flash_attention_2"
+    # The old contract (rows with position ids, no cu_seqlens): refused at any micro-batch size.
+    with pytest.raises(AssertionError, match=r"not flattened|no cu_seq_lens"):
+        model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False)
+    # Flattened, but cu_seqlens saying "one document": attention crosses documents, logits differ.
+    kwargs, _ = model_inputs(ids, labels, positions, "flash_attention_2")
+    whole = torch.tensor([0, kwargs["input_ids"].shape[1]], dtype=torch.int32)
+    kwargs.update(cu_seq_lens_q=whole, cu_seq_lens_k=whole, max_length_q=int(whole[1]), max_length_k=int(whole[1]))
+    leaky = model(**kwargs).logits[0]
+    assert (leaky - _alone(model, docs)).abs().max().item() > 1e-3
+
+
+def test_sdpa_varlen_gradients_equal_reference(models) -> None:
+    """Training runs through the regrouped SDPA: its gradients equal the eager mask path's."""
+    model = models["qwen2"]
+    docs, ids, labels, positions = packed_batch(ROWS[4], seed=3)
+    grads = {}
+    for implementation in ("launcher_sdpa", "eager"):
+        model.zero_grad()
+        logits, targets = _packed(model, implementation, docs, ids, labels, positions)
+        torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum").backward()
+        grads[implementation] = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for a, b in zip(grads["launcher_sdpa"], grads["eager"], strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_sdpa_varlen_attends_per_document(models, monkeypatch) -> None:
+    """No [T, T] block: every SDPA call is at most as long as the longest document, without a mask."""
+    calls: list[tuple[tuple[int, ...], bool]] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((tuple(q.shape), attn_mask is None))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(sdpa_varlen.F, "scaled_dot_product_attention", spy)
+    _, ids, labels, positions = packed_batch(ROWS[4])
+    model = models["llama"]
+    model.config._attn_implementation = "launcher_sdpa"
+    kwargs, _ = model_inputs(ids, labels, positions, "launcher_sdpa")
+    model(**kwargs)
+    longest = max(n for row in ROWS[4] for n in row)
+    assert calls and all(shape[2] <= longest and no_mask for shape, no_mask in calls)
+    assert sum(shape[0] * shape[2] for shape, _ in calls) <= 2 * kwargs["input_ids"].shape[1] * 2  # 2 layers, <= 2x slots
+
+
+def test_bucket_plan_bounds_padding() -> None:
+    lengths = [300] + [10] * 50 + [40, 70, 150]
+    groups = sdpa_varlen.plan_groups(lengths, torch.device("cpu"))
+    slots = sum(b.docs * b.longest for b in groups.buckets)
+    work = sum(b.docs * b.longest**2 for b in groups.buckets)
+    assert slots <= 2 * sum(lengths) and work <= 4 * sum(n * n for n in lengths)
+    tokens = torch.cat([b.gather[b.valid] if b.valid is not None else b.gather for b in groups.buckets])
+    assert groups.inverse is not None and torch.equal(tokens[groups.inverse], torch.arange(sum(lengths)))
+
+
+def test_padding_documents_are_dropped() -> None:
+    _, ids, labels, positions = packed_batch(ROWS[2])
+    kwargs, targets = model_inputs(ids, labels, positions, "launcher_sdpa")
+    learning = sum(n for row in ROWS[2] for n in row if n > 1)  # padding and the one-token document go
+    assert kwargs["input_ids"].shape == (1, learning) and targets.shape == (learning,)
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 5, 14, 17, 29, 33]
+    assert kwargs["max_length_q"] == 12
+    assert (targets != IGNORE_INDEX).sum() == (next_token_targets(labels, positions) != IGNORE_INDEX).sum()
+    # An empty row (equal forward counts in evaluation) still gives the model one token.
+    kwargs, targets = model_inputs(
+        torch.zeros(1, 8, dtype=torch.long), torch.full((1, 8), IGNORE_INDEX), torch.arange(8)[None], "launcher_sdpa"
+    )
+    assert kwargs["input_ids"].shape == (1, 8) and bool((targets == IGNORE_INDEX).all())
+
+
+def test_prompt_tuning_rows_pass_nothing_but_ids(models) -> None:
+    """Prompt tuning runs unpacked: rows as they are, through peft's virtual tokens."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    from launcher.runtime.adapters import _align_prompt_tuning_io
+
+    model = AutoModelForCausalLM.from_config(_configs()["llama"], attn_implementation="launcher_sdpa")
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    _align_prompt_tuning_io(peft_model, 3)
+    _, ids, labels, positions = packed_batch([[10], [7]])
+    kwargs, targets = model_inputs(ids, labels, positions, "launcher_sdpa", flatten=False)
+    assert set(kwargs) == {"input_ids"}
+    with torch.no_grad():
+        logits = peft_model(**kwargs).logits
+    assert logits.shape == (2, WIDTH, VOCAB) and targets.shape == (2 * WIDTH,)
