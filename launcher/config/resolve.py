@@ -8,13 +8,15 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from pathlib import Path
 
+from launcher.config.arch import CANONICAL, Architecture, architecture_of, read_architecture
 from launcher.config.errors import ConfigError, Problem
 from launcher.config.schema import DataSection, ModelSection, RunConfig, TrainSection
 
 TINY_MODEL = "tiny-llama"
+DEFAULT_MAX_STEPS = 1000
 
 # The tiny Llama built offline for CPU mode (runtime/tiny.py builds exactly this).
 TINY_LLAMA = {
@@ -25,17 +27,6 @@ TINY_LLAMA = {
     "num_key_value_heads": 2,
     "vocab_size": 1024,
     "tie_word_embeddings": False,
-}
-
-# Hugging Face config.json key for each of our architecture fields.
-_HF_KEYS = {
-    "hidden_size": "hidden_size",
-    "num_layers": "num_hidden_layers",
-    "intermediate_size": "intermediate_size",
-    "num_attention_heads": "num_attention_heads",
-    "num_key_value_heads": "num_key_value_heads",
-    "vocab_size": "vocab_size",
-    "tie_word_embeddings": "tie_word_embeddings",
 }
 
 
@@ -61,6 +52,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
             train = resolve_batch(cfg.train, data_parallel_size(cfg))
         except ConfigError as exc:
             problems += exc.problems
+    if train.max_steps is None and train.epochs is None:
+        train = dataclasses.replace(train, max_steps=DEFAULT_MAX_STEPS)
     if problems:
         raise ConfigError(problems)
     return dataclasses.replace(cfg, model=model, train=train, data=data)
@@ -101,40 +94,72 @@ def resolve_data(data: DataSection) -> DataSection:
     return dataclasses.replace(data, path=path, val_path=val_path)
 
 
+def model_config_file(name_or_path: str) -> Path | None:
+    """config.json of a local model directory, or of a Hub id already in the local HF cache (no network)."""
+    local = Path(name_or_path).expanduser() / "config.json"
+    if local.is_file():
+        return local
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name_or_path, "config.json")
+        except Exception:  # an id huggingface_hub refuses, or no cache: the shapes must come from the recipe
+            return None
+        return Path(cached) if isinstance(cached, str) else None
+    return None
+
+
 def resolve_model(model: ModelSection) -> ModelSection:
-    known: dict[str, object] = {}
+    """Fill architecture numbers, model_type and the block class from the model's own config."""
+    arch: Architecture | None = None
     if model.name_or_path == TINY_MODEL:
-        known = dict(TINY_LLAMA)
+        arch = architecture_of("llama")
+        known: dict[str, object] = {**TINY_LLAMA, "head_dim": None}
+        architecture, layer_class = arch.model_type, arch.layer_class
     else:
-        config_file = Path(model.name_or_path).expanduser() / "config.json"
-        if config_file.is_file():
-            try:
-                hf = json.loads(config_file.read_text())
-            except (OSError, ValueError):
-                raise ConfigError(
-                    [Problem("model.name_or_path", f"{config_file} is not readable JSON", "point at a Hugging Face model directory")]
-                ) from None
-            known = {ours: hf[theirs] for ours, theirs in _HF_KEYS.items() if theirs in hf}
-            known.setdefault("num_key_value_heads", known.get("num_attention_heads"))
-            known.setdefault("tie_word_embeddings", False)
+        config_file = model_config_file(model.name_or_path)
+        arch = read_architecture(config_file) if config_file is not None else None
+        if arch is None and model.architecture:
+            arch = architecture_of(model.architecture)
+        known = dict(arch.numbers) if arch else {}
+        architecture, layer_class = (arch.model_type, arch.layer_class) if arch else ("", "")
     filled = {name: value for name, value in known.items() if getattr(model, name) is None}
     model = dataclasses.replace(model, **filled)  # type: ignore[arg-type]
     if model.num_key_value_heads is None and model.num_attention_heads is not None:
         model = dataclasses.replace(model, num_key_value_heads=model.num_attention_heads)
     if model.tie_word_embeddings is None:
         model = dataclasses.replace(model, tie_word_embeddings=False)
-    missing = [name for name in _HF_KEYS if getattr(model, name) is None]
-    if missing:
-        raise ConfigError(
-            [
-                Problem(
-                    f"model.{name}",
-                    f"unknown for {model.name_or_path!r} (not a local model directory with a config.json)",
-                    f"set model.{name} in the recipe, or point model.name_or_path at a local directory",
-                )
-                for name in missing
-            ]
+    problems: list[Problem] = []
+    if arch is not None and model.architecture and not arch.classes:
+        problems.append(
+            Problem(
+                "model.architecture",
+                f"{model.architecture!r} is not a model type transformers knows",
+                "use the config's model_type, e.g. llama",
+            )
         )
+    if model.layer_class and arch is not None and arch.classes and model.layer_class not in arch.classes:
+        blocks = ", ".join(c for c in arch.block_classes if "Embedding" not in c) or "the model's decoder layer class"
+        problems.append(
+            Problem(
+                "model.layer_class",
+                f"{model.layer_class} is not a class of {arch.model_type} models",
+                f"remove it (found: {blocks}) or fix the name",
+            )
+        )
+    model = dataclasses.replace(model, architecture=model.architecture or architecture, layer_class=model.layer_class or layer_class)
+    missing = [name for name in CANONICAL if name != "head_dim" and getattr(model, name) is None]
+    problems += [
+        Problem(
+            f"model.{name}",
+            f"unknown for {model.name_or_path!r} (no config.json: not a local model directory, not in the local Hugging Face cache)",
+            f"download the model first (huggingface-cli download {model.name_or_path}) or set model.{name} in the recipe",
+        )
+        for name in missing
+    ]
+    if problems:
+        raise ConfigError(problems)
     return model
 
 
@@ -176,3 +201,31 @@ def _batch_error(total: int, what: str, multiple: int, exact: bool = False) -> C
             )
         ]
     )
+
+
+def steps_per_epoch(rows: int, micro_batch_size: int, gradient_accumulation_steps: int, data_parallel: int) -> int:
+    """Optimizer steps in one pass over `rows`, counted as the Hugging Face Trainer counts them:
+    each rank's share rounded up (DistributedSampler), its batches rounded up, then the
+    accumulation windows rounded up (the last window of an epoch may be short there; here the next
+    epoch's rows fill it, so the step count matches and the global order stays world-size free)."""
+    per_rank = math.ceil(rows / data_parallel)
+    batches = math.ceil(per_rank / micro_batch_size)
+    return max(math.ceil(batches / gradient_accumulation_steps), 1)
+
+
+def resolve_schedule(cfg: RunConfig, train_rows: int) -> RunConfig:
+    """Steps from epochs, warmup from its ratio, epoch-wise eval and save intervals: decided once, from
+    the prepared data's row count, before the ranks start (every rank gets the same numbers)."""
+    train, optim, ckpt = cfg.train, cfg.optim, cfg.checkpoint
+    assert train.micro_batch_size and train.gradient_accumulation_steps, "resolve() first"
+    per_epoch = steps_per_epoch(train_rows, train.micro_batch_size, train.gradient_accumulation_steps, data_parallel_size(cfg))
+    max_steps = train.max_steps if train.max_steps is not None else math.ceil((train.epochs or 0) * per_epoch)
+    max_steps = max(max_steps, 1)
+    train = dataclasses.replace(train, max_steps=max_steps)
+    if optim.warmup_ratio > 0:
+        optim = dataclasses.replace(optim, warmup_steps=math.ceil(max_steps * optim.warmup_ratio), warmup_ratio=0.0)
+    if train.eval_strategy == "epoch":
+        train = dataclasses.replace(train, eval_every=per_epoch, eval_strategy="steps")
+    if ckpt.save_strategy == "epoch":
+        ckpt = dataclasses.replace(ckpt, every=per_epoch, save_strategy="steps")
+    return dataclasses.replace(cfg, train=train, optim=optim, checkpoint=ckpt)

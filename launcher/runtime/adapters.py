@@ -41,23 +41,28 @@ def is_adapter(name: str) -> bool:
     return any(marker in name for marker in ADAPTER_MARKERS)
 
 
-def lora_config(lora: LoraSection) -> Any:
+PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "classification": None}
+
+
+def lora_config(lora: LoraSection, task: str = "causal_lm") -> Any:
     from peft import LoraConfig
 
-    # "all-linear": every nn.Linear of the decoder; peft leaves out the output layer (lm_head).
+    # "all-linear": every nn.Linear (and GPT-2's Conv1D, with fan_in_fan_out) of the blocks; peft
+    # leaves out the output layer. A classifier's new head is trained in full beside the adapters
+    # (model.apply_method marks it), not through peft's task wrappers, so checkpoint names stay the model's.
     targets: str | list[str] = "all-linear" if "all-linear" in lora.target_modules else list(lora.target_modules)
     return LoraConfig(
-        task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none"
+        task_type=PEFT_TASKS[task], r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none"
     )
 
 
-def wrap_with_peft(module: nn.Module, method: MethodSection) -> nn.Module:
+def wrap_with_peft(module: nn.Module, method: MethodSection, task: str = "causal_lm") -> nn.Module:
     """Add LoRA or prompt-tuning adapters; only they stay trainable, as fp32 masters."""
     from peft import PromptTuningConfig, get_peft_model
 
     match method.name:
         case "lora" | "qlora":
-            config = lora_config(method.lora)
+            config = lora_config(method.lora, task)
         case "prompt_tuning":
             config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.prompt_tuning.num_virtual_tokens)
         case _:

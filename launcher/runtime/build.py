@@ -15,8 +15,8 @@ from launcher.plan import Plan
 from launcher.runtime import checkpoint as ckpt
 from launcher.runtime.dist import DistInfo
 from launcher.runtime.loop import build_optimizer
-from launcher.runtime.model import DTYPES, apply_method, build_on_meta, load_weights
-from launcher.runtime.shard import materialize, shard_model, wrap_ddp
+from launcher.runtime.model import DTYPES, WeightMap, apply_method, build_on_meta, load_weights, materialize
+from launcher.runtime.shard import shard_model, wrap_ddp
 
 
 @dataclass
@@ -41,31 +41,36 @@ class Built:
         return ckpt.load(folder, self.model, self.optimizer, rank)
 
 
-def build_training_model(plan: Plan, cfg: RunConfig, info: DistInfo, path: Path, attn_implementation: str) -> Built:
-    backend = cfg.parallel.backend
-    if cfg.method.name == "qlora":
+def build_training_model(
+    plan: Plan, cfg: RunConfig, info: DistInfo, path: Path, attn_implementation: str, labels: list[str] | None = None
+) -> Built:
+    """meta → method → shard → load, for any architecture and task; `labels` names a classifier's classes."""
+    backend, method, task = cfg.parallel.backend, cfg.method, cfg.task
+    checkpointing = cfg.train.activation_checkpointing
+    if method.name == "qlora":
         from launcher.runtime.adapters import build_qlora
 
         model = build_qlora(path, cfg, info, attn_implementation)
         model = shard_model(model, backend, plan.fsdp, info)
-    elif backend == "deepspeed" and cfg.parallel.zero_stage == 3 and cfg.method.name in ("full", "freeze"):
+    elif backend == "deepspeed" and cfg.parallel.zero_stage == 3 and method.name in ("full", "freeze"):
         from launcher.runtime.engine import zero3_model
 
-        model = zero3_model(path, cfg, plan, attn_implementation, info.device)
-        model = apply_method(model, cfg.method, cfg.model.num_layers or 0)
-        if cfg.train.activation_checkpointing:
+        model = zero3_model(path, cfg, plan, attn_implementation, info.device, labels)
+        model = apply_method(model, method, cfg.model.layer_class, task)
+        if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
     else:
         # Trainable weights are fp32 masters; the compute dtype comes from the mixed-precision policy.
-        frozen_dtype = DTYPES[cfg.model.dtype] if cfg.method.name in ("lora", "prompt_tuning") else torch.float32
-        model = build_on_meta(path, cfg.model, attn_implementation, frozen_dtype)
-        model = apply_method(model, cfg.method, cfg.model.num_layers or 0)
-        if cfg.train.activation_checkpointing:
+        frozen_dtype = DTYPES[cfg.model.dtype] if method.name in ("lora", "prompt_tuning") else torch.float32
+        model = build_on_meta(path, cfg.model, attn_implementation, frozen_dtype, task, labels)
+        weights = WeightMap.of(model, task)  # before peft and sharding: keys → modules
+        model = apply_method(model, method, cfg.model.layer_class, task)
+        if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
         model = shard_model(model, backend, plan.fsdp, info)
         materialize(model, info.device)
-        load_weights(model, path, info.device)
-        if cfg.method.name in ("lora", "prompt_tuning"):
+        load_weights(model, weights, path, cfg.run.seed)
+        if method.name in ("lora", "prompt_tuning"):
             from launcher.runtime.adapters import init_adapters
 
             init_adapters(model, cfg.run.seed)

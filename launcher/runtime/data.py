@@ -118,15 +118,16 @@ def normalize(text: str, form: str) -> str:
     return text if form == "none" else unicodedata.normalize(form, text)  # type: ignore[arg-type]
 
 
-def clean(records: list[dict[str, Any]], data: DataSection, report: CleanReport) -> list[dict[str, Any]]:
+def clean(records: list[dict[str, Any]], data: DataSection, report: CleanReport, task: str = "causal_lm") -> list[dict[str, Any]]:
     """Unicode-normalise the used fields, drop empty records and exact duplicates (by content hash)."""
-    fields = _fields(data)
+    fields = [data.text_field, data.label_field] if task == "classification" else _fields(data)
     out, seen = [], set()
     for record in records:
         report.read += 1
         missing = [f for f in fields if f not in record]
         if missing:
-            raise DataError(f"{data.path}: record {report.read} has no field {missing[0]!r}; set data.{_field_key(data)} to its name")
+            field_key = ("text_field" if missing[0] == data.text_field else "label_field") if task == "classification" else _field_key(data)
+            raise DataError(f"{data.path}: record {report.read} has no field {missing[0]!r}; set data.{field_key} to its name")
         cleaned = {f: _normalize_value(record[f], data.unicode_normalization) for f in fields}
         if any(_is_empty(cleaned[f]) for f in fields):
             report.empty += 1
@@ -218,3 +219,17 @@ def chat_spans(messages: list[dict[str, str]], tokenizer: Any) -> list[tuple[lis
 def _check_prefix(prefix: list[int], full: list[int]) -> None:
     if full[: len(prefix)] != prefix:
         raise DataError("the tokenizer's chat template renders a conversation prefix differently; cannot mask prompts exactly")
+
+
+def label_names(records: list[dict[str, Any]], data: DataSection) -> list[str]:
+    """The classes, in a stable order: numerically when every label is an integer (0, 1, 2, ...), else sorted."""
+    names = {str(record[data.label_field]) for record in records}
+    if all(name.lstrip("-").isdigit() for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def tokenize_text(text: str, tokenizer: Any, max_len: int) -> list[int]:
+    """A classifier's input: [bos] text, cut to max_len (no eos: decoders pool the last real token)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return (bos + tokenizer.encode(text, add_special_tokens=False))[:max_len]

@@ -52,6 +52,19 @@ class Reporter:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
 
+    def evaluation(self, metrics: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
+        """An evaluation: a record in metrics.jsonl, one line on screen, and the latest one whole in
+        eval.json with its predictions in eval_predictions.jsonl (so any metric can be recomputed)."""
+        if not self.enabled:
+            return
+        self.write({**metrics, "elapsed": self.elapsed()})
+        shown = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+        self.print("eval " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+        run_dir = self.path.parent
+        (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        with (run_dir / "eval_predictions.jsonl").open("w") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in predictions)
+
     def print(self, text: str) -> None:
         if not self.enabled:
             return

@@ -1,14 +1,20 @@
 """Build the model and tokenizer for a plan: meta device → method (freeze / LoRA) → shard → load.
 
-Full, freeze and LoRA models are built on the meta device, sharded, then materialised and filled
-from the checkpoint's safetensors (each rank reads its own shard from the memory-mapped file), so
-no rank ever holds a full fp32 copy it does not need. QLoRA loads through bitsandbytes and is
-sharded after quantisation (adapters.py: the only module that imports peft and bitsandbytes).
+Any Hugging Face architecture: nothing here knows a module name. The model is built with its
+parameters on the meta device (buffers such as rotary frequencies are computed for real, on the
+CPU), then wrapped (peft), sharded and materialised, and filled from the checkpoint's safetensors
+one tensor at a time (each rank keeps its own shard). Checkpoint keys are resolved through a
+`WeightMap` taken from the unwrapped model before any wrapping: key → (module, attribute). Wrappers
+(peft's LoRA layers keep the original module as `base_layer`, FSDP2 keeps module objects) never
+change which module a key fills, so biases, tied embeddings, Conv1D and buffers need no rewrites.
+QLoRA loads through bitsandbytes (adapters.py: the only module that imports peft / bitsandbytes).
 """
 
 from __future__ import annotations
 
-import json
+import math
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,62 +59,226 @@ def load_tokenizer(path: Path) -> Any:
     return tokenizer
 
 
-def build_on_meta(path: Path, model: ModelSection, attn_implementation: str, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_class(task: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def hf_config(path: Path, model: ModelSection, labels: list[str] | None = None) -> Any:
+    """The model's own config (for a classifier: with the label map), checked against the plan's numbers."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
     config.use_cache = False  # training: no KV cache (and packed batches need it off)
-    with torch.device("meta"):
-        built = AutoModelForCausalLM.from_config(
+    for ours, theirs in (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"), ("vocab_size", "vocab_size")):
+        planned, actual = getattr(model, ours), getattr(config, theirs, None)
+        if planned is not None and actual is not None and planned != actual:
+            raise ModelError(
+                f"model.{ours}: the plan says {planned} but {path}/config.json says {actual}; re-plan (launcher plan) or fix the recipe"
+            )
+    if labels is not None:
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+        if config.pad_token_id is None:  # decoder classifiers pool the last non-padding token
+            config.pad_token_id = (
+                getattr(config, "eos_token_id", None)
+                if not isinstance(getattr(config, "eos_token_id", None), list)
+                else config.eos_token_id[0]
+            )
+    return config
+
+
+def build_on_meta(
+    path: Path, model: ModelSection, attn_implementation: str, dtype: torch.dtype, task: str = "causal_lm", labels: list[str] | None = None
+) -> nn.Module:
+    """Parameters on the meta device, buffers real (on the CPU): nothing of the weights' size is allocated."""
+    from accelerate import init_empty_weights
+
+    config = hf_config(path, model, labels)
+    with init_empty_weights(include_buffers=False):
+        built = model_class(task).from_config(
             config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=model.trust_remote_code
         )
+    built.tie_weights()  # accelerate's meta context re-creates parameters as they are tied: tie them again
+    for buffer_owner in built.modules():  # buffers were computed in fp32 on the CPU: keep them so
+        for name, buffer in list(buffer_owner._buffers.items()):
+            if (
+                buffer is not None
+                and buffer.is_floating_point()
+                and buffer.dtype != torch.float32
+                and name in getattr(buffer_owner, "_non_persistent_buffers_set", ())
+            ):
+                buffer_owner._buffers[name] = buffer.float()
     return built
 
 
-def apply_method(module: nn.Module, method: MethodSection, num_layers: int) -> nn.Module:
+@dataclass
+class WeightMap:
+    """Checkpoint key → (module, attribute) of the unwrapped model, taken before peft / sharding."""
+
+    targets: dict[str, tuple[nn.Module, str]]
+    prefix: str  # the base model's attribute (`model`, `transformer`, `bert`): checkpoints saved from it lack it
+    head: set[str] = field(default_factory=set)  # keys of a task head a base checkpoint cannot hold
+    init_std: float = 0.02  # the config's initializer_range, for a new head
+
+    @classmethod
+    def of(cls, model: nn.Module, task: str) -> WeightMap:
+        owners = dict(model.named_modules(remove_duplicate=False))
+        targets: dict[str, tuple[nn.Module, str]] = {}
+        for key in model.state_dict(keep_vars=True):
+            owner, _, attr = key.rpartition(".")
+            targets[key] = (owners[owner], attr)
+        prefix = str(getattr(model, "base_model_prefix", ""))
+        head: set[str] = set()
+        if task == "classification":
+            head = {k for k in targets if not k.startswith(f"{prefix}.") or ".pooler." in k}
+        std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
+        return cls(targets, prefix, head, float(std) if isinstance(std, int | float) and math.isfinite(std) else 0.02)
+
+    def resolve(self, key: str) -> str | None:
+        """The model's key for a checkpoint key (the same model, or its base model saved alone)."""
+        for candidate in (key, f"{self.prefix}.{key}", key.removeprefix(f"{self.prefix}.")):
+            if candidate in self.targets:
+                return candidate
+        return None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        owner, attr = self.targets[key]
+        return getattr(owner, attr)
+
+
+def find_blocks(model: nn.Module, layer_class: str = "") -> list[nn.Module]:
+    """The repeated blocks (decoder / encoder layers): instances of `layer_class` when given, else
+    the longest ModuleList whose members share one class. Works on wrapped and sharded models."""
+    if layer_class:
+        found = [m for m in model.modules() if type(m).__name__ in (layer_class, f"FSDP{layer_class}")]
+        if found:
+            return found
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1]
+    if not lists:
+        raise ModelError(f"model.layer_class: no {layer_class or 'repeated block list'} in this model; set it to the block class")
+    return list(max(lists, key=lambda blocks: len(blocks)))
+
+
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    """What a task head is, by structure: the top-level model's children other than the backbone
+    (lm_head, score, classifier), and the backbone's pooler if it has one."""
+    base = unwrap(model)
+    prefix = getattr(base, "base_model_prefix", "")
+    backbone = getattr(base, prefix, None)
+    heads = [child for name, child in base.named_children() if name != prefix]
+    if backbone is not None and getattr(backbone, "pooler", None) is not None:
+        heads.append(backbone.pooler)
+    return heads
+
+
+def final_norms(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """Norm layers beside the block list in its parent (Llama's model.norm, GPT-2's ln_f)."""
+    for parent in model.modules():
+        children = list(parent.children())
+        if any(isinstance(c, nn.ModuleList) and len(c) and c[0] is blocks[0] for c in children):
+            return [c for c in children if "Norm" in type(c).__name__ or isinstance(c, nn.LayerNorm)]
+    return []
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside DDP / peft wrappers."""
+    model = getattr(model, "module", model)
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def apply_method(module: nn.Module, method: MethodSection, layer_class: str = "", task: str = "causal_lm") -> nn.Module:
     """Freeze what the method does not train; wrap with peft adapters for LoRA / prompt tuning."""
     match method.name:
         case "full":
             return module
         case "freeze":
-            keep = {f"layers.{i}." for i in range(num_layers - method.freeze.trainable_last_layers, num_layers)}
-            for name, param in module.named_parameters():
-                head = method.freeze.train_head and (name.startswith("lm_head") or name.endswith("model.norm.weight"))
-                embed = method.freeze.train_embeddings and "embed_tokens" in name
-                param.requires_grad_(head or embed or any(k in name for k in keep))
+            keep: list[nn.Module] = []
+            blocks = find_blocks(module, layer_class)
+            count = method.freeze.trainable_last_layers
+            keep += blocks[len(blocks) - count :] if count else []
+            if method.freeze.train_head:
+                heads = head_modules(module) if task == "classification" else [module.get_output_embeddings()]  # type: ignore[operator]
+                keep += [m for m in heads if m is not None] + final_norms(module, blocks)
+            if method.freeze.train_embeddings:
+                keep.append(module.get_input_embeddings())  # type: ignore[operator]
+            module.requires_grad_(False)
+            for kept in keep:
+                kept.requires_grad_(True)
             return module
         case "lora" | "qlora" | "prompt_tuning":
             from launcher.runtime.adapters import wrap_with_peft
 
-            return wrap_with_peft(module, method)
+            wrapped = wrap_with_peft(module, method, task)
+            if task == "classification":  # the new head is trained with the adapters
+                for head in head_modules(wrapped):
+                    head.requires_grad_(True)
+                    for param in head.parameters():
+                        param.data = param.data.float()
+            return wrapped
     raise AssertionError(method.name)
 
 
-def load_weights(module: nn.Module, path: Path, device: torch.device) -> None:
-    """Fill a sharded (or plain) model from the directory's safetensors, one tensor at a time.
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate meta parameters (sharded or not) on `device`; move the real buffers there."""
+    model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t.to(device))
+    base = unwrap(model)
+    if not any(type(m).__name__.startswith("FSDP") for m in base.modules()):
+        # `_apply` gives each module its own new parameter; FSDP2 keeps shared parameters shared itself.
+        tie = getattr(base, "tie_weights", None)
+        if callable(tie):
+            tie()
 
-    Each rank reads each tensor from the memory-mapped file and keeps only its own shard, so memory
-    stays at one full tensor plus the rank's shards.
-    """
+
+def load_weights(module: nn.Module, weights: WeightMap, path: Path, seed: int = 0) -> None:
+    """Fill the model from the directory's safetensors, one tensor at a time (each rank keeps its
+    shard); a task head the checkpoint cannot hold is initialised as transformers would."""
     from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelError(f"{path}: no *.safetensors weights found")
-    targets: dict[str, torch.Tensor] = dict(module.named_parameters())
-    targets.update({name: buf for name, buf in module.named_buffers() if name.rpartition(".")[2] in _persistent(module, name)})
-    filled: set[str] = set()
+    filled: set[int] = set()
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                name = _match_key(key, targets)
+                name = weights.resolve(key)
                 if name is not None:
-                    copy_full_into(targets[name], handle.get_tensor(key))
-                    filled.add(name)
-    missing = [n for n in targets if n not in filled and "lora_" not in n and "prompt_encoder" not in n]
-    if missing:
-        raise ModelError(f"{path}: checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
-    reinit_buffers(module, device)
+                    target = weights.tensor(name)
+                    copy_full_into(target, handle.get_tensor(key))
+                    filled.add(id(target))
+    missing = [k for k in weights.targets if id(weights.tensor(k)) not in filled and not _buffer_computed(weights, k)]
+    new_head = [k for k in missing if k in weights.head]
+    if len(new_head) != len(missing):
+        name = next(k for k in missing if k not in weights.head)
+        raise ModelError(
+            f"{path}: the checkpoint has no weight for {name} (a weight of the model, module {name.rpartition('.')[0]}); "
+            f"{len(missing) - len(new_head)} of the model's weights are missing: is model.name_or_path the model this checkpoint was saved from?"
+        )
+    init_new_head(weights, new_head, seed)
+
+
+def _buffer_computed(weights: WeightMap, key: str) -> bool:
+    owner, attr = weights.targets[key]
+    return attr in owner._buffers  # buffers were built for real; a checkpoint need not hold them
+
+
+def init_new_head(weights: WeightMap, keys: list[str], seed: int) -> None:
+    """A classifier head on a pretrained backbone: normal(0, initializer_range) weights, zero biases,
+    drawn from (seed, name) so every rank and world size starts alike."""
+    for key in keys:
+        target = weights.tensor(key)
+        attr = weights.targets[key][1]
+        full = torch.zeros(tuple(target.shape), dtype=torch.float32)
+        if attr == "weight" and full.ndim >= 2:
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
+            full.normal_(0.0, weights.init_std, generator=generator)
+        elif attr == "weight":
+            full.fill_(1.0)  # a norm's scale
+        copy_full_into(target, full)
 
 
 def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
@@ -123,35 +293,10 @@ def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
             target.copy_(full.to(target.dtype))
 
 
-def _persistent(module: nn.Module, name: str) -> set[str]:
-    owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
-    return set(owner._buffers) - set(getattr(owner, "_non_persistent_buffers_set", set()))
-
-
-def _match_key(key: str, expected: dict[str, Any]) -> str | None:
-    """Map a Hugging Face checkpoint key onto the (possibly peft-wrapped) model's name."""
-    wrapped = f"base_model.model.{key}"  # LoRA: PeftModel → LoraModel → the model
-    prompted = f"base_model.{key}"  # prompt tuning: PeftModel → the model
-    for candidate in (
-        key,
-        wrapped,
-        prompted,
-        key.replace(".weight", ".base_layer.weight"),
-        wrapped.replace(".weight", ".base_layer.weight"),
-    ):
-        if candidate in expected:
-            return candidate
-    return None
-
-
 def reinit_buffers(module: nn.Module, device: torch.device) -> None:
-    """Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild them after to_empty."""
+    """Rotary frequencies of a model transformers built for ZeRO-3 (engine.py): rebuild them on `device`."""
     for sub in module.modules():
         if hasattr(sub, "inv_freq") and hasattr(sub, "config"):
             fresh = type(sub)(sub.config)
             for name, buffer in fresh.named_buffers(recurse=False):
                 setattr(sub, name, buffer.to(device))
-
-
-def initial_config(path: Path) -> dict[str, Any]:
-    return json.loads((path / "config.json").read_text())

@@ -36,12 +36,14 @@ from launcher.runtime.data import (
     clean,
     fingerprint,
     instruction_prompt,
+    label_names,
     load_records,
     source_files,
     tokenize,
+    tokenize_text,
 )
 
-CACHE_VERSION = 2  # bump when the on-disk rows change (2: packing no longer sorts by length)
+CACHE_VERSION = 3  # bump when the on-disk rows change (2: no length sort; 3: classification, shifted label counts)
 SPLITS = ("train", "val")
 
 
@@ -52,9 +54,12 @@ class Batch:
     position_ids: np.ndarray
     label_tokens: int  # tokens with a label, the loss denominator's share of this batch
     pad_tokens: int
+    rows: list[int] | None = None  # the row indices (-1: an empty row), for evaluation records
+    classes: np.ndarray | None = None  # [rows] class ids (classification; IGNORE_INDEX for empty rows)
+    lengths: np.ndarray | None = None  # [rows] real tokens per row (the rest is padding)
 
 
-def cache_key(data: DataSection, data_source: str, tokenizer_dir: Path, seed: int) -> str:
+def cache_key(data: DataSection, data_source: str, tokenizer_dir: Path, seed: int, task: str = "causal_lm") -> str:
     tokenizer_files = sorted(p for p in tokenizer_dir.glob("tokenizer*") if p.is_file()) + sorted(tokenizer_dir.glob("*.jinja"))
     parts = {
         "version": CACHE_VERSION,
@@ -63,13 +68,14 @@ def cache_key(data: DataSection, data_source: str, tokenizer_dir: Path, seed: in
         "val_source": fingerprint(source_files(data.val_path)) if data.val_path else "",
         "tokenizer": fingerprint(tokenizer_files),
         "seed": seed,
+        "task": task,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def prepare_data(data: DataSection, data_source: str, tokenizer_dir: Path, cache_root: Path, seed: int) -> Path:
+def prepare_data(data: DataSection, data_source: str, tokenizer_dir: Path, cache_root: Path, seed: int, task: str = "causal_lm") -> Path:
     """Build (or find) the cache folder for these settings; returns it. Safe to call from every rank."""
-    folder = cache_root / cache_key(data, data_source, tokenizer_dir, seed)
+    folder = cache_root / cache_key(data, data_source, tokenizer_dir, seed, task)
     if (folder / "COMPLETE").exists():
         return folder
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -79,30 +85,42 @@ def prepare_data(data: DataSection, data_source: str, tokenizer_dir: Path, cache
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        _build(data, data_source, tokenizer_dir, seed, tmp)
+        _build(data, data_source, tokenizer_dir, seed, tmp, task)
         (tmp / "COMPLETE").write_text("")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     return folder
 
 
-def _build(data: DataSection, data_source: str, tokenizer_dir: Path, seed: int, out: Path) -> None:
+def _build(data: DataSection, data_source: str, tokenizer_dir: Path, seed: int, out: Path, task: str = "causal_lm") -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     report = CleanReport()
-    records = clean(load_records(data_source, data.format, data.split), data, report)
+    records = clean(load_records(data_source, data.format, data.split), data, report, task)
     if data.val_path:
-        val_records = clean(load_records(data.val_path, "auto", data.split), data, CleanReport())
+        val_records = clean(load_records(data.val_path, "auto", data.split), data, CleanReport(), task)
         train_records = records
     else:
         random.Random(seed).shuffle(records)
         n_val = math.ceil(len(records) * data.val_fraction) if data.val_fraction > 0 else 0
         val_records, train_records = records[:n_val], records[n_val:]
-    meta: dict[str, Any] = {"key_inputs": {"source": data_source, "template": data.template, "max_seq_len": data.max_seq_len}}
+    meta: dict[str, Any] = {"key_inputs": {"source": data_source, "template": data.template, "max_seq_len": data.max_seq_len}, "task": task}
+    labels = label_names(train_records, data) if task == "classification" else []
+    if labels:
+        meta["labels"] = labels
+        unknown = sorted({str(r[data.label_field]) for r in val_records} - set(labels))
+        if unknown:
+            raise DataError(f"{data.val_path or data_source}: validation labels {unknown[:3]} never occur in the training rows; check data.label_field")
     for split, split_records in (("train", train_records), ("val", val_records)):
-        examples = []
+        examples, classes = [], []
         for record in split_records:
+            if labels:
+                ids = tokenize_text(record[data.text_field], tokenizer, data.max_seq_len)
+                example = Example(ids, [IGNORE_INDEX] * len(ids))
+                classes.append(labels.index(str(record[data.label_field])))
+                examples.append(example)
+                continue
             example = tokenize(record, data, tokenizer)
             if len(example.input_ids) > data.max_seq_len:
                 if data.drop_longer:
@@ -110,18 +128,21 @@ def _build(data: DataSection, data_source: str, tokenizer_dir: Path, seed: int, 
                     continue
                 report.truncated += split == "train"
                 example = Example(example.input_ids[: data.max_seq_len], example.labels[: data.max_seq_len])
-            if all(label == IGNORE_INDEX for label in example.labels):
+            if all(label == IGNORE_INDEX for label in example.labels[1:]):
                 continue  # nothing to learn from (a truncated prompt)
             examples.append(example)
         if split == "train" and not examples:
             raise DataError(f"{data_source}: no usable training examples after cleaning ({report.line()})")
         rows = pack(examples, data.max_seq_len) if data.packing else [[e] for e in examples]
         meta[split] = _write_rows(rows, out / split)
+        if labels:
+            np.save(out / split / "classes.npy", np.asarray(classes, dtype=np.int64))
+            np.save(out / split / "label_tokens.npy", np.ones(len(rows), dtype=np.int64))  # one example, one loss term
     report.kept = meta["train"]["documents"]
     meta["report"] = asdict(report)
     meta["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with (out / "eval_prompts.jsonl").open("w") as handle:
-        for record in val_records:
+        for record in val_records if not labels else []:
             prompt = _eval_prompt(record, data, tokenizer)
             if prompt is not None:
                 handle.write(json.dumps(prompt) + "\n")
@@ -159,7 +180,9 @@ def _write_rows(rows: list[list[Example]], prefix: Path) -> dict[str, int]:
             labels += doc.labels
             positions += range(len(doc.input_ids))
         offsets.append(len(ids))
-        counts.append(sum(label != IGNORE_INDEX for doc in row for label in doc.labels))
+        # The loss's own shift rule: token t is predicted from t-1 inside its document, so a
+        # document's first label is never a target and is not counted in the denominator.
+        counts.append(sum(label != IGNORE_INDEX for doc in row for label in doc.labels[1:]))
     prefix.mkdir()
     np.save(prefix / "input_ids.npy", np.asarray(ids, dtype=np.int32))
     np.save(prefix / "labels.npy", np.asarray(labels, dtype=np.int32))
@@ -194,6 +217,7 @@ class TokenData:
         self.position_ids = np.load(part / "position_ids.npy", mmap_mode="r")
         self.offsets = np.load(part / "offsets.npy")
         self.label_tokens = np.load(part / "label_tokens.npy")
+        self.classes = np.load(part / "classes.npy") if (part / "classes.npy").exists() else None
         self.pad_id = int(json.loads((folder / "meta.json").read_text())["pad_token_id"])
 
     def __len__(self) -> int:
@@ -216,7 +240,11 @@ class TokenData:
             positions[i, n:] = np.arange(width - n)
             real += n
         label_tokens = int(sum(self.label_tokens[r] for r in rows if r >= 0))
-        return Batch(ids, labels, positions, label_tokens, len(rows) * width - real)
+        classes = None
+        if self.classes is not None:
+            classes = np.asarray([self.classes[r] if r >= 0 else IGNORE_INDEX for r in rows], dtype=np.int64)
+        lengths = np.asarray([end - start for start, end in spans], dtype=np.int64)
+        return Batch(ids, labels, positions, label_tokens, len(rows) * width - real, list(rows), classes, lengths)
 
 
 class GlobalOrder:

@@ -10,22 +10,14 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import nn
 
 from launcher.runtime.dist import DistInfo
-from launcher.runtime.model import DTYPES
-
-
-def decoder_layers(model: nn.Module, layer_class: str) -> list[nn.Module]:
-    layers = [m for m in model.modules() if type(m).__name__ == layer_class]
-    if not layers:
-        raise RuntimeError(f"model.layer_class: no module of class {layer_class} in this model; set it to the decoder layer class")
-    return layers
+from launcher.runtime.model import DTYPES, find_blocks
 
 
 def apply_fsdp(model: nn.Module, fsdp: dict[str, Any], info: DistInfo) -> nn.Module:
-    """FSDP2: one unit per decoder layer, then the root; mesh and policies from the plan."""
+    """FSDP2: one unit per block (decoder / encoder layer), then the root; mesh and policies from the plan."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -35,7 +27,7 @@ def apply_fsdp(model: nn.Module, fsdp: dict[str, Any], info: DistInfo) -> nn.Mod
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[mixed["param_dtype"]], reduce_dtype=DTYPES[mixed["reduce_dtype"]])
     offload: OffloadPolicy = CPUOffloadPolicy() if fsdp["cpu_offload"] else OffloadPolicy()
     common: dict[str, Any] = {"mesh": mesh, "mp_policy": policy, "offload_policy": offload}
-    layers = decoder_layers(model, fsdp["shard_module_class"])
+    layers = find_blocks(model, fsdp["shard_module_class"])
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again at once by backward: keep them gathered.
         reshard = fsdp["reshard_after_forward"] and i < len(layers) - 1
@@ -62,10 +54,16 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 
 
 @contextlib.contextmanager
-def grad_sync(model: nn.Module, backend: str, last_micro_batch: bool) -> Iterator[None]:
-    """Reduce gradients only on the last micro-batch of an accumulation window."""
+def grad_sync(model: nn.Module, backend: str, last_micro_batch: bool, defer_fsdp: bool = False) -> Iterator[None]:
+    """When gradients are reduced within an accumulation window.
+
+    FSDP2 reduce-scatters after every micro-batch by default (as torchtitan and torchtune do): with
+    sync off it would hold every parameter's unsharded fp32 gradient until the window ends (about
+    +32 GB per GPU at 8B). `defer_fsdp` (parallel.fsdp.defer_grad_sync) trades that memory for fewer
+    collectives. DDP skips the all-reduce until the last micro-batch (its gradients are full-size anyway).
+    """
     if backend == "fsdp":
-        model.set_requires_gradient_sync(last_micro_batch)  # type: ignore[operator]
+        model.set_requires_gradient_sync(last_micro_batch or not defer_fsdp)  # type: ignore[operator]
         yield
     elif backend == "ddp" and not last_micro_batch:
         with model.no_sync():  # type: ignore[operator]
@@ -83,6 +81,3 @@ def loss_scale(backend: str, world_size: int) -> float:
     """
     return float(world_size) if backend in ("fsdp", "ddp", "deepspeed") else 1.0
 
-
-def materialize(model: nn.Module, device: torch.device) -> None:
-    model.to_empty(device=device)

@@ -71,7 +71,7 @@ def meta_model(method: str) -> torch.nn.Module:
     from launcher.runtime.tiny import ensure_tiny_model
 
     model = build_on_meta(ensure_tiny_model(), ModelSection(), "sdpa", torch.float32)
-    return apply_method(model, MethodSection(name=method), 4)  # type: ignore[arg-type]
+    return apply_method(model, MethodSection(name=method))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,170 @@
+"""A task owns its loss, its evaluation and its metrics; the loop asks it for both and stays one loop.
+
+- causal LM: next-token loss over labelled tokens (loop.token_loss_sum: the packing contract and the
+  chunked head live there); evaluation = validation loss, perplexity, and on held-out prompts greedy
+  answers scored by exact match and ROUGE-L (the `rouge-score` package).
+- sequence classification: cross-entropy of the pooled logits against each row's class; evaluation
+  = validation loss, accuracy, macro precision / recall / F1 and the confusion matrix, computed with
+  scikit-learn on rank 0 from every rank's predictions (gathered, deduplicated, in dataset order).
+
+Every rank runs the same number of forwards in an evaluation (sharded models need it); a rank short
+of rows runs empty ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from launcher.runtime.dist import all_reduce_sum
+from launcher.runtime.loop import Context, _autocast, token_loss_sum
+from launcher.runtime.packing import IGNORE_INDEX, Batch
+
+Evaluation = tuple[dict[str, Any], list[dict[str, Any]]]  # (metrics, predictions in dataset order)
+
+
+def _shares(total: int, rank: int, world: int) -> list[int]:
+    """This rank's rows of `total`, padded with -1 to the same count on every rank."""
+    mine = list(range(rank, total, world))
+    return mine + [-1] * (math.ceil(total / world) - len(mine))
+
+
+def _gather(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's records on every rank, deduplicated by index, in dataset order."""
+    everyone: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, records)
+    unique = {record["index"]: record for part in everyone for record in part}
+    return [unique[i] for i in sorted(unique)]
+
+
+class CausalLM:
+    name = "causal_lm"
+
+    def loss_sum(self, ctx: Context, batch: Batch) -> tuple[torch.Tensor, int]:
+        return token_loss_sum(ctx, batch)
+
+    @torch.no_grad()
+    def evaluate(self, ctx: Context, step: int) -> Evaluation:
+        cfg, info = ctx.cfg, ctx.info
+        micro = cfg.train.micro_batch_size or 1
+        total = min(len(ctx.val_data), cfg.train.eval_batches * (cfg.train.global_batch_size or 1))
+        mine = _shares(total, info.rank, info.world_size)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+        count = 0
+        for start in range(0, len(mine), micro):
+            summed, n = self.loss_sum(ctx, ctx.val_data.batch(mine[start : start + micro]))
+            loss_sum += summed.detach().double()
+            count += n
+        answers = self.generate(ctx)
+        loss, tokens = all_reduce_sum([float(loss_sum), float(count)], info.device)
+        metrics: dict[str, Any] = {"step": step, "val_loss": loss / max(tokens, 1)}
+        metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+        predictions = _gather(answers) if cfg.train.eval_exact_match else []
+        if predictions:
+            from rouge_score import rouge_scorer
+
+            scorer = rouge_scorer.RougeScorer(["rougeL"])
+            for record in predictions:
+                record["exact"] = record["prediction"].strip() == record["reference"].strip()
+                record["rouge_l"] = scorer.score(record["reference"], record["prediction"])["rougeL"].fmeasure
+            metrics["exact_match"] = sum(r["exact"] for r in predictions) / len(predictions)
+            metrics["rouge_l"] = sum(r["rouge_l"] for r in predictions) / len(predictions)
+        return metrics, predictions
+
+    def generate(self, ctx: Context) -> list[dict[str, Any]]:
+        """Greedy answers to this rank's share of the held-out prompts (a fixed number of forwards)."""
+        n = min(ctx.cfg.train.eval_exact_match, len(ctx.eval_prompts))
+        if n == 0 or ctx.tokenizer is None:
+            return []
+        info, tokenizer = ctx.info, ctx.tokenizer
+        prompts = ctx.eval_prompts[:n]
+        stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")}
+        new_tokens = max(len(tokenizer.encode(p["answer"], add_special_tokens=False)) for p in prompts) + 1
+        out = []
+        for index in _shares(n, info.rank, info.world_size):
+            prompt = prompts[index] if index >= 0 else prompts[0]
+            ids = torch.tensor([prompt["prompt_ids"]], device=info.device)
+            start = ids.shape[1]
+            for _ in range(new_tokens):  # one unpacked row: plain causal attention, no packing inputs
+                with _autocast(ctx):
+                    logits = ctx.model(input_ids=ids).logits
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            generated = ids[0, start:].tolist()
+            cut = next((i for i, tok in enumerate(generated) if tok in stop), len(generated))
+            if index >= 0:
+                text = tokenizer.decode(prompt["prompt_ids"], skip_special_tokens=True)
+                out.append(
+                    {"index": index, "prompt": text, "reference": prompt["answer"], "prediction": tokenizer.decode(generated[:cut]).strip()}
+                )
+        return out
+
+
+class Classification:
+    name = "classification"
+
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = labels
+
+    def logits(self, ctx: Context, batch: Batch) -> torch.Tensor:
+        device = ctx.info.device
+        ids = torch.from_numpy(batch.input_ids).to(device)
+        assert batch.lengths is not None
+        real = torch.from_numpy(batch.lengths).to(device)
+        mask = (
+            torch.arange(ids.shape[1], device=device)[None] < real.clamp(min=1)[:, None]
+        ).long()  # padding at the end; an empty row sees its first token
+        with _autocast(ctx):
+            return ctx.model(input_ids=ids, attention_mask=mask).logits
+
+    def loss_sum(self, ctx: Context, batch: Batch) -> tuple[torch.Tensor, int]:
+        assert batch.classes is not None, "a classification cache has classes"
+        targets = torch.from_numpy(batch.classes).to(ctx.info.device)
+        logits = self.logits(ctx, batch)
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"), int(
+            (batch.classes != IGNORE_INDEX).sum()
+        )
+
+    @torch.no_grad()
+    def evaluate(self, ctx: Context, step: int) -> Evaluation:
+        from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+        info, data = ctx.info, ctx.val_data
+        micro = ctx.cfg.train.micro_batch_size or 1
+        mine = _shares(len(data), info.rank, info.world_size)
+        records: list[dict[str, Any]] = []
+        loss_sum = 0.0
+        for start in range(0, len(mine), micro):
+            batch = data.batch(mine[start : start + micro])
+            assert batch.classes is not None and batch.rows is not None
+            logits = self.logits(ctx, batch).float()
+            targets = torch.from_numpy(batch.classes).to(info.device)
+            loss_sum += float(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"))
+            for row, label, predicted in zip(batch.rows, batch.classes.tolist(), logits.argmax(-1).tolist()):
+                if row >= 0:
+                    records.append({"index": row, "label": self.labels[label], "prediction": self.labels[predicted]})
+        (loss,) = all_reduce_sum([loss_sum], info.device)
+        predictions = _gather(records)
+        truth = [r["label"] for r in predictions]
+        guess = [r["prediction"] for r in predictions]
+        precision, recall, f1, _ = precision_recall_fscore_support(truth, guess, labels=self.labels, average="macro", zero_division=0)
+        metrics: dict[str, Any] = {
+            "step": step,
+            "val_loss": loss / max(len(predictions), 1),
+            "accuracy": float(accuracy_score(truth, guess)),
+            "precision": float(precision),
+            "recall": float(recall),
+            "f1": float(f1),
+            "confusion_matrix": confusion_matrix(truth, guess, labels=self.labels).tolist(),
+        }
+        return metrics, predictions
+
+
+def build_task(task: str, labels: list[str] | None) -> CausalLM | Classification:
+    if task == "classification":
+        assert labels, "the prepared data names the classes"
+        return Classification(labels)
+    return CausalLM()
