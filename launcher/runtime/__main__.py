@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.load(args.plan)
     cfg = plan.run_config
 
-    from launcher.runtime.checkpoint import CheckpointError
+    from launcher.runlock import RunDirBusy
+    from launcher.runtime.checkpoint import CheckpointError, write_exit_code
     from launcher.runtime.data import DataError
     from launcher.runtime.model import ModelError
 
@@ -43,28 +44,34 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import socket
 
-    from launcher.runtime.dist import init_distributed, teardown
+    from launcher.runtime.dist import init_distributed, quiet_warnings, teardown, write_error_file
     from launcher.runtime.signals import StopFlag
 
-    # Catch USR1/TERM from the first moment: a preemption while a large model loads must not be lost.
+    # Catch USR1/TERM/INT from the first moment: a preemption while a large model loads must not be lost.
     stop = StopFlag()
     stop.install()
+    quiet_warnings()
     info = init_distributed(cfg.cluster.accelerator)
     # One write call: the ranks share one pipe, and print() writes the newline separately.
     host = socket.gethostname()
     sys.stdout.write(f"launcher: rank {info.rank} of {info.world_size} (local {info.local_rank}) on {host}, pid {os.getpid()}\n")
     sys.stdout.flush()
-    code = EXIT_FAILURE
+    code, owner = EXIT_FAILURE, True
     try:
         code = run(plan, cfg, info, stop)
     except (DataError, ModelError, CheckpointError) as exc:
+        owner = not isinstance(exc, RunDirBusy)  # another run owns the directory: write nothing into it
         if info.is_main:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+            if owner:
+                write_error_file(Path(plan.run_dir) / "logs", info.rank, exc)
         code = EXIT_BAD_INPUT
+    except Exception as exc:  # the traceback still prints; the file gives `launcher run` its one line
+        write_error_file(Path(plan.run_dir) / "logs", info.rank, exc)
+        raise
     finally:
-        if info.is_main:  # torchrun reports any failure as 1; `launcher run` reads the real code here
-            (Path(plan.run_dir) / "logs").mkdir(exist_ok=True)
-            (Path(plan.run_dir) / "logs" / "exit_code").write_text(f"{code}\n")
+        if info.is_main and owner:  # torchrun reports any failure as 1; `launcher run` reads the real code here
+            write_exit_code(Path(plan.run_dir) / "logs", code)
         teardown(synchronise=code in (0, EXIT_BAD_INPUT, REQUEUE_EXIT_CODE))
     return code
 
@@ -78,28 +85,35 @@ def prepare(cfg: RunConfig) -> Path:
     path = model_dir(cfg.model)
     source = str(ensure_tiny_tasks()) if cfg.data.path == TASKS_NAME else cfg.data.path
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else cache_dir() / "data"
-    return prepare_data(cfg.data, source, path, cache_root, cfg.run.seed)
+    return prepare_data(cfg.data, source, path, cache_root, cfg.run.seed, cfg.task)
 
 
 def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
+    from launcher.config.resolve import resolve_schedule
     from launcher.kernels.attention import attn_implementation
+    from launcher.plan.resume import schedule_note
     from launcher.runtime import checkpoint as ckpt
     from launcher.runtime.build import build_training_model
-    from launcher.runtime.dist import seed_everything
-    from launcher.runtime.loop import Context, train
+    from launcher.runtime.dist import raise_for_test, seed_everything
+    from launcher.runtime.loop import Context, EarlyStopper, train
     from launcher.runtime.metrics import Reporter, plot_losses
     from launcher.runtime.model import load_tokenizer, model_dir
     from launcher.runtime.packing import GlobalOrder, TokenData
+    from launcher.runtime.tasks import build_task
 
     seed_everything(cfg.run.seed)
     run_dir = Path(plan.run_dir)
+    # Rank 0 owns the run directory (the lock) and decides what to resume from, before any work.
+    candidates = ckpt.decide(run_dir / "checkpoints", cfg.checkpoint.resume, info)
     path = model_dir(cfg.model)
     tokenizer = load_tokenizer(path)
     folder = prepare(cfg)
     train_data, val_data = TokenData(folder, "train"), TokenData(folder, "val")
+    labels = json.loads((folder / "meta.json").read_text()).get("labels")
+    cfg = resolve_schedule(cfg, len(train_data))  # epochs, warmup ratio, per-epoch intervals: from the prepared rows
     eval_prompts = [json.loads(line) for line in (folder / "eval_prompts.jsonl").read_text().splitlines()]
     impl = attn_implementation(cfg.kernels.attention, info.device.type)
-    built = build_training_model(plan, cfg, info, path, impl)
+    built = build_training_model(plan, cfg, info, path, impl, labels)
 
     saver = built.saver(run_dir / "checkpoints", info, cfg.checkpoint)
     now = {
@@ -109,17 +123,13 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
         "max_seq_len": cfg.data.max_seq_len,
         "method": cfg.method.name,
         "backend": cfg.parallel.backend,
+        "task": cfg.task,
     }
+    now["max_steps"] = cfg.train.max_steps  # recorded, not compared: a change is announced below
     start_step, tokens_seen = 0, 0.0
-    if cfg.checkpoint.resume == "never" and ckpt.find_resume(run_dir / "checkpoints", "auto", warn=False) is not None:
-        # Starting over here would mix two runs' checkpoints, and retention could delete the new ones.
-        raise ckpt.CheckpointError(
-            f"checkpoint.resume: never, but {run_dir / 'checkpoints'} holds an earlier run's checkpoints; "
-            "resume them (checkpoint.resume=auto), write elsewhere (--out or run.output_dir), or delete them"
-        )
-    resume_from = ckpt.find_resume(run_dir / "checkpoints", cfg.checkpoint.resume, warn=info.is_main)
-    if resume_from is not None:
-        saved = built.load(resume_from, info.rank)
+    found = ckpt.load_first(candidates, built.load, info)  # falls back past a checkpoint that fails
+    if found is not None:
+        resume_from, saved = found
         changed = ckpt.compare_manifest(saved, now, cfg.checkpoint.allow_mismatch)
         start_step, tokens_seen = int(saved["step"]), float(saved.get("tokens_seen", 0.0))
         if info.is_main:
@@ -127,8 +137,19 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
             print(f"launcher: resuming from {resume_from} at step {start_step}{moved}", flush=True)
             for line in changed:
                 print(f"warning: checkpoint.allow_mismatch: {line}", file=sys.stderr, flush=True)
+            note = schedule_note(saved, cfg)
+            if note:
+                print(f"warning: {note}", file=sys.stderr, flush=True)
+            ckpt.cut_metrics(run_dir / "metrics.jsonl", start_step)
 
-    reporter = Reporter(run_dir, info.is_main, cfg.train.max_steps, start_step)
+    max_steps = cfg.train.max_steps or 0  # resolve_schedule filled it
+    if info.is_main and cfg.train.epochs is not None and start_step == 0:
+        print(f"launcher: {cfg.train.epochs:g} epoch(s) of {len(train_data)} rows = {max_steps} steps", flush=True)
+    reporter = Reporter(run_dir, info.is_main, max_steps, start_step)
+    stopping = cfg.train.early_stopping
+    stopper = EarlyStopper(stopping.metric, stopping.mode, stopping.patience, stopping.threshold) if stopping.metric else None
+    if stopper is not None and found is not None:
+        stopper.restore(found[1].get("early_stopping", {}))
     ctx = Context(
         cfg=cfg,
         info=info,
@@ -144,17 +165,22 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
         tokenizer=tokenizer,
         engine=built.engine,
         tokens_seen=tokens_seen,
+        task=build_task(cfg.task, labels),
+        stopper=stopper,
     )
     topology = plan.topology
-    stopped = False
+    stopped = early = False
 
     def on_step_end(step: int) -> bool:
-        nonlocal stopped
+        nonlocal stopped, early
         # A signal during the last step needs no requeue: the run is finishing anyway.
-        stopped = stop.agreed(info.device) and step < cfg.train.max_steps
+        stopped = stop.agreed(info.device) and step < max_steps
+        early = stopper is not None and ctx.evaluated is not None and stopper.should_stop
         saver.poll()
         every = cfg.checkpoint.every
-        if stopped or (every and step % every == 0) or step == cfg.train.max_steps:
+        # With early stopping every evaluation is saved, so the best one can be exported.
+        at_eval = stopper is not None and ctx.evaluated is not None
+        if stopped or early or at_eval or (every and step % every == 0) or step == max_steps:
             manifest = {
                 **now,
                 "step": step,
@@ -165,13 +191,21 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
                 "gradient_accumulation_steps": topology["gradient_accumulation_steps"],
                 "parallel": plan.fsdp["mesh"] if plan.fsdp else {"zero_stage": cfg.parallel.zero_stage},
             }
+            if stopper is not None:
+                manifest["early_stopping"] = stopper.state()
             saved_to = saver.save(built.model, built.optimizer, manifest)
             if stopped:
                 saver.wait()
                 if info.is_main:
                     (run_dir / "checkpoints" / "REQUEUE").write_text(saved_to.name + "\n")
                     reporter.print(f"launcher: saved {saved_to} after a signal; exiting with {REQUEUE_EXIT_CODE} (run again to resume)")
-        return stopped
+        raise_for_test(step, info.rank, info.world_size)  # LAUNCHER_TEST_RAISE_AT_STEP, after the save
+        if early and info.is_main:
+            reporter.print(
+                f"launcher: early stopping at step {step}: {stopper.metric} has not improved for {stopper.patience} evaluation(s); "  # type: ignore[union-attr]
+                f"best {stopper.best:.4f} at step {stopper.best_step}"  # type: ignore[union-attr]
+            )
+        return stopped or early
 
     try:
         train(ctx, start_step, on_step_end)

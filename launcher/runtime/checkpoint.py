@@ -1,42 +1,57 @@
 """Sharded checkpoints (torch.distributed.checkpoint) with a manifest, a COMPLETE marker and retention.
 
-Layout: checkpoints/step-NNNNNNNN/{model_optim/ (DCP), rng/rank-R.pt, manifest.json, COMPLETE} and a
+Layout: checkpoints/step-NNNNNNNN/{model_optim/ (DCP), rng/rank-R.json, manifest.json, COMPLETE} and a
 `latest` symlink moved by atomic rename once COMPLETE exists. A checkpoint without COMPLETE, or
-whose files do not match the sizes its manifest recorded, is never resumed from. Retention never
-deletes the newest complete checkpoint. DeepSpeed's own format goes through engine.py with the
-same layout.
+whose files do not match the sizes and CRC-32s its manifest recorded, is never resumed from.
+Retention never deletes the newest complete checkpoint. DeepSpeed's own format goes through
+engine.py with the same layout.
+
+Checkpoints are data, never code: RNG states are JSON, DCP's pickled `.metadata` is read by an
+unpickler that builds only DCP's own metadata classes, and every other object is read with
+`torch.load(weights_only=True)`. A file planted in a copied run directory cannot run anything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import pickle
 import random
 import shutil
+import sys
 import time
-import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from launcher import __version__
-
-COMPLETE = "COMPLETE"
-MANIFEST = "manifest.json"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be resumed from as asked; one line for the user."""
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:08d}"
+from launcher.plan.resume import (  # noqa: F401  (the torch-free half, re-exported for the runtime)
+    COMPLETE,
+    MANIFEST,
+    CheckpointError,
+    checkpoints,
+    compare_manifest,
+    crc32,
+    find_resume,
+    is_complete,
+    read_manifest,
+    refuse_start_over,
+    resume_candidates,
+    step_dir,
+)
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -49,18 +64,45 @@ def _fsync_write(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as JSON-able data."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(words), gauss],
+        "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / "rng" / f"rank-{rank:05d}.json"
+
+
+def save_rng(folder: Path, rank: int) -> None:
+    rng_file(folder, rank).write_text(json.dumps(rng_state()))
+
+
+def load_rng(folder: Path, rank: int) -> None:
+    """This rank's RNG state; a rank that did not exist at save time keeps its seeded state."""
+    path = rng_file(folder, rank)
+    if path.exists():
+        try:
+            set_rng_state(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{path} is not a valid RNG state ({exc})") from None
 
 
 def file_sizes(folder: Path) -> dict[str, int]:
@@ -69,6 +111,90 @@ def file_sizes(folder: Path) -> dict[str, int]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name not in (COMPLETE, MANIFEST)
     }
+
+
+def file_checksums(folder: Path, names: list[str]) -> dict[str, int]:
+    return {name: crc32(folder / name) for name in names}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata classes, torch sizes and dtypes, and nothing else."""
+
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("pathlib", "PosixPath"),
+        ("pathlib", "Path"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype | torch.memory_format):
+            return getattr(torch, name)
+        if module == "torch.distributed.checkpoint.metadata":
+            found = getattr(dcp_metadata, name, None)
+            if isinstance(found, type) or name == "_MEM_FORMAT_ENCODING":
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose `.metadata` (a pickle) cannot run code."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        path = Path(self.path) / ".metadata"
+        try:
+            with path.open("rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError, KeyError) as exc:
+            raise CheckpointError(f"{path} is not DCP metadata ({exc})") from None
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise CheckpointError(f"{path} is not DCP metadata")
+        storage = getattr(metadata, "storage_meta", None) or dcp_metadata.StorageMeta()
+        storage.load_id = self.load_id
+        metadata.storage_meta = storage
+        return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """Non-tensor values (optimizer hyper-parameters, step counters) read with weights_only."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def safe_load(state: dict[str, Any], path: Path, no_dist: bool = False) -> None:
+    """dcp.load that reads data only (see SafeReader, SafePlanner)."""
+    SafeReader(str(path)).read_metadata()  # a bad .metadata is one clear line, before DCP's own logging
+    dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner(), no_dist=no_dist)
+
+
+@contextlib.contextmanager
+def save_errors(folder: Path) -> Iterator[None]:
+    """ENOSPC, EROFS, EACCES while saving (raised here or inside DCP on any rank) → one
+    CheckpointError line naming the folder; the last complete checkpoint stays as it was."""
+    try:
+        yield
+    except (OSError, CheckpointException) as exc:
+        cause: BaseException = exc
+        for failure in getattr(exc, "failures", {}).values():  # DCP: rank -> (exception, traceback)
+            cause = failure[0] if isinstance(failure, tuple) else failure
+        reason = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[0][:200]
+        where = getattr(cause, "filename", None) or folder
+        latest = folder.parent / "latest"
+        kept = (
+            f"the last complete checkpoint ({os.readlink(latest)}) is kept" if latest.is_symlink() else "no complete checkpoint exists yet"
+        )
+        raise CheckpointError(
+            f"{where}: cannot save the checkpoint ({reason}); {kept}; free some space, then run again to resume"
+        ) from None
 
 
 @dataclass
@@ -93,19 +219,21 @@ class Saver:
                 shutil.rmtree(folder)
             (folder / "rng").mkdir(parents=True)
         dist.barrier()
-        torch.save(rng_state(), folder / "rng" / f"rank-{self.rank:05d}.pt")
+        save_rng(folder, self.rank)
         return folder
 
     def save(self, model: torch.nn.Module, optimizer: Any, manifest: dict[str, Any]) -> Path:
-        folder = self.begin(manifest["step"])
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        if self.async_save:
-            self._pending = dcp.async_save(state, checkpoint_id=str(folder / "model_optim"), process_group=self.group)
-            self._pending_finish = (folder, manifest)
-        else:
-            dcp.save(state, checkpoint_id=str(folder / "model_optim"))
-            self._finish(folder, manifest)
+        folder = step_dir(self.root, manifest["step"])
+        with save_errors(folder):
+            folder = self.begin(manifest["step"])
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            if self.async_save:
+                self._pending = dcp.async_save(state, checkpoint_id=str(folder / "model_optim"), process_group=self.group)
+                self._pending_finish = (folder, manifest)
+            else:
+                dcp.save(state, checkpoint_id=str(folder / "model_optim"))
+                self._finish(folder, manifest)
         return folder
 
     def poll(self) -> bool:
@@ -133,7 +261,8 @@ class Saver:
             time.sleep(3600)
         dist.barrier(group=self.group)  # every rank's shard is on disk
         if self.rank == 0:
-            record = {**manifest, "launcher_version": __version__, "files": file_sizes(folder)}
+            sizes = file_sizes(folder)
+            record = {**manifest, "launcher_version": __version__, "files": sizes, "checksums": file_checksums(folder, list(sizes))}
             _fsync_write(folder / MANIFEST, json.dumps(record, indent=2) + "\n")
             _fsync_write(folder / COMPLETE, "")
             link = self.root / "latest.tmp"
@@ -144,55 +273,22 @@ class Saver:
         dist.barrier(group=self.group)
 
 
-def is_complete(folder: Path) -> tuple[bool, str]:
-    """(usable, reason if not): COMPLETE present, manifest readable, every file at its recorded size."""
-    if not (folder / COMPLETE).exists():
-        return False, "no COMPLETE marker (the save did not finish)"
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False, "manifest.json missing or unreadable"
-    for name, size in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            return False, f"{name} is missing"
-        if path.stat().st_size != size:
-            return False, f"{name} has {path.stat().st_size} bytes, the manifest recorded {size} (truncated?)"
-    return True, ""
-
-
-def checkpoints(root: Path) -> list[Path]:
-    return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
-
-
-def find_resume(root: Path, resume: str, warn: bool = True) -> Path | None:
-    """The checkpoint to resume from: `never` → None; a path → it (must be complete); `auto` → newest complete."""
-    if resume == "never":
-        return None
-    if resume != "auto":
-        folder = Path(resume)
-        ok, reason = is_complete(folder)
-        if not ok:
-            raise CheckpointError(f"checkpoint.resume: {folder} cannot be resumed from: {reason}")
-        return folder
-    for folder in checkpoints(root):
-        ok, reason = is_complete(folder)
-        if ok:
-            return folder
-        if warn:
-            warnings.warn(f"skipping checkpoint {folder}: {reason}", stacklevel=2)
-    return None
-
-
 def load(folder: Path, model: torch.nn.Module, optimizer: Any, rank: int) -> dict[str, Any]:
     """Load model and optimizer (resharded by DCP to this world size) and this rank's RNG state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / "model_optim"))  # fills in place
+    safe_load({"model": model_sd, "optim": optim_sd}, folder / "model_optim")  # fills in place
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    rng_file = folder / "rng" / f"rank-{rank:05d}.pt"
-    if rng_file.exists():  # a rank that did not exist at save time keeps its seeded state
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((folder / MANIFEST).read_text())
+    load_rng(folder, rank)
+    return read_manifest(folder)
+
+
+def best_checkpoint(newest: Path) -> Path | None:
+    """The checkpoint early stopping recorded as best, from the newest manifest (None without early stopping)."""
+    try:
+        step = json.loads((newest / MANIFEST).read_text()).get("early_stopping", {}).get("best_step")
+    except (OSError, ValueError):
+        return None
+    return step_dir(newest.parent, int(step)) if isinstance(step, int) else None
 
 
 def retain(root: Path, keep_last: int) -> None:
@@ -202,6 +298,9 @@ def retain(root: Path, keep_last: int) -> None:
         return
     keep = set(complete[: max(keep_last, 1)])
     newest = complete[0]
+    best = best_checkpoint(newest)
+    if best is not None:
+        keep.add(best)  # early stopping's best evaluation is never deleted
     for folder in checkpoints(root):
         if folder in keep:
             continue
@@ -209,16 +308,90 @@ def retain(root: Path, keep_last: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def compare_manifest(saved: dict[str, Any], now: dict[str, Any], allow_mismatch: bool) -> list[str]:
-    """What changed since the checkpoint that makes resuming inexact; raises unless allowed."""
-    changed = [
-        f"{key}: {saved.get(key)!r} -> {now[key]!r}"
-        for key in ("data_fingerprint", "global_batch_size", "seed", "max_seq_len", "method", "backend")
-        if key in saved and saved.get(key) != now[key]
-    ]
-    if changed and not allow_mismatch:
+def _broadcast(value: Any) -> Any:
+    """Rank 0's value on every rank (objects travel between our own processes only)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def decide(root: Path, resume: str, info: Any) -> list[Path]:
+    """Rank 0 takes the run directory's lock (unless `launcher run` above it holds it) and lists the
+    checkpoints to try, best first; every rank gets the same list or raises the same error."""
+    from launcher.runlock import RunDirBusy, acquire
+
+    answer: dict[str, Any] = {}
+    if info.is_main:
+        try:
+            acquire(root.parent)
+            # A placeholder with content: on a full disk, the final exit code reuses its block.
+            (root.parent / "logs").mkdir(exist_ok=True)
+            (root.parent / "logs" / "exit_code").write_text(" \n")
+            refuse_start_over(root, resume)
+            found, skipped = resume_candidates(root, resume)
+            for line in skipped:
+                print(f"warning: {line}", file=sys.stderr, flush=True)
+            answer = {"candidates": [str(p) for p in found]}
+        except CheckpointError as exc:
+            answer = {"error": str(exc), "busy": isinstance(exc, RunDirBusy)}
+    answer = _broadcast(answer)
+    if "error" in answer:
+        raise (RunDirBusy if answer["busy"] else CheckpointError)(answer["error"])
+    return [Path(p) for p in answer["candidates"]]
+
+
+def load_first(candidates: list[Path], load_one: Any, info: Any) -> tuple[Path, dict[str, Any]] | None:
+    """Load the first candidate that verifies (CRC-32, rank 0) and loads on every rank; a bad one
+    falls back to the next with one warning line. None when there is nothing to resume."""
+    for index, folder in enumerate(candidates):
+        reason = is_complete(folder, verify=True)[1] if info.is_main else ""
+        reason = _broadcast(reason)
+        saved: dict[str, Any] = {}
+        if not reason:
+            try:
+                saved = load_one(folder, info.rank)
+                failed = 0.0
+            except Exception as exc:  # any rank's failure to read the files: agreed below, then fall back
+                failed, reason = 1.0, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            flag = torch.tensor([failed], device=info.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() == 0:
+                return folder, saved
+            reason = reason or "it failed to load on another rank"
+        if info.is_main:
+            after = f"falling back to {candidates[index + 1]}" if index + 1 < len(candidates) else "no older complete checkpoint is left"
+            print(f"warning: checkpoint {folder} cannot be loaded ({reason}); {after}", file=sys.stderr, flush=True)
+    if candidates:
         raise CheckpointError(
-            "checkpoint.resume: the run changed since the checkpoint (" + "; ".join(changed) + "); "
-            "restore the settings, start fresh with checkpoint.resume=never, or set checkpoint.allow_mismatch=true"
+            f"checkpoint.resume: none of the {len(candidates)} complete checkpoint(s) could be loaded (see the warnings above); "
+            "delete them to start over, or start a fresh run in another directory (--out DIR)"
         )
-    return changed
+    return None
+
+
+def cut_metrics(path: Path, step: int) -> None:
+    """Keep metrics.jsonl records up to `step` only: steps replayed after a resume (or a fallback
+    to an older checkpoint) are logged again, never twice."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    _fsync_write(path, "".join(kept))
+
+
+def write_exit_code(logs: Path, code: int) -> None:
+    """logs/exit_code, rewritten in place: on a full disk the old file's block is reused."""
+    try:
+        logs.mkdir(exist_ok=True)
+        with (logs / "exit_code").open("a+") as handle:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{code}\n")
+    except OSError as exc:
+        print(f"error: {logs / 'exit_code'}: cannot write the exit code {code} ({exc.strerror})", file=sys.stderr, flush=True)

@@ -156,10 +156,12 @@ def find_blocks(model: nn.Module, layer_class: str = "") -> list[nn.Module]:
         found = [m for m in model.modules() if type(m).__name__ in (layer_class, f"FSDP{layer_class}")]
         if found:
             return found
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1]
+    lists: list[nn.ModuleList] = [
+        m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1
+    ]
     if not lists:
         raise ModelError(f"model.layer_class: no {layer_class or 'repeated block list'} in this model; set it to the block class")
-    return list(max(lists, key=lambda blocks: len(blocks)))
+    return list(max(lists, key=lambda blocks: len(list(blocks))))
 
 
 def head_modules(model: nn.Module) -> list[nn.Module]:
