@@ -1,15 +1,34 @@
-"""`launcher run` / `prepare` / `status`: what happens on the machine where the command is typed."""
+"""`launcher run` / `prepare`: what happens on the machine where the command is typed.
+
+`run` starts launch.sh (torchrun) in its own session, so a Ctrl-C at the terminal reaches only this
+process, which passes exactly one signal on; torchrun forwards it to the ranks (they save at the next
+step boundary and exit 75). A second Ctrl-C kills every process the run started. The output is
+streamed and copied to logs/launcher.log; a failed run ends with one line naming the rank that failed.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
+from typing import IO
 
 from launcher.plan import Plan
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_REQUEUE = 75
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def prepare(plan: Plan) -> int:
@@ -23,7 +42,7 @@ def prepare(plan: Plan) -> int:
 
 
 def run_local(plan: Plan) -> int:
-    """Prepare, then run launch.sh (torchrun) here; stream its output; return its exit code."""
+    """Prepare, then run launch.sh (torchrun) here; stream and log its output; return its exit code."""
     if plan.topology["nodes"] != 1:
         print(
             f"error: cluster.nodes: {plan.topology['nodes']} nodes cannot run on this machine; "
@@ -34,21 +53,183 @@ def run_local(plan: Plan) -> int:
     code = prepare(plan)
     if code != 0:
         return code
-    marker = Path(plan.run_dir) / "checkpoints" / "REQUEUE"
-    exit_file = Path(plan.run_dir) / "logs" / "exit_code"
-    marker.unlink(missing_ok=True)
-    exit_file.unlink(missing_ok=True)
-    launch = Path(plan.run_dir) / "launch.sh"
+    run_dir = Path(plan.run_dir)
+    logs = run_dir / "logs"
+    (run_dir / "checkpoints" / "REQUEUE").unlink(missing_ok=True)
+    for stale in (logs / "exit_code", logs / "failure", *(logs / "errors").glob("rank-*.json")):
+        stale.unlink(missing_ok=True)
+    write_state(run_dir, "running", job="local", attempt=1)
+    launch = run_dir / "launch.sh"
     print(f"launcher: {plan.topology['world_size']} process(es): bash {launch}", flush=True)
-    done = subprocess.run(["bash", str(launch)], env=os.environ.copy())
-    if done.returncode != 0 and exit_file.exists():
+    with open(logs / "launcher.log", "a", encoding="utf-8") as log:
+        code = _supervise(["bash", str(launch)], log)
+    if code not in (0, EXIT_INTERRUPTED) and (logs / "exit_code").exists():
         # torchrun turns every worker failure into 1; rank 0 recorded what it meant (2 bad input, 75 saved on a signal).
-        return int(exit_file.read_text().strip() or done.returncode)
-    return done.returncode
+        code = int((logs / "exit_code").read_text().strip() or code)
+    if code == 0:
+        write_state(run_dir, "done", job="local", attempt=1)
+    elif code == EXIT_REQUEUE:
+        write_state(run_dir, "preempted", job="local", attempt=1)
+    else:
+        line = failure_line(run_dir, code)
+        (logs / "failure").write_text(line + "\n")
+        write_state(run_dir, "failed", job="local", attempt=1)
+        print(f"launcher: {line}", file=sys.stderr, flush=True)
+    return code
+
+
+def _supervise(argv: list[str], log: IO[str]) -> int:
+    """Run argv in its own session; pass signals on; tee its output; leave no process behind."""
+    _become_subreaper()  # ranks orphaned by a dying torchrun are re-parented here, not to init
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lock = threading.Lock()
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, log, lock), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, log, lock), daemon=True),
+    ]
+    for pump in pumps:
+        pump.start()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            name = signal.Signals(signum).name
+            print(
+                f"launcher: {name}: the ranks save at the next step boundary and stop (Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+            _send(proc.pid, signum)  # torchrun forwards it to every rank, once
+        elif signum == signal.SIGINT:
+            print("launcher: second Ctrl-C: stopping every process of the run now, without saving", file=sys.stderr, flush=True)
+            _kill_all(proc.pid)
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in FORWARDED}
+    try:
+        code = proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _kill_all(None)  # whatever outlived torchrun (it was killed, or a rank ignored it)
+        for pump in pumps:
+            pump.join(timeout=10)
+    if signal.SIGINT in received[1:]:
+        return EXIT_INTERRUPTED
+    return code
+
+
+def _pump(source: IO[str] | None, sink: IO[str], log: IO[str], lock: threading.Lock) -> None:
+    """Copy lines to the console and the log. torchrun's own traceback for the signal it passed on
+    (SignalException: the expected way it ends after a save) goes to the log only."""
+    assert source is not None
+    held: list[str] = []  # an unprefixed (torchrun's) traceback, until its last line says what it was
+    for line in source:
+        with lock:
+            log.write(line)
+            log.flush()
+            if line.startswith("Traceback (most recent call last):") or (held and line[:1].isspace()):
+                held.append(line)
+                continue
+            if held and "SignalException" not in line:
+                sink.write("".join(held))
+            if not (held and "SignalException" in line):
+                sink.write(line)
+            held = []
+            sink.flush()
+    sink.write("".join(held))
+    sink.flush()
+
+
+def _send(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _become_subreaper() -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _descendants(root: int) -> list[int]:
+    """PIDs below root in the process tree (from /proc), deepest last."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_all(top: int | None) -> None:
+    """SIGKILL top (if given) and everything below this process that the run started."""
+    for pid in ([top] if top else []) + _descendants(os.getpid()):
+        _send(pid, signal.SIGKILL)
+
+
+# --- state and failures, shared with job.sbatch (`python -m launcher.run_local ...`) --------------
+
+
+def write_state(run_dir: Path, state: str, job: str, attempt: int) -> None:
+    """logs/state: `STATE JOB ATTEMPT TIME` (job.sbatch writes the same line)."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs" / "state").write_text(f"{state} {job} {attempt} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+
+
+def rank_errors(run_dir: Path) -> list[dict]:
+    """The ranks' error reports (runtime/dist.py), root cause first: a rank that only saw a broken
+    connection to a dead peer comes after one that raised on its own; then by time."""
+    found = []
+    for path in sorted((run_dir / "logs" / "errors").glob("rank-*.json")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return sorted(found, key=lambda r: (bool(r.get("secondary")), float(r.get("time", 0))))
+
+
+def failure_line(run_dir: Path, code: int) -> str:
+    """One line: which rank, which exception, where; or what is known without a report."""
+    errors = rank_errors(run_dir)
+    if not errors:
+        return (
+            f"failed with exit code {code}; no rank reported an exception (a rank was killed: out of memory, "
+            f"a signal, a node failure); see {run_dir / 'logs'}"
+        )
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more rank(s))" if len(errors) > 1 else ""
+    return (
+        f"failed: rank {first['rank']} on {first['host']}: {first['exception']}: {first['message']} "
+        f"at {first['where']}{more}; full output in {run_dir / 'logs'}"
+    )
+
+
+def complete_checkpoints(run_dir: Path) -> Iterator[Path]:
+    """Checkpoint folders with a COMPLETE marker, newest first (no torch: `status` and job.sbatch use it)."""
+    root = run_dir / "checkpoints"
+    for folder in sorted(root.glob("step-*"), reverse=True):
+        if (folder / "COMPLETE").exists():
+            yield folder
+
+
+def last_complete(run_dir: Path) -> str:
+    return next((p.name for p in complete_checkpoints(run_dir)), "none")
 
 
 def status(run_dir: str) -> int:
-    """SLURM state of the run's last job (if any) and its last logged step."""
+    """State (running, preempted, requeued, failed with its line, done), SLURM job and attempt, last
+    logged step, last complete checkpoint."""
     folder = Path(run_dir)
     if not (folder / "plan.json").exists():
         print(f"error: {run_dir}: not a run directory (no plan.json)", file=sys.stderr)
@@ -59,18 +240,49 @@ def status(run_dir: str) -> int:
         done = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
         fields = dict(item.split("=", 1) for item in done.stdout.split() if "=" in item)
         state = fields.get("JobState", "unknown (not known to slurmctld any more)")
-        print(f"job {job}: {state}  restarts {fields.get('Restarts', '?')}  nodes {fields.get('NodeList', '?')}")
-    metrics = folder / "metrics.jsonl"
+        restarts = fields.get("Restarts", "?")
+        attempt = int(restarts) + 1 if restarts.isdigit() else "?"
+        print(f"job {job}: {state}  attempt {attempt}  restarts {restarts}  nodes {fields.get('NodeList', '?')}")
+    state_file = folder / "logs" / "state"
+    if state_file.exists():
+        word, job, attempt, when = (state_file.read_text().split() + ["?"] * 4)[:4]
+        failure = folder / "logs" / "failure"
+        reason = f": {failure.read_text().strip()}" if word == "failed" and failure.exists() else ""
+        print(f"state: {word} (job {job}, attempt {attempt}, since {when}){reason}")
+    else:
+        print("state: not started")
     last = None
+    metrics = folder / "metrics.jsonl"
     if metrics.exists():
         for line in metrics.read_text().splitlines():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line still being written
+                continue
             if "loss" in record:
                 last = record
     if last is None:
-        print("no step logged yet")
+        print("step: none logged yet")
     else:
         print(f"step {last['step']}  loss {last['loss']:.4f}  lr {last['lr']:.2e}  elapsed {last['elapsed']:.0f}s")
-    latest = folder / "checkpoints" / "latest"
-    print(f"latest checkpoint: {os.readlink(latest) if latest.is_symlink() else 'none'}")
+    print(f"last complete checkpoint: {last_complete(folder)}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """job.sbatch's helpers: `last-complete RUN_DIR`, `failure-line RUN_DIR CODE`, `state RUN_DIR STATE JOB ATTEMPT`."""
+    match argv:
+        case ["last-complete", run_dir]:
+            print(last_complete(Path(run_dir)))
+        case ["failure-line", run_dir, code]:
+            print(failure_line(Path(run_dir), int(code)))
+        case ["state", run_dir, state, job, attempt]:
+            write_state(Path(run_dir), state, job, int(attempt))
+        case _:
+            print(f"usage: python -m launcher.run_local {main.__doc__}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

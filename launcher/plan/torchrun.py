@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from launcher.config.schema import ClusterSection
 from launcher.plan.topology import Topology
@@ -13,6 +14,13 @@ RDZV_PORT = "${LAUNCHER_RDZV_PORT}"
 RDZV_ID = "${LAUNCHER_RDZV_ID}"
 RDZV_ENDPOINT = f"{HEAD_ADDR}:{RDZV_PORT}"
 _PLACEHOLDERS = frozenset({RDZV_ENDPOINT, RDZV_ID})
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT"
+MIN_SHUTDOWN_SECONDS = 120
+
+
+def shutdown_timeout(cluster: ClusterSection) -> int:
+    """Seconds torchrun waits for the ranks after a signal: the save window SLURM gives, at least 2 min."""
+    return max(cluster.signal_seconds, MIN_SHUTDOWN_SECONDS)
 
 
 def build_torchrun_argv(cluster: ClusterSection, topology: Topology, plan_path: str, python: str) -> list[str]:
@@ -36,6 +44,17 @@ def build_torchrun_argv(cluster: ClusterSection, topology: Topology, plan_path: 
         str(topology.procs_per_node),
         "--max_restarts",
         str(cluster.max_restarts),
+        # torchrun passes these on to the ranks, which save at the next step boundary and exit 75;
+        # it SIGKILLs them only after the shutdown timeout, which must cover a save.
+        "--signals-to-handle",
+        FORWARDED_SIGNALS,
+        "--shutdown-timeout",
+        str(shutdown_timeout(cluster)),
+        # Every rank's output also in RUN/logs/torchrun/<attempt>/<local rank>/, and prefixed on the console.
+        "--log-dir",
+        str(Path(plan_path).parent / "logs" / "torchrun"),
+        "--tee",
+        "3",
         "-m",
         "launcher.runtime",
         "--plan",

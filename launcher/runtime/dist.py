@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import socket
+import time
+import traceback
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,8 +75,54 @@ def teardown(synchronise: bool) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- failure reports --------------------------------------------------------------------------------
+
+ERRORS_DIR = "errors"  # under RUN/logs: one JSON file per failed rank, read by `launcher run` and job.sbatch
+# A rank that fails because another one died sees only the broken connection: report it second.
+SECONDARY = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def write_error_file(logs_dir: Path, rank: int, exc: BaseException) -> Path:
+    """Record one rank's exception (type, first line, innermost frame) as logs/errors/rank-NNNNN.json."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+    message = (str(exc).strip().splitlines() or [""])[0][:300]
+    record = {
+        "rank": rank,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "exception": type(exc).__name__,
+        "message": message,
+        "where": where,
+        "time": time.time(),
+        "secondary": any(marker in str(exc) for marker in SECONDARY),
+    }
+    folder = logs_dir / ERRORS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"rank-{rank:05d}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def quiet_warnings() -> None:
+    """Third-party warnings (DeepSpeed's FutureWarnings, ...): one line each, each only once per rank."""
+    warnings.simplefilter("once")
+
+    def one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+        text = (str(message).strip().splitlines() or [""])[0]
+        return f"warning: {category.__name__}: {text} ({Path(filename).name}:{lineno})\n"
+
+    warnings.formatwarning = one_line
+
+
+def raise_for_test(step: int, rank: int, world_size: int) -> None:
+    """Test hook: LAUNCHER_TEST_RAISE_AT_STEP=N makes the last rank raise after step N (and its save)."""
+    if os.environ.get("LAUNCHER_TEST_RAISE_AT_STEP") == str(step) and rank == world_size - 1:
+        raise RuntimeError(f"LAUNCHER_TEST_RAISE_AT_STEP={step}: test failure on rank {rank}")

@@ -1,8 +1,9 @@
-"""SIGUSR1 / SIGTERM → stop at the next step boundary, after a checkpoint, with the requeue code.
+"""SIGUSR1 / SIGTERM / SIGINT → stop at the next step boundary, after a checkpoint, with the requeue code.
 
 The handler only records the signal; the loop asks every rank at each step boundary (one small
 all-reduce), so a signal that reaches only one rank still stops all of them at the same step. A
-second signal while saving changes nothing.
+second USR1/TERM while saving changes nothing (SLURM and torchrun may each pass one on). A second
+SIGINT is a person pressing Ctrl-C again: stop now, without saving.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class StopFlag:
@@ -26,8 +27,14 @@ class StopFlag:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            # The next Ctrl-C takes the default action: the process ends at once, even inside a
+            # collective (a Python handler would only run once the C call returned).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         if self.signum is None:
-            print(f"launcher: received {signal.Signals(signum).name}; saving at the next step boundary", file=sys.stderr, flush=True)
+            again = " (Ctrl-C again to stop at once, without saving)" if signum == signal.SIGINT else ""
+            name = signal.Signals(signum).name
+            print(f"launcher: received {name}; saving at the next step boundary{again}", file=sys.stderr, flush=True)
         self.signum = signum
 
     def agreed(self, device: torch.device) -> bool:
