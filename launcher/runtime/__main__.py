@@ -80,10 +80,11 @@ def prepare(cfg: RunConfig) -> Path:
     """Tiny model (if asked for) and the tokenised, packed data cache; returns the cache folder."""
     from launcher.runtime.model import model_dir
     from launcher.runtime.packing import prepare_data
-    from launcher.runtime.tiny import TASKS_NAME, cache_dir, ensure_tiny_tasks
+    from launcher.runtime.tiny import cache_dir, shipped_data
 
     path = model_dir(cfg.model)
-    source = str(ensure_tiny_tasks()) if cfg.data.path == TASKS_NAME else cfg.data.path
+    shipped = shipped_data(cfg.data.path)
+    source = str(shipped) if shipped is not None else cfg.data.path
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else cache_dir() / "data"
     return prepare_data(cfg.data, source, path, cache_root, cfg.run.seed, cfg.task)
 
@@ -110,6 +111,8 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     folder = prepare(cfg)
     train_data, val_data = TokenData(folder, "train"), TokenData(folder, "val")
     labels = json.loads((folder / "meta.json").read_text()).get("labels")
+    if labels and info.is_main:  # the label map belongs to the run (export writes it into config.json)
+        (run_dir / "labels.json").write_text(json.dumps(labels) + "\n")
     cfg = resolve_schedule(cfg, len(train_data))  # epochs, warmup ratio, per-epoch intervals: from the prepared rows
     eval_prompts = [json.loads(line) for line in (folder / "eval_prompts.jsonl").read_text().splitlines()]
     impl = attn_implementation(cfg.kernels.attention, info.device.type)

@@ -194,15 +194,20 @@ def _checkpoint_name(name: str) -> str:
     return re.sub(r"\.default(?=\.|$)", "", name.removeprefix("model."))
 
 
-def write_adapter(read: Any, cfg: RunConfig, out: Path) -> int:
-    """Write the trained adapter alone in peft's format (adapter_config.json + adapter_model.safetensors)."""
+def write_adapter(read: Any, cfg: RunConfig, out: Path, heads: list[str] | None = None) -> int:
+    """Write the trained adapter alone in peft's format (adapter_config.json + adapter_model.safetensors);
+    a classifier's head (trained in full) goes with it as peft's `modules_to_save`."""
     from peft import PromptTuningConfig
     from safetensors.torch import save_file
 
     from launcher.runtime.model import model_dir
 
     tensors: dict[str, torch.Tensor] = {}
+    head_prefixes = tuple(f"base_model.model.{h}." for h in heads or [])
     for name, tensor in read.items():
+        if head_prefixes and _checkpoint_name(name).startswith(head_prefixes):
+            tensors[_checkpoint_name(name)] = tensor.float().contiguous()
+            continue
         if not is_adapter(name):
             continue
         key = _checkpoint_name(name)
@@ -215,42 +220,68 @@ def write_adapter(read: Any, cfg: RunConfig, out: Path) -> int:
     if method.name == "prompt_tuning":
         config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.prompt_tuning.num_virtual_tokens)
     else:
-        config = lora_config(method.lora)
+        config = lora_config(method.lora, cfg.task)
+    if heads:
+        config.task_type = "SEQ_CLS"
+        config.modules_to_save = [h.rpartition(".")[2] for h in heads]
     config.base_model_name_or_path = str(model_dir(cfg.model))
     config.save_pretrained(str(out))
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     return len(tensors)
 
 
-def merged_tensors(read: Any, cfg: RunConfig, base: Path, dtype: torch.dtype) -> Any:
+def merged_tensors(
+    read: Any, cfg: RunConfig, base: Path, dtype: torch.dtype, heads: list[str] | None = None, expected: dict[str, Any] | None = None
+) -> Any:
     """The base model's tensors (from its own safetensors) with W + (alpha / r) B A merged in.
 
     Frozen base weights are read from the original files rather than the checkpoint, so a QLoRA
-    adapter merges into the unquantised weights. Yields (Hugging Face name, tensor).
+    adapter merges into the unquantised weights. GPT-2's Conv1D stores W transposed (peft's
+    fan_in_fan_out): found by module type on a meta copy of the model, not by shape. For a
+    classifier, `expected` is the exported model's keys (the base's lm_head is left out) and the
+    trained head comes from the checkpoint. Yields (Hugging Face name, tensor).
     """
     from safetensors import safe_open
+    from transformers.pytorch_utils import Conv1D
 
+    from launcher.runtime.model import build_on_meta
+
+    meta = build_on_meta(base, cfg.model, "sdpa", torch.float32, cfg.task, None if expected is None else ["_"] * 2)
+    transposed = {f"{name}.weight" for name, module in meta.named_modules() if isinstance(module, Conv1D)}
     lora = cfg.method.lora
     scale = lora.alpha / lora.r
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    head_tensors: list[tuple[str, torch.Tensor]] = []
+    head_prefixes = tuple(f"{h}." for h in heads or [])
     for name, tensor in read.items():
+        inner = _checkpoint_name(name).removeprefix("base_model.model.")
+        if head_prefixes and inner.startswith(head_prefixes):
+            head_tensors.append((inner, tensor))
         if "lora_" not in name:
             continue
-        module, _, rest = _checkpoint_name(name).removeprefix("base_model.model.").partition(".lora_")
+        module, _, rest = inner.partition(".lora_")
         pairs.setdefault(f"{module}.weight", {})[rest.split(".")[0]] = tensor.float()  # A, B, embedding_A, embedding_B
+    prefixes = sorted({k.split(".")[0] for k in (expected or {})})
     merged = 0
     for file in sorted(base.glob("*.safetensors")):
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                tensor = handle.get_tensor(key)
+            for stored in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                key = stored
+                if expected is not None:  # a base saved without its prefix (BertModel) → the classifier's name
+                    key = next((k for k in (stored, *(f"{p}.{stored}" for p in prefixes)) if k in expected), "")
+                    if not key:
+                        continue
+                tensor = handle.get_tensor(stored)
                 pair = pairs.get(key)
                 if pair is not None:
                     if "A" in pair:
                         delta = pair["B"] @ pair["A"]
+                        delta = delta.T if key in transposed else delta
                     else:  # an embedding's LoRA: A is [r, vocab], B is [dim, r]
                         delta = (pair["embedding_B"] @ pair["embedding_A"]).T
                     tensor = (tensor.float() + scale * delta).to(dtype)
                     merged += 1
                 yield key, tensor
+    yield from head_tensors
     if merged != len(pairs):
         raise ModelError(f"merged {merged} of {len(pairs)} LoRA pairs into {base}; the base does not match the checkpoint")

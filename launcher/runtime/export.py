@@ -68,31 +68,41 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
         read = DcpModelReader(folder / "model_optim")
     out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[cfg.model.dtype]
+    labels = json.loads((run_dir / "labels.json").read_text()) if cfg.task == "classification" else None
+    heads = head_names(base, cfg, labels) if labels else []
     if cfg.method.name in ("lora", "qlora", "prompt_tuning") and not merge:
         from launcher.runtime.adapters import write_adapter
 
-        count = write_adapter(read, cfg, out)
+        count = write_adapter(read, cfg, out, heads)
     elif cfg.method.name in ("lora", "qlora"):
         from launcher.runtime.adapters import merged_tensors
 
-        count = write_model(merged_tensors(read, cfg, base, dtype), out, dtype)
-        _copy_side_files(base, out, dtype)
+        _copy_side_files(base, out, dtype, cfg.task, labels)
+        count = write_model(merged_tensors(read, cfg, base, dtype, heads, expected_keys(out, cfg.task)), out, dtype)
     else:
+        _copy_side_files(base, out, dtype, cfg.task, labels)
         count = write_model(((name.removeprefix("model."), tensor) for name, tensor in read.items()), out, dtype)
-        _copy_side_files(base, out, dtype)
-        verify(out, base)
+    verify(out, cfg.task)
     return count
+
+
+def head_names(base: Path, cfg: Any, labels: list[str]) -> list[str]:
+    """A classifier's head modules (score / classifier, a pooler), by structure, named as in the model."""
+    from launcher.runtime.model import build_on_meta, head_modules
+
+    model = build_on_meta(base, cfg.model, "sdpa", torch.float32, cfg.task, labels)
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(module)] for module in head_modules(model)]
 
 
 class DcpModelReader:
     """Model tensors of a DCP checkpoint, loaded in groups of at most MAX_SHARD_BYTES."""
 
     def __init__(self, path: Path) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = path
-        metadata = FileSystemReader(str(path)).read_metadata()
+        metadata = ckpt.SafeReader(str(path)).read_metadata()  # a pickle: read by the restricted unpickler
         self.tensors = {
             key: meta
             for key, meta in metadata.state_dict_metadata.items()
@@ -103,19 +113,17 @@ class DcpModelReader:
         return list(self.tensors)
 
     def items(self):  # -> Iterator[tuple[str, torch.Tensor]]
-        import torch.distributed.checkpoint as dcp
-
         group: dict[str, torch.Tensor] = {}
         size = 0
         for key, meta in self.tensors.items():
             group[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
             size += group[key].numel() * group[key].element_size()
             if size >= MAX_SHARD_BYTES:
-                dcp.load(group, checkpoint_id=str(self.path), no_dist=True)
+                ckpt.safe_load(group, self.path, no_dist=True)
                 yield from group.items()
                 group, size = {}, 0
         if group:
-            dcp.load(group, checkpoint_id=str(self.path), no_dist=True)
+            ckpt.safe_load(group, self.path, no_dist=True)
             yield from group.items()
 
 
@@ -155,32 +163,53 @@ def write_model(tensors, out: Path, dtype: torch.dtype) -> int:  # tensors: Iter
     return len(weight_map)
 
 
-def _copy_side_files(base: Path, out: Path, dtype: torch.dtype) -> None:
-    """Tokenizer and generation config as they are; config.json with the dtype actually written."""
+def _copy_side_files(base: Path, out: Path, dtype: torch.dtype, task: str = "causal_lm", labels: list[str] | None = None) -> None:
+    """Tokenizer and generation config as they are; config.json with the dtype actually written and,
+    for a classifier, its architecture and label map (id2label / label2id)."""
     for name in ("generation_config.json", *_TOKENIZER_FILES):
         if (base / name).exists():
             shutil.copy2(base / name, out / name)
     config = json.loads((base / "config.json").read_text())
     written = str(dtype).removeprefix("torch.")
     config.update({key: written for key in ("dtype", "torch_dtype") if key in config} or {"dtype": written})
+    if labels is not None:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+        config["architectures"] = [MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[config["model_type"]]]
+        config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        config["label2id"] = {name: i for i, name in enumerate(labels)}
+        if config.get("pad_token_id") is None:
+            eos = config.get("eos_token_id")
+            config["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def verify(out: Path, base: Path) -> None:
+def expected_keys(out: Path, task: str) -> dict[str, Any]:
+    """Parameter name → shape of the model the exported config.json describes."""
+    from transformers import AutoConfig
+
+    from launcher.runtime.model import model_class
+
+    config = AutoConfig.from_pretrained(out)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in model_class(task).from_config(config).state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    return expected
+
+
+def verify(out: Path, task: str) -> None:
     """Every parameter the architecture expects is present with the right shape."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(base)
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    if not (out / "config.json").exists():
+        return  # an adapter: peft's own files
+    expected = expected_keys(out, task)
     found: dict[str, Any] = {}
     for file in out.glob("*.safetensors"):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118
                 found[key] = handle.get_slice(key).get_shape()
-    if getattr(config, "tie_word_embeddings", False):
-        expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(found))
     if missing:
         raise ExportError(f"{out}: {len(missing)} parameters were not written, e.g. {missing[0]}")

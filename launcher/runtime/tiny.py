@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
@@ -18,6 +19,8 @@ from launcher.config.resolve import TINY_LLAMA
 TINY_VERSION = "v2"  # bump when the task set, tokenizer or model recipe changes
 TASKS_NAME = "tiny-tasks"
 N_TASKS = 12000
+SENTIMENT_NAME = "tiny-sentiment"
+N_SENTIMENT = 4000
 
 _WORDS = (
     "cat dog fox owl bee ant elk yak emu cow pig hen bat rat eel cod jay ram ewe doe "
@@ -70,16 +73,52 @@ def tiny_tasks(n: int = N_TASKS, seed: int = 0) -> list[dict[str, str]]:
     return [make_task(rng) for _ in range(n)]
 
 
-def ensure_tiny_tasks() -> Path:
-    path = tiny_tasks_path()
+_SUBJECTS = ("the movie", "the food", "the service", "the book", "the show", "the trip", "the song", "the game")
+_POSITIVE = ("good", "great", "fun", "nice", "lovely", "superb")
+_NEGATIVE = ("bad", "awful", "dull", "boring", "poor", "terrible")
+
+
+def tiny_sentiment(n: int = N_SENTIMENT, seed: int = 0) -> list[dict[str, str]]:
+    """Short reviews whose label is the adjective's polarity flipped by a negation ("was not bad" is
+    positive). Half the rows are negated and half the adjectives are positive, independently, so a
+    classifier that reads only the adjective, or only the negation, scores exactly chance (50 %):
+    accuracy above that proves it combines the two."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        positive, negated = rng.random() < 0.5, rng.random() < 0.5
+        words = [rng.choice(_SUBJECTS), rng.choice(("was", "is", "felt", "seemed"))]
+        words += ["not"] if negated else []
+        words += [rng.choice(("very", "really", "quite"))] if rng.random() < 0.4 else []
+        words.append(rng.choice(_POSITIVE if positive else _NEGATIVE))
+        words += [rng.choice(("at all", "today", "to me"))] if rng.random() < 0.3 else []
+        rows.append({"text": " ".join(words), "label": "positive" if positive != negated else "negative"})
+    return rows
+
+
+def _ensure_jsonl(path: Path, rows: Callable[[], list[dict[str, str]]]) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if not path.exists():
                 tmp = path.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps(row) + "\n" for row in tiny_tasks()))
+                tmp.write_text("".join(json.dumps(row) + "\n" for row in rows()))
                 os.replace(tmp, path)
     return path
+
+
+def ensure_tiny_tasks() -> Path:
+    return _ensure_jsonl(tiny_tasks_path(), tiny_tasks)
+
+
+def ensure_tiny_sentiment() -> Path:
+    return _ensure_jsonl(cache_dir() / f"{SENTIMENT_NAME}-{TINY_VERSION}.jsonl", tiny_sentiment)
+
+
+def shipped_data(name: str) -> Path | None:
+    """The local file behind a shipped synthetic data set name, or None for any other path."""
+    builders = {TASKS_NAME: ensure_tiny_tasks, SENTIMENT_NAME: ensure_tiny_sentiment}
+    return builders[name]() if name in builders else None
 
 
 def _corpus() -> list[str]:
