@@ -7,12 +7,15 @@ Exit codes: 0 success, 2 bad input (recipe, overrides, paths: nothing was writte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from launcher.config import ConfigError, RunConfig, load_config
 
@@ -90,21 +93,36 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace):  # -> Plan (import kept lazy: `validate` needs no plan code)
+@contextlib.contextmanager
+def _planned(args: argparse.Namespace) -> Iterator[Any]:  # -> Plan (imports kept lazy: `validate` needs no plan code)
+    """Load, check everything (resume compatibility included), lock the run directory, then
+    write it; the lock is held until the command ends. Nothing is written before that."""
+    from launcher.config.values import check_run_dir
     from launcher.plan import build_plan, default_run_dir, write_run_dir
+    from launcher.plan.resume import check_resume
+    from launcher.runlock import holding
 
+    out = getattr(args, "out", None)
+    if out is not None and check_run_dir(out, "--out"):
+        raise ConfigError(check_run_dir(out, "--out"))
     cfg = _load(args)
-    run_dir = os.path.abspath(args.out) if getattr(args, "out", None) else default_run_dir(cfg)
+    run_dir = os.path.abspath(out) if out else default_run_dir(cfg)
+    problems = check_run_dir(run_dir, "--out" if out else "run.output_dir")  # the working directory counts too
+    if problems:
+        raise ConfigError(problems)
     plan = build_plan(cfg, run_dir)
-    write_run_dir(plan)
-    return plan
+    check_resume(cfg, run_dir)
+    with holding(run_dir):
+        write_run_dir(plan)
+        yield plan
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan = _plan(args)
-    print(_summary(plan))
-    print(f"\nnext: launcher run {shlex.quote(args.recipe)}   (or: bash {shlex.quote(plan.run_dir)}/launch.sh)")
-    print(f"      sbatch {shlex.quote(plan.run_dir)}/job.sbatch   (or: launcher submit {shlex.quote(args.recipe)})")
+    with _planned(args) as plan:
+        print(_summary(plan))
+    again = f"{shlex.quote(args.recipe)}" + (f" --out {shlex.quote(plan.run_dir)}" if args.out else "")
+    print(f"\nnext: launcher run {again}   (or: bash {shlex.quote(plan.run_dir)}/launch.sh)")
+    print(f"      sbatch {shlex.quote(plan.run_dir)}/job.sbatch   (or: launcher submit {again})")
     return 0
 
 
@@ -133,7 +151,11 @@ def _summary(plan) -> str:  # plan: Plan
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    plan = _plan(args)
+    with _planned(args) as plan:
+        return _submit(args, plan)
+
+
+def _submit(args: argparse.Namespace, plan: Any) -> int:
     script = str(Path(plan.run_dir) / "job.sbatch")
     command = ["sbatch", "--parsable", script]
     if args.dry_run:
@@ -162,15 +184,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from launcher.run_local import run_local
 
-    plan = _plan(args)
-    return run_local(plan)
+    with _planned(args) as plan:
+        return run_local(plan)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from launcher.run_local import prepare
 
-    plan = _plan(args)
-    return prepare(plan)
+    with _planned(args) as plan:
+        return prepare(plan)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """Control characters escaped (`\\n`, `\\x1b`): a hostile key or value cannot break the line."""
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 @dataclass(frozen=True)
@@ -12,7 +20,7 @@ class Problem:
     fix: str  # how to fix it
 
     def line(self) -> str:
-        return f"error: {self.key}: {self.what}; {self.fix}"
+        return one_line(f"error: {self.key}: {self.what}; {self.fix}")
 
 
 class ConfigError(Exception):

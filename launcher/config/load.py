@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from launcher.config.errors import ConfigError, Problem
+from launcher.config.read import parse_override_value, parse_yaml, read_text
 from launcher.config.resolve import resolve
 from launcher.config.schema import RunConfig
 from launcher.config.validate import check_combinations, check_fields
+from launcher.config.values import check_model_numbers, control_problem
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
+MAX_REPORTED = 20  # problem lines for unknown keys, at most
 
 
 def load_config(recipe: str | os.PathLike[str], overrides: list[str] | None = None) -> RunConfig:
@@ -39,8 +43,17 @@ def config_from_dict(raw: dict[str, Any], user_written: bool = True) -> RunConfi
     plan.json): rules about keys a user set on purpose then do not apply.
     """
     problems = unknown_keys(raw, RunConfig, "")
+    if len(problems) > MAX_REPORTED:  # a flood of unknown keys: the first ones say enough
+        more = len(problems) - MAX_REPORTED
+        problems = [*problems[:MAX_REPORTED], Problem("recipe", f"{more} more unknown keys", "fix the ones above first")]
     base = OmegaConf.structured(RunConfig)
-    known = leaves(raw, RunConfig, "")
+    known = []
+    for path, value in leaves(raw, RunConfig, ""):
+        problem = _shape_problem(path, value) or _resolver_problem(path, value)
+        if problem is None:
+            known.append((path, value))
+        else:
+            problems.append(problem)
     good: dict[str, Any] = {}  # the known, well-typed leaves: later rules still run on these
     for path, value in known:
         good = merge_dicts(good, nest(path, value))
@@ -49,8 +62,9 @@ def config_from_dict(raw: dict[str, Any], user_written: bool = True) -> RunConfi
     except (OmegaConfBaseException, TypeError, ValueError):
         good = {}  # find each value that does not fit, so that all are reported
         for path, value in known:
+            section, _, name = path.rpartition(".")
             try:
-                OmegaConf.merge(base, nest(path, value))
+                OmegaConf.merge(_structured(_schema_at(section)), {name: value})  # one small section: fast
                 good = merge_dicts(good, nest(path, value))
             except (OmegaConfBaseException, TypeError, ValueError) as exc:  # OmegaConf raises TypeError for list-vs-dict
                 problems.append(Problem(path, _first_line(exc), _type_fix(path)))
@@ -68,40 +82,55 @@ def config_from_dict(raw: dict[str, Any], user_written: bool = True) -> RunConfi
         cfg = resolve(cfg)
     except ConfigError as exc:
         problems += exc.problems
-    problems += check_combinations(cfg, explicit)
+    numbers = check_model_numbers(cfg.model, explicit)
+    problems += numbers
+    if not numbers:  # the cross-field rules compare these numbers: only once they are numbers
+        problems += check_combinations(cfg, explicit)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))  # one line per problem, in order
     return cfg
 
 
+def find_recipe(name: str, including: Path | None = None) -> Path:
+    """The one lookup rule for the recipe argument and for `base:`: a relative path is taken from
+    the including recipe's folder (for the argument: the working directory), then from the
+    shipped recipes/ folder."""
+    key = "base" if including is not None else "recipe"
+    problem = control_problem(key, name)
+    if problem is not None:
+        raise ConfigError([problem])
+    path = Path(name).expanduser()
+    here = including.parent if including is not None else Path.cwd()
+    candidates = [path] if path.is_absolute() else [here / path, RECIPE_DIR / path]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    where = f"{path}" if path.is_absolute() else f"{here} or in the shipped recipes {RECIPE_DIR}"
+    raise ConfigError([Problem(key, f"{name} not found (looked in {where})", "give a path relative to that folder, or an absolute path")])
+
+
 def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read one YAML recipe and the chain of `base:` recipes it inherits from."""
-    if not path.is_file() and not path.is_absolute() and (RECIPE_DIR / path).is_file():
-        path = RECIPE_DIR / path
+    key = "base" if _seen else "recipe"
+    if not _seen:
+        path = find_recipe(str(path))
     path = path.resolve()
     if path in _seen:
         chain = " -> ".join(p.name for p in (*_seen, path))
         raise ConfigError([Problem("base", f"inheritance cycle {chain}", "remove one of the `base:` lines")])
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError([Problem("recipe", f"cannot read {path} ({exc.strerror})", "check the path")]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError([Problem("recipe", f"{path.name} is not valid YAML{at}", "fix the YAML syntax")]) from None
+    if len(_seen) >= 16:
+        raise ConfigError([Problem("base", f"more than 16 recipes inherit from each other ({path.name})", "shorten the `base:` chain")])
+    data = parse_yaml(read_text(path, key), str(path))
     if data is None:
-        data = {}
+        raise ConfigError([Problem(str(path), "is empty (only comments or blank lines)", "write the recipe's sections, e.g. `model:`")])
     if not isinstance(data, dict):
-        raise ConfigError([Problem("recipe", f"{path.name} must be a mapping of sections", "start with e.g. `model:`")])
+        raise ConfigError([Problem(str(path), "must be a mapping of sections", "start with e.g. `model:`")])
     base = data.pop("base", None)
     if base is None:
         return data
-    if not isinstance(base, str):
-        raise ConfigError([Problem("base", "must be a path to another recipe", "write `base: other.yaml`")])
-    parent = read_recipe(path.parent / base if not Path(base).is_absolute() else Path(base), (*_seen, path))
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError([Problem("base", f"in {path.name} must be a path to another recipe", "write `base: other.yaml`")])
+    parent = read_recipe(find_recipe(base, including=path), (*_seen, path))
     return merge_dicts(parent, data)
 
 
@@ -111,13 +140,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError([Problem(key or item, f"override {item!r} is not key=value", "write e.g. train.max_steps=100")])
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        out = merge_dicts(out, nest(key, value))
+        if not sep or not key or any(not part for part in key.split(".")) or control_problem("override", key):
+            raise ConfigError([Problem(ascii(key or item), f"override {item!r} is not key=value", "write e.g. train.max_steps=100")])
+        out = merge_dicts(out, nest(key, parse_override_value(key, text)))
     return out
 
 
@@ -185,6 +210,58 @@ def leaves(raw: Any, schema: type, prefix: str) -> list[tuple[str, Any]]:
         elif sub is None:
             out.append((f"{prefix}{key}", value))
     return out
+
+
+def _shape_problem(path: str, value: Any) -> Problem | None:
+    """A list or mapping value must hold plain values: a list inside a list, or a mapping as an
+    environment value, has no meaning here (and OmegaConf would let some through)."""
+    schema: type = RunConfig
+    parts = path.split(".")
+    for part in parts[:-1]:
+        schema = _section_type(schema, part) or schema
+    origin = typing.get_origin(typing.get_type_hints(schema).get(parts[-1]))
+    scalar = (str, int, float, bool)
+    if origin is list and isinstance(value, list):
+        bad = next((item for item in value if not isinstance(item, scalar)), None)
+        if bad is not None:
+            return Problem(path, f"holds {type(bad).__name__} {bad!r}; each item must be a plain value", "write a flat list, e.g. [a, b]")
+    if origin is dict and isinstance(value, dict):
+        for name, item in value.items():
+            if not isinstance(name, str):
+                return Problem(f"{path}.{name}", "is not a name", "use letters, digits and '_'")
+            if not isinstance(item, scalar):
+                return Problem(f"{path}.{name}", f"is a {type(item).__name__}; it must be a plain value", "write it as a string")
+    return None
+
+
+RESOLVER = re.compile(r"\$\{\s*[\w.]+\s*:")  # `${oc.env:NAME}`, `${oc.decode:...}`: a resolver call
+
+
+def _resolver_problem(path: str, value: Any) -> Problem | None:
+    """A resolver would be evaluated here and its result (an HF_TOKEN, a password) written in clear
+    into config.yaml, plan.json and the scripts: refused. `${section.key}` references stay allowed."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [(None, value)]
+    for name, item in items:
+        if isinstance(item, str) and RESOLVER.search(item):
+            key = f"{path}.{name}" if isinstance(value, dict) else path
+            return Problem(
+                key,
+                f"{item!r} would be resolved and written in clear into the run directory",
+                "leave secrets out of the recipe: export them in the shell (launcher run and sbatch pass the environment on)",
+            )
+    return None
+
+
+def _schema_at(section: str) -> type:
+    schema: type = RunConfig
+    for part in filter(None, section.split(".")):
+        schema = _section_type(schema, part) or schema
+    return schema
+
+
+@functools.cache
+def _structured(schema: type) -> DictConfig:
+    return OmegaConf.structured(schema)
 
 
 def _first_line(exc: Exception) -> str:

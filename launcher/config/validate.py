@@ -15,6 +15,7 @@ from typing import Any
 
 from launcher.config.errors import ConfigError, Problem
 from launcher.config.schema import RunConfig
+from launcher.config.values import check_run_dir, control_problem, numbers
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SLURM_WORD = re.compile(r"^[A-Za-z0-9._-]*$")
@@ -35,20 +36,18 @@ def validate(cfg: RunConfig, explicit: set[str] | None = None) -> None:
 
 def check_fields(cfg: RunConfig) -> Iterator[Problem]:
     for path, value in _strings(cfg, ""):
-        if "\x00" in value or ("\n" in value and not path.startswith("cluster.env.")):
-            yield Problem(path, "contains a newline or NUL byte", "write it on one line")
+        problem = control_problem(path, value, allowed="\n\t" if path.startswith("cluster.env.") else "")
+        if problem is not None:
+            yield problem
+    yield from numbers(cfg)
     if not NAME.match(cfg.run.name):
         yield Problem("run.name", f"{cfg.run.name!r} is not a plain name", "use letters, digits, '.', '_' and '-' (up to 128)")
-    for ch in ('"', "%", "\\"):
-        if ch in cfg.run.output_dir:
-            yield Problem("run.output_dir", f"contains {ch!r}, which SLURM log paths cannot carry", "choose a path without it")
-    yield from _at_least(cfg.run.seed, 0, "run.seed")
+    if not control_problem("", cfg.run.output_dir):
+        yield from check_run_dir(cfg.run.output_dir, "run.output_dir")
+    if -(2**63) <= cfg.run.seed < 0:  # above 2**63 - 1: reported by numbers()
+        yield Problem("run.seed", f"{cfg.run.seed} is negative", "use e.g. 1234 (0 to 2**63 - 1)")
     if not cfg.model.name_or_path.strip():
         yield Problem("model.name_or_path", "is empty", "give a local model directory, a Hub id or tiny-llama")
-    for name in ("hidden_size", "num_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
-        value = getattr(cfg.model, name)
-        if value is not None:
-            yield from _at_least(value, 1, f"model.{name}")
     if not MODULE_NAME.match(cfg.model.layer_class):
         yield Problem("model.layer_class", f"{cfg.model.layer_class!r} is not a class name", "e.g. LlamaDecoderLayer")
 
@@ -209,6 +208,8 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
                 f'{par.backend} flattens parameters of one dtype ("Must flatten tensors with uniform dtype")',
                 f"set method.quant.quant_storage_dtype: {cfg.model.dtype}",
             )
+        if par.backend == "deepspeed" and par.zero_stage < 2:
+            yield Problem("parallel.zero_stage", f"QLoRA runs with ZeRO-2 or ZeRO-3, not ZeRO-{par.zero_stage}", "set parallel.zero_stage: 2 or 3")
         if par.offload_params != "none":
             yield Problem("parallel.offload_params", "cannot offload 4-bit quantised weights", "set it to none for QLoRA")
         if cfg.model.dtype == "float16" and cpu:

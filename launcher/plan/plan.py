@@ -19,6 +19,7 @@ import yaml
 
 from launcher import __version__
 from launcher.config import RunConfig, config_from_dict
+from launcher.config.errors import ConfigError, Problem
 from launcher.plan.deepspeed import build_deepspeed_config
 from launcher.plan.estimate import estimate_memory, render_estimate, step_seconds
 from launcher.plan.fsdp import build_fsdp_plan
@@ -132,17 +133,41 @@ def render_files(plan: Plan) -> dict[str, str]:
     return files
 
 
+# Files that can carry environment values (cluster.env, tokens): owner only, whatever the umask.
+PRIVATE = ("config.yaml", PLAN_FILE, "launch.sh", "job.sbatch")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_run_dir(plan: Plan) -> list[Path]:
-    """Write the plan's files into its run directory, each replaced atomically."""
+    """Write the plan's files into its run directory, each replaced atomically. Private files are
+    0600 (scripts 0700); the others follow the umask. A write that fails (ENOSPC, EROFS, EACCES)
+    is one ConfigError line naming the path; a file being replaced keeps its old content."""
     run_dir = Path(plan.run_dir)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    files = render_files(plan)
+    mask = _umask()
+    target = run_dir / "logs"
     written = []
-    for name, text in render_files(plan).items():
-        target = run_dir / name
-        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{name}.")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o755 if name.endswith((".sh", ".sbatch")) else 0o644)
-        os.replace(tmp, target)
-        written.append(target)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            target = run_dir / name
+            script = name.endswith((".sh", ".sbatch"))
+            mode = (0o700 if script else 0o600) if name in PRIVATE else (0o777 if script else 0o666) & ~mask
+            fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{name}.")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(text)
+                os.chmod(tmp, mode)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            written.append(target)
+    except OSError as exc:
+        raise ConfigError([Problem(str(target), f"cannot write ({exc.strerror})", "free some space, or choose a writable --out")]) from None
     return written

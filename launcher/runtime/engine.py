@@ -82,9 +82,7 @@ class DeepSpeedSaver(ckpt.Saver):
 
 
 def load_deepspeed(folder: Path, engine: Any, rank: int) -> dict[str, Any]:
-    import json
-
-    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    manifest = ckpt.read_manifest(folder)
     world = torch.distributed.get_world_size()
     if manifest["world_size"] != world:
         raise ckpt.CheckpointError(
@@ -95,9 +93,7 @@ def load_deepspeed(folder: Path, engine: Any, rank: int) -> dict[str, Any]:
     path, _ = engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise ckpt.CheckpointError(f"checkpoint.resume: DeepSpeed could not load {folder / TAG}")
-    rng_file = folder / "rng" / f"rank-{rank:05d}.pt"
-    if rng_file.exists():
-        ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
+    ckpt.load_rng(folder, rank)  # JSON, never a pickle
     return manifest
 
 

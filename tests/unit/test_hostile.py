@@ -1,0 +1,311 @@
+"""The team's hostile-input corpus: every case is exit 2, one `error:` line per problem naming the key
+or the file, no traceback, nothing created or changed on disk, and a few seconds at most.
+
+Cases run in-process through `launcher.cli.main` (a few as real subprocesses at the end). Each
+gets its own working directory, so a stray write anywhere under it is seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from launcher.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "recipes" / "tiny-cpu.yaml")
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    overrides: tuple[str, ...] = ()  # on tiny-cpu.yaml unless `recipe` is given
+    recipe: str | bytes | None = None  # the whole recipe file (written to r.yaml)
+    files: dict[str, str | bytes] = field(default_factory=dict)  # more files next to it
+    out: str | None = None  # --out (default: a fresh folder)
+    config_json: dict | None = None  # a local model directory with this config.json
+    names: tuple[str, ...] = ()  # each must appear in the error output
+
+
+CONTROL = {"nl": "\n", "cr": "\r", "nul": "\x00", "esc": "\x1b", "del": "\x7f", "ls": "\u2028", "nel": "\x85", "tab": "\t", "bell": "\x07"}
+STRING_KEYS = [
+    "run.output_dir",
+    "run.name",
+    "model.name_or_path",
+    "data.path",
+    "data.val_path",
+    "data.cache_dir",
+    "data.split",
+    "data.prompt_field",
+    "parallel.nvme_path",
+    "checkpoint.resume",
+    "cluster.partition",
+    "cluster.account",
+    "cluster.qos",
+    "cluster.time",
+    "cluster.mem",
+    "cluster.constraint",
+]
+FLOAT_KEYS = [
+    "method.lora.dropout",
+    "data.val_fraction",
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.beta1",
+    "optim.beta2",
+    "optim.eps",
+    "optim.min_lr_ratio",
+    "optim.max_grad_norm",
+]
+INT_KEYS = [
+    "run.seed",
+    "train.max_steps",
+    "train.micro_batch_size",
+    "train.log_every",
+    "cluster.nodes",
+    "checkpoint.every",
+    "data.max_seq_len",
+]
+ARCH_KEYS = ["hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size"]
+LLAMA = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1024,
+}
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+)
+
+
+def _cases() -> list[Case]:
+    cases: list[Case] = []
+    for key in STRING_KEYS:
+        for name, ch in CONTROL.items():
+            cases.append(Case(f"control-{name}-{key}", (f"{key}=a{ch}b",), names=(key,)))
+    for key in FLOAT_KEYS:
+        for text in (".nan", ".NaN", ".inf", "-.inf"):
+            cases.append(Case(f"nonfinite-{key}={text}", (f"{key}={text}",), names=(key,)))
+    for key in INT_KEYS:
+        for value in (2**63, 2**64, 10**30, -(2**64)):
+            cases.append(Case(f"huge-{key}={value}", (f"{key}={value}",), names=(key,)))
+    cases += [
+        Case("seed-negative", ("run.seed=-1",), names=("run.seed",)),
+        Case("seed-2**63", (f"run.seed={2**63}",), names=("run.seed",)),
+        Case("qlora-zero0", ("method.name=qlora", "parallel.backend=deepspeed", "parallel.zero_stage=0"), names=("parallel.zero_stage",)),
+        Case("qlora-zero1", ("method.name=qlora", "parallel.backend=deepspeed", "parallel.zero_stage=1"), names=("parallel.zero_stage",)),
+    ]
+    nested = {
+        "method.lora.target_modules": ("[[q_proj]]", "[{a: 1}]", "[q_proj, [v_proj]]", "[[]]"),
+        "cluster.extra_sbatch": ("[[--exclusive]]", "[{a: b}]", "[--exclusive, [x]]"),
+        "cluster.env": ("{A: {b: 1}}", "{A: [1, 2]}", "{A: null}", "{A: []}", "{A: {}}"),
+    }
+    for key, values in nested.items():
+        for value in values:
+            cases.append(Case(f"nested-{key}={value}", (f"{key}={value}",), names=(key,)))
+    for key, value in (
+        ("cluster.env", "{HF_TOKEN: '${oc.env:HF_TOKEN}'}"),
+        ("cluster.env", "{A: 'x${oc.env:HOME}'}"),
+        ("run.name", "${oc.env:USER}"),
+        ("data.path", "${oc.env:HOME}/data.jsonl"),
+        ("model.name_or_path", "${oc.decode:abc}"),
+        ("run.output_dir", "/tmp/${oc.env:HOME}"),
+    ):
+        cases.append(Case(f"resolver-{key}={value}", (f"{key}={value}",), names=(key,)))
+    for name, value in (
+        ("nl", "out\nb"),
+        ("sbatch", "o\n#SBATCH --wrap=id"),
+        ("nul", "o\x00b"),
+        ("cr", "o\rb"),
+        ("esc", "o\x1b[31m"),
+        ("quote", 'o"b'),
+        ("percent", "o%jb"),
+        ("backslash", "o\\b"),
+        ("ls", "o\u2028b"),
+        ("tab", "o\tb"),
+        ("del", "o\x7fb"),
+    ):
+        cases.append(Case(f"out-{name}", out=value, names=("--out",)))
+    cases += _file_cases()
+    for key in ARCH_KEYS:
+        for value in (0, -3, "wide", True, 1.5, 2**40, [8]):
+            cases.append(Case(f"config.json-{key}={value!r}", config_json={**LLAMA, key: value}, names=("config.json", key)))
+    cases.append(Case("config.json-kv-heads-divide", config_json={**LLAMA, "num_key_value_heads": 3}, names=("num_key_value_heads",)))
+    return cases
+
+
+def _file_cases() -> list[Case]:
+    """Whole recipe files: encodings, sizes, YAML bombs, duplicate keys, `base:` lookups."""
+    good = "run:\n  name: t\n"
+    deep_flow = "model: " + "[" * 200 + "]" * 200 + "\n"
+    deep_map = "".join("  " * i + f"k{i}:\n" for i in range(120)) + "  " * 120 + "v: 1\n"
+    chain = "a: &a [x]\n" + "".join(f"a{i}: &a{i} [*{'a' if i == 0 else f'a{i - 1}'}]\n" for i in range(60))
+    cases = [
+        Case("empty", recipe="", names=("r.yaml", "empty")),
+        Case("comment-only", recipe="# nothing here\n# at all\n", names=("r.yaml", "empty")),
+        Case("blank-lines", recipe="\n\n   \n", names=("r.yaml", "empty")),
+        Case("document-marker", recipe="---\n", names=("r.yaml", "empty")),
+        Case("null-document", recipe="~\n", names=("r.yaml", "empty")),
+        Case("list-document", recipe="- a\n- b\n", names=("r.yaml", "mapping")),
+        Case("scalar-document", recipe="42\n", names=("r.yaml", "mapping")),
+        Case("two-documents", recipe="run: {}\n---\nrun: {}\n", names=("r.yaml",)),
+        Case("utf16-le-bom", recipe=("\ufeff" + good).encode("utf-16-le"), names=("r.yaml", "UTF-16")),
+        Case("utf16-be-bom", recipe=("\ufeff" + good).encode("utf-16-be"), names=("r.yaml", "UTF-16")),
+        Case("utf16-le-nobom", recipe=good.encode("utf-16-le"), names=("r.yaml", "UTF-16")),
+        Case("utf16-be-nobom", recipe=good.encode("utf-16-be"), names=("r.yaml", "UTF-16")),
+        Case("utf32", recipe=good.encode("utf-32"), names=("r.yaml",)),
+        Case("latin1", recipe="run:\n  name: caf\xe9\n".encode("latin-1"), names=("r.yaml", "UTF-8")),
+        Case("binary", recipe=bytes(range(256)) * 4, names=("r.yaml",)),
+        Case("png", recipe=b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, names=("r.yaml",)),
+        Case("gzip", recipe=b"\x1f\x8b\x08\x00" + bytes(60), names=("r.yaml",)),
+        Case("nul-inside", recipe=b"run:\n  name: a\x00b\n", names=("r.yaml", "binary")),
+        Case("too-large-comment", recipe="#" * 1_100_000 + "\n", names=("r.yaml", "bytes")),
+        Case("too-large-keys", recipe="".join(f"k{i}: {i}\n" for i in range(120_000)), names=("r.yaml",)),
+        Case("many-events", recipe="".join(f"k{i}: {i}\n" for i in range(30_000)), names=("r.yaml", "YAML nodes")),
+        Case("many-unknown-keys", recipe="".join(f"unknown{i}: 1\n" for i in range(500)), names=("unknown0", "more unknown keys")),
+        Case("deep-flow", recipe=deep_flow, names=("r.yaml", "nested")),
+        Case("deep-map", recipe=deep_map, names=("r.yaml", "nested")),
+        Case("deep-under-known-key", recipe="method:\n  lora:\n    target_modules: " + "[" * 100 + "]" * 100 + "\n", names=("r.yaml",)),
+        Case("alias-bomb", recipe=BOMB, names=("r.yaml", "aliases")),
+        Case("alias-bomb-known-key", recipe=BOMB + "method:\n  lora:\n    target_modules: *i\n", names=("r.yaml", "aliases")),
+        Case("alias-bomb-env", recipe=BOMB + "cluster:\n  env: {A: *i}\n", names=("r.yaml", "aliases")),
+        Case("alias-depth-chain", recipe=chain, names=("r.yaml", "nested")),
+        Case("recursive-anchor", recipe="a: &a [*a]\n", names=("r.yaml",)),
+        Case("recursive-map", recipe="a: &a {b: *a}\n", names=("r.yaml",)),
+        Case("dup-leaf", recipe="train:\n  max_steps: 1\n  max_steps: 2\n", names=("r.yaml", "max_steps", "twice")),
+        Case("dup-section", recipe="train:\n  max_steps: 1\ntrain:\n  log_every: 2\n", names=("r.yaml", "train", "twice")),
+        Case("dup-flow", recipe="optim: {lr: 0.1, lr: 0.2}\n", names=("r.yaml", "lr", "twice")),
+        Case("dup-base", recipe=f"base: {TINY}\nbase: {TINY}\n", names=("r.yaml", "base", "twice")),
+        Case("python-tag", recipe="run: !!python/object/apply:os.system [touch PWNED]\n", names=("r.yaml",)),
+        Case("python-name-tag", recipe="run: !!python/name:os.system\n", names=("r.yaml",)),
+        Case("binary-tag", recipe="data:\n  path: !!binary aGVsbG8=\n", names=("data.path",)),
+        Case("tab-indent", recipe="run:\n\tname: x\n", names=("r.yaml", "YAML")),
+        Case("unclosed", recipe="train: {max_steps: [1, 2\n", names=("r.yaml", "YAML")),
+        Case("mapping-values", recipe="a: b: c\n", names=("r.yaml", "YAML")),
+        Case("unhashable-key", recipe="? [a, b]\n: 1\n", names=("r.yaml",)),
+        Case("int-key", recipe="1: 2\n", names=("1",)),
+        Case("null-key", recipe="~: 2\n", names=("None",)),
+        Case("section-scalar", recipe="train: 5\n", names=("train",)),
+        Case("section-list", recipe="train: [1]\n", names=("train",)),
+        Case("undefined-alias", recipe="a: *nope\n", names=("r.yaml",)),
+        Case("bad-escape", recipe='run: {name: "\\q"}\n', names=("r.yaml",)),
+        Case("control-in-file", recipe='run:\n  output_dir: "/tmp/a\\nb"\n', names=("run.output_dir",)),
+        Case("control-env-name", recipe='cluster:\n  env: {"A\\nB": x}\n', names=("cluster.env",)),
+        Case("env-value-esc", recipe='cluster:\n  env: {A: "x\\x1by"}\n', names=("cluster.env.A",)),
+        Case("base-dev-zero", recipe="base: /dev/zero\n", names=("/dev/zero", "regular file")),
+        Case("base-dev-null", recipe="base: /dev/null\n", names=("/dev/null",)),
+        Case("base-dev-urandom", recipe="base: /dev/urandom\n", names=("/dev/urandom",)),
+        Case("base-proc-environ", recipe="base: /proc/self/environ\n", names=("environ",)),
+        Case("base-directory", recipe="base: /tmp\n", names=("/tmp",)),
+        Case("base-missing", recipe="base: no-such-recipe.yaml\n", names=("base", "no-such-recipe.yaml", "shipped recipes")),
+        Case("base-missing-abs", recipe="base: /no/such/recipe.yaml\n", names=("base", "/no/such/recipe.yaml")),
+        Case("base-self", recipe="base: r.yaml\n", names=("base", "cycle")),
+        Case("base-newline", recipe='base: "a\\nb.yaml"\n', names=("base",)),
+        Case("base-nul", recipe='base: "a\\0b.yaml"\n', names=("base",)),
+        Case("base-int", recipe="base: 5\n", names=("base",)),
+        Case("base-list", recipe="base: [a.yaml]\n", names=("base",)),
+        Case("base-empty", recipe="base: ''\n", names=("base",)),
+        Case("base-utf16", recipe="base: b.yaml\n", files={"b.yaml": good.encode("utf-16")}, names=("b.yaml", "UTF-16")),
+        Case("base-binary", recipe="base: b.yaml\n", files={"b.yaml": bytes(range(256))}, names=("b.yaml",)),
+        Case("base-huge", recipe="base: b.yaml\n", files={"b.yaml": "#" * 1_100_000}, names=("b.yaml", "bytes")),
+        Case("base-empty-file", recipe="base: b.yaml\n", files={"b.yaml": "# only a comment\n"}, names=("b.yaml", "empty")),
+        Case("base-bomb", recipe="base: b.yaml\n", files={"b.yaml": BOMB}, names=("b.yaml", "aliases")),
+        Case("base-cycle", recipe="base: b.yaml\n", files={"b.yaml": "base: r.yaml\n"}, names=("base", "cycle")),
+        Case("base-dup", recipe="base: b.yaml\n", files={"b.yaml": "run: {name: a, name: b}\n"}, names=("b.yaml", "twice")),
+        Case("base-fifo", recipe="base: fifo.yaml\n", files={"fifo.yaml": "FIFO"}, names=("fifo.yaml", "regular file")),
+        Case("recipe-fifo", recipe="FIFO", names=("r.yaml", "regular file")),
+    ]
+    return cases
+
+
+CASES = _cases()
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(CASES) >= 300, len(CASES)
+    assert len({c.id for c in CASES}) == len(CASES), "case ids are unique"
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_fifo():
+            out[str(path)] = (path.stat().st_mode, b"")
+        elif path.is_file():
+            out[str(path)] = (path.stat().st_mode, path.read_bytes())
+        else:
+            out[str(path)] = (path.stat().st_mode, b"<dir>")
+    return out
+
+
+def _write(path: Path, content: str | bytes) -> None:
+    if content == "FIFO":
+        os.mkfifo(path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+
+
+def _argv(case: Case, work: Path) -> list[str]:
+    recipe = TINY
+    if case.recipe is not None:
+        _write(work / "r.yaml", case.recipe)
+        recipe = str(work / "r.yaml")
+    for name, content in case.files.items():
+        _write(work / name, content)
+    overrides = list(case.overrides)
+    if case.config_json is not None:
+        (work / "model").mkdir()
+        (work / "model" / "config.json").write_text(json.dumps(case.config_json))
+        overrides.append(f"model.name_or_path={work / 'model'}")
+    return ["plan", recipe, *overrides, "--out", case.out if case.out is not None else str(work / "out")]
+
+
+@pytest.mark.timeout(5)
+@pytest.mark.parametrize("case", CASES, ids=[ascii(c.id)[1:-1] for c in CASES])
+def test_hostile_input_is_refused_cleanly(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv = _argv(case, work)
+    before = _snapshot(tmp_path)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    lines = err.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), err
+    assert "Traceback" not in err + captured.out
+    assert all(";" in line for line in lines), f"every line says how to fix it: {err}"
+    for name in case.names:
+        assert name in err, f"{name!r} not named in: {err}"
+    assert _snapshot(tmp_path) == before, "nothing created or changed on disk"
+    assert not (work / "PWNED").exists()
+
+
+SUBPROCESS = ["out-sbatch", "utf16-le-bom", "alias-bomb-known-key", "base-dev-zero", "deep-flow", "config.json-num_attention_heads=0"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", SUBPROCESS)
+def test_hostile_input_as_a_user_runs_it(name: str, tmp_path: Path) -> None:
+    """The same through `python -m launcher`: the exit status and stderr a shell sees."""
+    case = next(c for c in CASES if c.id == name)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    argv = _argv(case, work)
+    before = _snapshot(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "launcher", *argv], capture_output=True, text=True, cwd=work, timeout=30)
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr and done.stderr.startswith("error: "), done.stderr
+    assert _snapshot(tmp_path) == before
