@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face model directory (safetensors)")
     cmd.add_argument("run_dir")
     cmd.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
+    cmd.add_argument("--best", action="store_true", help="the checkpoint early stopping recorded as best")
     cmd.add_argument("--out", required=True, help="output directory")
     cmd.add_argument("--merge", action="store_true", help="LoRA/QLoRA: merge the adapter into the base model")
     cmd.set_defaults(func=cmd_export)
@@ -198,7 +199,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.runtime.export import export_run
 
-    return export_run(args.run_dir, args.out, step=args.step, merge=args.merge)
+    return export_run(args.run_dir, args.out, step=args.step, merge=args.merge, best=args.best)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

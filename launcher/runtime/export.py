@@ -29,14 +29,27 @@ class ExportError(Exception):
     pass
 
 
-def export_run(run_dir: str, out: str, step: int | None = None, merge: bool = False) -> int:
+def export_run(run_dir: str, out: str, step: int | None = None, merge: bool = False, best: bool = False) -> int:
     try:
+        if best:
+            if step is not None:
+                raise ExportError("--best and --step: give one of them")
+            step = best_step(Path(run_dir))
         written = export(Path(run_dir), Path(out), step, merge)
     except (ExportError, ckpt.CheckpointError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"launcher: exported {written} tensors to {out}")
     return 0
+
+
+def best_step(run_dir: Path) -> int:
+    """The step early stopping recorded as best, from the newest complete checkpoint's manifest."""
+    newest = ckpt.find_resume(run_dir / "checkpoints", "auto")
+    best = ckpt.best_checkpoint(newest) if newest is not None else None
+    if best is None:
+        raise ExportError(f"--best: {run_dir} has no best checkpoint (train.early_stopping was not set); use --step N")
+    return int(best.name.removeprefix("step-"))
 
 
 def pick_checkpoint(run_dir: Path, step: int | None) -> Path:

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from launcher.config.schema import OptimSection, RunConfig
-from launcher.kernels.attention import attention_inputs
 from launcher.runtime.dist import DistInfo, all_reduce_sum
 from launcher.runtime.metrics import Reporter
 from launcher.runtime.packing import IGNORE_INDEX, Batch, GlobalOrder, TokenData
@@ -67,6 +66,9 @@ class Context:
     tokenizer: Any = None
     engine: Any = None  # the DeepSpeed engine, when the backend is deepspeed
     tokens_seen: float = 0.0  # real tokens trained on so far, across restarts
+    task: Any = None  # tasks.CausalLM | tasks.Classification: the loss and the evaluation
+    stopper: EarlyStopper | None = None
+    evaluated: dict[str, Any] | None = None  # the metrics of an evaluation at this step, if any
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -75,16 +77,23 @@ class Context:
 
 def token_loss_sum(ctx: Context, batch: Batch) -> tuple[torch.Tensor, int]:
     """Sum of next-token losses over the batch's labelled tokens (never across documents)."""
+    from launcher.kernels import loss as fused
     from launcher.kernels.attention import model_inputs, next_token_targets
 
-    # One packing contract for every attention path (kernels/attention.py); prompt tuning runs unpacked.
+    # One packing contract for every attention path (kernels/attention.py); prompt tuning runs unpacked
+    # (its virtual tokens reach the head too, so it keeps the plain loss).
     ids, labels, positions = (torch.from_numpy(a) for a in (batch.input_ids, batch.labels, batch.position_ids))
     flatten = ctx.cfg.method.name != "prompt_tuning"
     inputs, targets = model_inputs(ids, labels, positions, ctx.attn_implementation, flatten=flatten, device=ctx.info.device)
+    kind = fused.choose(ctx.cfg.kernels.loss, ctx.model, ctx.info.device.type) if flatten else "plain"
+    count = int((next_token_targets(labels, positions) != IGNORE_INDEX).sum())  # counted on the host: no sync
+    if kind != "plain":  # the head's forward returns the loss sum: full logits never exist (kernels/loss.py)
+        with _autocast(ctx), fused.head_loss(ctx.model, targets, kind) as take:
+            return take(ctx.model(**inputs)), count
     with _autocast(ctx):
         logits = ctx.model(**inputs).logits
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((next_token_targets(labels, positions) != IGNORE_INDEX).sum())  # counted on the host: no sync
+    return loss, count
 
 
 def _autocast(ctx: Context) -> Any:
@@ -94,10 +103,11 @@ def _autocast(ctx: Context) -> Any:
     return torch.autocast(ctx.info.device.type, dtype=ctx.compute_dtype)
 
 
-def train_step(ctx: Context, step: int) -> dict[str, float]:
+def train_step(ctx: Context, step: int, log: bool = True) -> dict[str, float]:
+    """One optimizer step. Losses stay on the device; the host waits for them only on a log step."""
     cfg, info = ctx.cfg, ctx.info
     t = cfg.train
-    assert t.micro_batch_size and t.gradient_accumulation_steps and t.global_batch_size
+    assert t.micro_batch_size and t.gradient_accumulation_steps and t.global_batch_size and t.max_steps
     micro_batches = ctx.order.step_rows(
         step, t.global_batch_size, info.rank, info.world_size, t.micro_batch_size, t.gradient_accumulation_steps
     )
@@ -106,26 +116,43 @@ def train_step(ctx: Context, step: int) -> dict[str, float]:
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     scale = loss_scale(ctx.backend, info.world_size) / label_tokens
-    loss_sum = tokens = pads = 0.0
+    defer = cfg.parallel.fsdp.defer_grad_sync
+    loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
     for i, rows in enumerate(micro_batches):
         batch = ctx.train_data.batch(rows)
-        last = i == len(micro_batches) - 1
-        with grad_sync(ctx.model, ctx.backend, last):
-            summed, _ = token_loss_sum(ctx, batch)
+        with grad_sync(ctx.model, ctx.backend, i == len(micro_batches) - 1, defer):
+            summed, _ = ctx.task.loss_sum(ctx, batch)
             if ctx.engine is not None:
                 ctx.engine.backward(summed * scale, scale_wrt_gas=False)
                 ctx.engine.step()
             else:
                 (summed * scale).backward()
-        loss_sum += summed.item()
-        tokens += batch.input_ids.size - batch.pad_tokens
-        pads += batch.pad_tokens
+        loss_sum += summed.detach().double()
     grad_norm = _optimizer_step(ctx)
-    loss_sum, tokens, pads = all_reduce_sum([loss_sum, tokens, pads], info.device)
-    return {"loss": loss_sum / label_tokens, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "pad_tokens": pads}
+    tokens, pads = step_tokens(ctx, step)
+    out = {"lr": lr, "tokens": float(tokens), "pad_tokens": float(pads)}
+    if log:
+        (total,) = all_reduce_sum([float(loss_sum)], info.device)
+        out.update(loss=total / label_tokens, grad_norm=float(grad_norm))
+    return out
 
 
-def _optimizer_step(ctx: Context) -> float:
+def step_tokens(ctx: Context, step: int) -> tuple[int, int]:
+    """(real, padding) tokens of the whole global batch, from the sample order alone (no collective)."""
+    t, data = ctx.cfg.train, ctx.train_data
+    assert t.micro_batch_size and t.gradient_accumulation_steps and t.global_batch_size
+    real = pads = 0
+    for rank in range(ctx.info.world_size):
+        for rows in ctx.order.step_rows(
+            step, t.global_batch_size, rank, ctx.info.world_size, t.micro_batch_size, t.gradient_accumulation_steps
+        ):
+            lengths = [int(data.offsets[r + 1] - data.offsets[r]) for r in rows]
+            real += sum(lengths)
+            pads += len(lengths) * max(lengths, default=0) - sum(lengths)
+    return real, pads
+
+
+def _optimizer_step(ctx: Context) -> Any:
     if ctx.engine is not None:  # DeepSpeed clipped and stepped at the accumulation boundary
         norm = ctx.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
@@ -135,80 +162,77 @@ def _optimizer_step(ctx: Context) -> float:
         norm = norm.full_tensor()
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
-    return float(norm)
-
-
-@torch.no_grad()
-def evaluate(ctx: Context, step: int) -> dict[str, float]:
-    """Validation loss over a fixed set of rows (the same at any world size), plus exact match."""
-    cfg, info = ctx.cfg, ctx.info
-    micro = cfg.train.micro_batch_size or 1
-    total = min(len(ctx.val_data), cfg.train.eval_batches * (cfg.train.global_batch_size or 1))
-    mine = list(range(info.rank, total, info.world_size))
-    per_rank = math.ceil(total / info.world_size)
-    mine += [-1] * (per_rank - len(mine))  # equal forward counts on every rank (sharded models need it)
-    ctx.model.eval()
-    loss_sum = count = 0.0
-    for start in range(0, per_rank, micro):
-        summed, n = token_loss_sum(ctx, ctx.val_data.batch(mine[start : start + micro]))
-        loss_sum += summed.item()
-        count += n
-    matched, asked = exact_match(ctx)
-    ctx.model.train()
-    loss_sum, count, matched, asked = all_reduce_sum([loss_sum, count, matched, asked], info.device)
-    out = {"step": step, "val_loss": loss_sum / max(count, 1)}
-    out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
-    if asked:
-        out["exact_match"] = matched / asked
-    return out
-
-
-def exact_match(ctx: Context) -> tuple[float, float]:
-    """Greedy answers to held-out prompts, compared with the reference answers after stripping."""
-    n = min(ctx.cfg.train.eval_exact_match, len(ctx.eval_prompts))
-    if n == 0 or ctx.tokenizer is None:
-        return 0.0, 0.0
-    info = ctx.info
-    prompts = ctx.eval_prompts[:n][info.rank :: info.world_size]
-    slots = math.ceil(n / info.world_size)
-    stop = {ctx.tokenizer.eos_token_id, ctx.tokenizer.convert_tokens_to_ids("<|end|>")}
-    new_tokens = max(len(ctx.tokenizer.encode(p["answer"], add_special_tokens=False)) for p in ctx.eval_prompts[:n]) + 1
-    matched = 0.0
-    for slot in range(slots):
-        prompt = prompts[slot] if slot < len(prompts) else ctx.eval_prompts[0]
-        ids = torch.tensor([prompt["prompt_ids"]], device=info.device)
-        start = ids.shape[1]
-        for _ in range(new_tokens):  # fixed count: every rank runs the same forwards
-            positions = torch.arange(ids.shape[1], device=info.device)[None]
-            with _autocast(ctx):
-                logits = ctx.model(input_ids=ids, **attention_inputs(positions, ctx.attn_implementation, ctx.compute_dtype)).logits
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        generated = ids[0, start:].tolist()
-        cut = next((i for i, tok in enumerate(generated) if tok in stop), len(generated))
-        if slot < len(prompts):
-            matched += ctx.tokenizer.decode(generated[:cut]).strip() == prompt["answer"].strip()
-    return matched, float(len(prompts))
+    return norm  # a tensor: read on log steps only
 
 
 def train(ctx: Context, start_step: int, on_step_end: Callable[[int], bool]) -> int:
     """Run steps start_step..max_steps-1; `on_step_end(step_done)` checkpoints and says whether to stop."""
     cfg = ctx.cfg
+    t = cfg.train
+    assert t.max_steps is not None
     ctx.model.train()
     step = start_step
-    while step < cfg.train.max_steps:
+    wants_eval = t.eval_batches > 0 or t.eval_exact_match > 0 or cfg.task == "classification"
+    if step >= t.max_steps and wants_eval:  # a finished run resumed (at any world size): evaluate its weights
+        _evaluate(ctx, step)
+    while step < t.max_steps:
         begin = time.perf_counter()
-        numbers = train_step(ctx, step)
+        log = (step + 1) % t.log_every == 0 or step + 1 == t.max_steps or step == start_step
+        numbers = train_step(ctx, step, log)
         step += 1
         ctx.tokens_seen += numbers["tokens"]
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or step == start_step + 1:
+        if log:
             record = {"step": step, **numbers, "tokens_seen": ctx.tokens_seen, "elapsed": ctx.reporter.elapsed()}
             record["tokens_per_s"] = numbers["tokens"] / max(time.perf_counter() - begin, 1e-9)
             ctx.reporter.step(record)
-        wants_eval = cfg.train.eval_batches > 0 or cfg.train.eval_exact_match > 0
-        if wants_eval and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps):
-            result = evaluate(ctx, step)
-            ctx.reporter.write({**result, "elapsed": ctx.reporter.elapsed()})
-            ctx.reporter.print("eval " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+        ctx.evaluated = None
+        if wants_eval and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
+            _evaluate(ctx, step)
+            if ctx.stopper is not None and ctx.evaluated is not None:
+                ctx.stopper.update(step, ctx.evaluated)
         if on_step_end(step):
             break
     return step
+
+
+def _evaluate(ctx: Context, step: int) -> None:
+    ctx.model.eval()
+    metrics, predictions = ctx.task.evaluate(ctx, step)
+    ctx.model.train()
+    ctx.evaluated = metrics
+    ctx.reporter.evaluation(metrics, predictions)
+
+
+@dataclass
+class EarlyStopper:
+    """Stop when the watched metric has not improved by `threshold` for `patience` evaluations."""
+
+    metric: str
+    mode: str
+    patience: int
+    threshold: float
+    best: float | None = None
+    best_step: int | None = None
+    waited: int = 0
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        value = float(metrics[self.metric])
+        better = self.best is None or (value < self.best - self.threshold if self.mode == "min" else value > self.best + self.threshold)
+        if better:
+            self.best, self.best_step, self.waited = value, step, 0
+        else:
+            self.waited += 1
+
+    @property
+    def improved_at(self) -> int | None:
+        return self.best_step
+
+    @property
+    def should_stop(self) -> bool:
+        return self.waited >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"metric": self.metric, "mode": self.mode, "best": self.best, "best_step": self.best_step, "waited": self.waited}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step, self.waited = state.get("best"), state.get("best_step"), int(state.get("waited", 0))
