@@ -72,7 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--merge", action="store_true", help="LoRA/QLoRA: merge the adapter into the base model")
     cmd.set_defaults(func=cmd_export)
 
-    cmd = sub.add_parser("status", help="the job's SLURM state and the last logged step of a run directory")
+    cmd = sub.add_parser("doctor", help="check this machine for a recipe: torch, CUDA, kernels, extras, paths, port")
+    cmd.add_argument("recipe", nargs="?", help="recipe YAML (optional: what it needs becomes required)")
+    cmd.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. cluster.accelerator=cpu")
+    cmd.set_defaults(func=cmd_doctor)
+
+    cmd = sub.add_parser("status", help="a run's state (running, preempted, requeued, failed, done), job, step, checkpoint")
     cmd.add_argument("run_dir")
     cmd.set_defaults(func=cmd_status)
     return parser
@@ -200,6 +205,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from launcher.runtime.export import export_run
 
     return export_run(args.run_dir, args.out, step=args.step, merge=args.merge, best=args.best)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from launcher.doctor import doctor
+
+    cfg = load_config(args.recipe, args.overrides) if args.recipe else None
+    return doctor(cfg, args.recipe or "")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

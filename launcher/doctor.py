@@ -1,0 +1,217 @@
+"""`launcher doctor [RECIPE]`: can this machine run the recipe? One line per check, with the fix.
+
+Each check returns a `Check` (status ok / warn / fail, a name, what was found, how to fix it). With a
+recipe, what is required follows from it (CUDA for cluster.accelerator=cuda, bitsandbytes for QLoRA,
+DeepSpeed for its backend); without one, missing optional pieces are warnings. Exit code 1 when a
+check failed, else 0.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from launcher.config import RunConfig
+
+Status = Literal["ok", "warn", "fail"]
+DEFAULT_RDZV_PORT = 29500  # torchrun's default, and launch.sh's for multi-node
+
+
+@dataclass(frozen=True)
+class Check:
+    status: Status
+    name: str
+    found: str
+    fix: str = ""
+
+    def line(self) -> str:
+        fix = f"; fix: {self.fix}" if self.fix and self.status != "ok" else ""
+        return f"{self.status:<4}  {self.name}: {self.found}{fix}"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _needed(required: bool) -> Status:
+    return "fail" if required else "warn"
+
+
+def check_torch() -> Iterator[Check]:
+    import torch
+
+    cuda = torch.version.cuda
+    build = f"CUDA {cuda} build" if cuda else "CPU build"
+    yield Check("ok", "torch", f"{torch.__version__} ({build}), Python {sys.version.split()[0]}")
+
+
+def check_cuda(cfg: RunConfig | None) -> Iterator[Check]:
+    import torch
+
+    want_cuda = cfg is not None and cfg.cluster.accelerator == "cuda"
+    procs = cfg.cluster.gpus_per_node if cfg is not None else None
+    if not torch.cuda.is_available():
+        why = "torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        fix = "run on a GPU node with a CUDA build of torch, or set cluster.accelerator=cpu"
+        status: Status = "fail" if want_cuda else "ok"
+        yield Check(status, "cuda", why + ("" if want_cuda else " (not needed)"), fix)
+        yield Check(status, "nccl", "not available" + ("" if want_cuda else " (gloo on CPU)"), fix)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if procs is not None and not want_cuda:
+            status = "ok" if cores >= procs else "warn"
+            fix = f"use cluster.gpus_per_node<={cores}, or expect the processes to share cores"
+            yield Check(status, "processes", f"{procs} CPU process(es) per node on {cores} core(s)", fix)
+        elif procs is not None:
+            yield Check(
+                "fail", "gpus", f"0 GPUs visible, the recipe runs {procs} process(es) per node", "run on a node with that many GPUs"
+            )
+        return
+    count = torch.cuda.device_count()
+    name = torch.cuda.get_device_name(0)
+    capability = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    yield Check("ok", "cuda", f"CUDA {torch.version.cuda}, {count} x {name} (compute capability {capability})")
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else "unknown"
+    yield Check("ok", "nccl", f"NCCL {nccl}")
+    if procs is not None:
+        status = "ok" if count >= procs else "fail"
+        yield Check(
+            status, "gpus", f"{count} GPU(s) visible for {procs} process(es) per node", "set cluster.gpus_per_node, or CUDA_VISIBLE_DEVICES"
+        )
+
+
+def check_kernels(cfg: RunConfig | None) -> Iterator[Check]:
+    flash = _version("flash-attn")
+    want_flash = cfg is not None and cfg.kernels.attention == "flash"
+    if flash is not None and importlib.util.find_spec("flash_attn") is not None:
+        yield Check("ok", "flash-attn", f"{flash} importable")
+    else:
+        found = "not installed; attention falls back to SDPA" if not want_flash else "not installed, and kernels.attention is flash"
+        yield Check(_needed(want_flash), "flash-attn", found, "pip install launcher[flash] on a CUDA machine (or kernels.attention=sdpa)")
+    liger = _version("liger-kernel")
+    want_liger = cfg is not None and (cfg.kernels.liger or cfg.kernels.loss == "liger")
+    if liger is not None and importlib.util.find_spec("liger_kernel") is not None:
+        yield Check("ok", "liger-kernel", f"{liger} importable")
+    else:
+        found = "not installed; the chunked PyTorch loss is used" if not want_liger else "not installed, and the recipe asks for it"
+        yield Check(_needed(want_liger), "liger-kernel", found, "pip install liger-kernel (CUDA), or kernels.liger=false kernels.loss=auto")
+
+
+def check_bitsandbytes(cfg: RunConfig | None) -> Iterator[Check]:
+    want = cfg is not None and cfg.method.name == "qlora"
+    fix = "pip install launcher[qlora] (bitsandbytes>=0.45)"
+    if _version("bitsandbytes") is None:
+        yield Check(_needed(want), "bitsandbytes", "not installed" + ("" if want else " (needed for QLoRA only)"), fix)
+        return
+    try:  # a real 4-bit round trip: importable is not the same as working on this machine
+        import torch
+        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        weight = torch.randn(64, 64, device=device)
+        packed, state = quantize_4bit(weight, quant_type="nf4")
+        error = (dequantize_4bit(packed, state) - weight).abs().max().item()
+    except Exception as exc:  # any failure here is the finding
+        yield Check(
+            _needed(want), "bitsandbytes", f"{_version('bitsandbytes')} installed but 4-bit fails: {type(exc).__name__}: {exc}", fix
+        )
+        return
+    yield Check("ok", "bitsandbytes", f"{_version('bitsandbytes')}, NF4 round trip on {device} (max error {error:.2f})")
+
+
+def check_extras(cfg: RunConfig | None) -> Iterator[Check]:
+    wants = {
+        "deepspeed": cfg is not None and cfg.parallel.backend == "deepspeed",
+        "peft": cfg is not None and cfg.method.name in ("lora", "qlora", "prompt_tuning"),
+    }
+    extra = {"deepspeed": "deepspeed", "peft": "lora"}
+    for dist, want in wants.items():
+        version = _version(dist)
+        if version is not None:
+            yield Check("ok", dist, version)
+        else:
+            yield Check(
+                _needed(want), dist, "not installed" + (", and the recipe needs it" if want else ""), f"pip install launcher[{extra[dist]}]"
+            )
+
+
+def check_output(cfg: RunConfig | None) -> Iterator[Check]:
+    from launcher.plan import default_run_dir
+
+    target = Path(default_run_dir(cfg)) if cfg is not None else Path.cwd() / "runs"
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".launcher-doctor-"):
+            pass
+    except OSError as exc:
+        yield Check("fail", "output", f"{target}: not writable ({exc.strerror})", "choose another directory with --out or run.output_dir")
+        return
+    where = "" if probe == target else f" (to be created; {probe} is writable)"
+    shared = " inside SLURM job " + os.environ["SLURM_JOB_ID"] if "SLURM_JOB_ID" in os.environ else ""
+    yield Check("ok", "output", f"{target} writable{where}{shared}")
+
+
+def check_port(cfg: RunConfig | None) -> Iterator[Check]:
+    port = (cfg.cluster.rdzv_port if cfg is not None else None) or DEFAULT_RDZV_PORT
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as exc:
+            yield Check(
+                "fail", "rendezvous port", f"{port} is taken on this machine ({exc.strerror})", "set cluster.rdzv_port to a free port"
+            )
+            return
+    ephemeral = " (inside the ephemeral range 32768-60999)" if 32768 <= port <= 60999 else ""
+    yield Check("warn" if ephemeral else "ok", "rendezvous port", f"{port} free{ephemeral}", "pick a port below 32768")
+
+
+def check_offline() -> Iterator[Check]:
+    from huggingface_hub import constants
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True", "YES", "yes")
+    cache = Path(constants.HF_HUB_CACHE)
+    launcher_cache = os.environ.get("LAUNCHER_CACHE_DIR") or str(Path.home() / ".cache" / "launcher")
+    mode = "offline (HF_HUB_OFFLINE=1)" if offline else "online (the Hub is used when a model is not cached)"
+    yield Check("ok", "hub", f"{mode}; Hub cache {cache}; launcher cache {launcher_cache}")
+    probe = cache
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        yield Check("warn", "hub cache", f"{cache} is not writable", "set HF_HOME to a writable, shared directory")
+
+
+def run_checks(cfg: RunConfig | None) -> list[Check]:
+    checks: list[Check] = []
+    for group in (check_torch(), check_cuda(cfg), check_kernels(cfg), check_bitsandbytes(cfg), check_extras(cfg)):
+        checks += group
+    checks += check_output(cfg)
+    checks += check_port(cfg)
+    checks += check_offline()
+    return checks
+
+
+def doctor(cfg: RunConfig | None, label: str = "") -> int:
+    """Print one line per check; 1 if any failed."""
+    checks = run_checks(cfg)
+    for check in checks:
+        print(check.line())
+    failed = [c.name for c in checks if c.status == "fail"]
+    subject = f" for {label}" if label else ""
+    if failed:
+        print(f"doctor: {len(failed)} check(s) failed{subject}: {', '.join(failed)}")
+        return 1
+    print(f"doctor: ready{subject} ({sum(c.status == 'warn' for c in checks)} warning(s))")
+    return 0
