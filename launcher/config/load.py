@@ -140,8 +140,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")) or control_problem("override", key):
-            raise ConfigError([Problem(ascii(key or item), f"override {item!r} is not key=value", "write e.g. train.max_steps=100")])
+        parts = key.split(".")
+        if not sep or not key or any(not part for part in parts) or len(parts) > 8 or control_problem("override", key):
+            shown = ascii(key or item)[1:-1]
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise ConfigError([Problem(shown, "is not an override of the form key=value", "write e.g. train.max_steps=100")])
         out = merge_dicts(out, nest(key, parse_override_value(key, text)))
     return out
 

@@ -39,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         except (DataError, ModelError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        except OSError as exc:  # ENOSPC, EROFS, EACCES writing the data cache or the tiny model
+            where = exc.filename or cfg.data.cache_dir or "the data cache"
+            print(
+                f"error: {where}: cannot write ({exc.strerror}); free some space, or set data.cache_dir to a writable folder",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
         return 0
 
     import os

@@ -39,6 +39,9 @@ def export_run(run_dir: str, out: str, step: int | None = None, merge: bool = Fa
     except (ExportError, ckpt.CheckpointError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # ENOSPC, EROFS, EACCES: one line naming the file
+        print(f"error: {exc.filename or out}: cannot write ({exc.strerror}); free some space, or choose a writable --out", file=sys.stderr)
+        return 2
     print(f"launcher: exported {written} tensors to {out}")
     return 0
 
@@ -60,6 +63,9 @@ def pick_checkpoint(run_dir: Path, step: int | None) -> Path:
             raise ExportError(f"{root}: no complete checkpoint to export")
         return found
     folder = ckpt.step_dir(root, step)
+    if not folder.is_dir():
+        steps = ", ".join(str(int(p.name.removeprefix("step-"))) for p in reversed(ckpt.checkpoints(root))) or "none"
+        raise ExportError(f"--step {step}: {root} has no checkpoint at step {step}; steps saved: {steps}")
     ok, reason = ckpt.is_complete(folder)
     if not ok:
         raise ExportError(f"--step {step}: {folder} cannot be exported: {reason}")
@@ -70,6 +76,10 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
     if not (run_dir / "plan.json").exists():
         raise ExportError(f"{run_dir}: not a run directory (no plan.json)")
     cfg = Plan.load(run_dir / "plan.json").run_config
+    if merge and cfg.method.name not in ("lora", "qlora"):
+        raise ExportError(
+            f"--merge: merges a LoRA/QLoRA adapter into its base model, but this run's method is {cfg.method.name}; leave --merge out"
+        )
     folder = pick_checkpoint(run_dir, step)
     base = model_dir(cfg.model)
     read: Any

@@ -177,3 +177,121 @@ def test_random_overrides_give_clean_errors_only(pairs: list[tuple[str, object]]
         load_config(TINY, overrides)
     except ConfigError as exc:
         assert exc.problems and all(line.startswith("error: ") for line in str(exc).splitlines())
+
+
+def _fake_checkpoint(run: Path, step: int, **manifest: object) -> Path:
+    """A complete-looking checkpoint folder (manifest + COMPLETE, no tensors): enough for the
+    torch-free resume checks `plan` makes."""
+    import json
+
+    folder = run / "checkpoints" / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"step": step, "files": {}, **manifest}))
+    (folder / "COMPLETE").write_text("")
+    return folder
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_changed_settings_refused_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["plan", TINY, "--out", str(out)]) == 0
+    _fake_checkpoint(out, 5, global_batch_size=16, seed=1234, max_seq_len=256, method="full", backend="fsdp")
+    before = _tree(out)
+    capsys.readouterr()
+    assert main(["plan", TINY, "train.global_batch_size=8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint.resume: ") and "global_batch_size: 16 -> 8" in err, err
+    assert _tree(out) == before, "plan.json and config.yaml of the earlier run are untouched"
+    # Each piece of advice in the error is accepted by the tool.
+    assert "checkpoint.allow_mismatch=true" in err and "--out DIR" in err and "resume=never" not in err
+    assert main(["plan", TINY, "train.global_batch_size=8", "checkpoint.allow_mismatch=true", "--out", str(out)]) == 0
+    assert main(["plan", TINY, "train.global_batch_size=8", "--out", str(tmp_path / "fresh")]) == 0
+
+
+def test_no_complete_checkpoint_and_never_on_top_are_refused_before_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["plan", TINY, "--out", str(out)]) == 0
+    (_fake_checkpoint(out, 5) / "COMPLETE").unlink()
+    before = _tree(out)
+    capsys.readouterr()
+    assert main(["plan", TINY, "--out", str(out)]) == 2
+    assert "none of the 1 checkpoint folder(s)" in capsys.readouterr().err
+    assert main(["plan", TINY, "checkpoint.resume=never", "--out", str(out)]) == 2
+    assert "holds an earlier run's checkpoints" in capsys.readouterr().err
+    assert _tree(out) == before
+
+
+def test_run_dir_held_by_another_process_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+    import time
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from launcher.runlock import acquire; acquire({str(out)!r}); print('held', flush=True); import time; time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        before = _tree(out)
+        assert main(["plan", TINY, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {out}: another run owns this directory (pid {holder.pid} on {socket.gethostname()})"), err
+        assert _tree(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert main(["plan", TINY, "--out", str(out)]) == 0, "the lock died with its process"
+
+
+def test_private_artifacts_and_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        assert main(["plan", TINY, "--out", str(tmp_path / "run")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert modes["plan.json"] == modes["config.yaml"] == 0o600 and modes["launch.sh"] == modes["job.sbatch"] == 0o700
+    assert modes["estimate.txt"] == 0o640 and modes["fsdp.json"] == 0o640, modes
+
+
+def test_next_hint_repeats_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "my run"
+    assert main(["plan", "tiny-cpu.yaml", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"next: launcher run tiny-cpu.yaml --out '{out}'" in printed
+    assert f"launcher submit tiny-cpu.yaml --out '{out}'" in printed
+
+
+def test_base_lookup_is_one_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`base: tiny-cpu.yaml` in a user's recipe finds the shipped one, as the recipe argument does."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "r.yaml").write_text("base: tiny-cpu.yaml\ntrain:\n  max_steps: 70\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(user / "r.yaml").train.max_steps == 70
+    (user / "tiny-cpu.yaml").write_text("base: ../../../recipes/nothing.yaml\n")  # a file beside it wins
+    with pytest.raises(ConfigError, match="looked in"):
+        load_config(user / "r.yaml")
+
+
+def test_export_errors_say_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["plan", TINY, "--out", str(out)]) == 0
+    _fake_checkpoint(out, 10)
+    capsys.readouterr()
+    assert main(["export", str(out), "--step", "15", "--out", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err.startswith("error: --step 15: ") and not (tmp_path / "e").exists()
+    assert main(["export", str(out), "--merge", "--out", str(tmp_path / "e")]) == 2
+    assert "--merge" in capsys.readouterr().err and not (tmp_path / "e").exists()

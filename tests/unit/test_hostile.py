@@ -100,6 +100,14 @@ def _cases() -> list[Case]:
         for value in (2**63, 2**64, 10**30, -(2**64)):
             cases.append(Case(f"huge-{key}={value}", (f"{key}={value}",), names=(key,)))
     cases += [
+        Case("override-deep-key", ("a." * 5000 + "b=1",), names=("key=value",)),
+        Case("override-no-equals", ("train.max_steps",), names=("train.max_steps",)),
+        Case("override-empty-key", ("=5",), names=("key=value",)),
+        Case("override-empty-part", ("train..max_steps=5",), names=("train..max_steps",)),
+        Case("override-key-newline", ("run.na\nme=x",), names=("run.na\\nme",)),
+        Case("override-value-bomb", ("cluster.env=" + "[" * 100 + "]" * 100,), names=("cluster.env",)),
+        Case("override-value-alias-bomb", ("method.lora.target_modules=[&a [x, x, x], *a, *a]",), names=("method.lora.target_modules",)),
+        Case("override-value-dup", ("cluster.env={A: 1, A: 2}",), names=("cluster.env", "twice")),
         Case("seed-negative", ("run.seed=-1",), names=("run.seed",)),
         Case("seed-2**63", (f"run.seed={2**63}",), names=("run.seed",)),
         Case("qlora-zero0", ("method.name=qlora", "parallel.backend=deepspeed", "parallel.zero_stage=0"), names=("parallel.zero_stage",)),
