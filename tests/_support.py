@@ -45,3 +45,22 @@ def four_bit_tiny_base():
     model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(), quantization_config=quant, dtype=torch.bfloat16)
     keep_4bit_layout(model)
     return model
+
+
+def four_bit_base(path):
+    """Any model directory loaded 4-bit as the QLoRA recipes train it (NF4, double quant, bf16)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from launcher.runtime.adapters import keep_4bit_layout
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16)
+    keep_4bit_layout(model)
+    return model

@@ -8,6 +8,7 @@ Exit codes: 0 done, 2 bad input, 75 saved after a signal (run again to resume), 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     quiet_warnings()
-    info = init_distributed(cfg.cluster.accelerator)
+    info = init_distributed(cfg.cluster.accelerator, cfg.parallel.backend == "fsdp" and cfg.parallel.fsdp.cpu_offload)
     # One write call: the ranks share one pipe, and print() writes the newline separately.
     host = socket.gethostname()
     sys.stdout.write(f"launcher: rank {info.rank} of {info.world_size} (local {info.local_rank}) on {host}, pid {os.getpid()}\n")
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         if info.is_main:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             if owner:
-                write_error_file(Path(plan.run_dir) / "logs", info.rank, exc)
+                with contextlib.suppress(OSError):  # a full disk must not turn this one line into a traceback
+                    write_error_file(Path(plan.run_dir) / "logs", info.rank, exc)
         code = EXIT_BAD_INPUT
     except Exception as exc:  # the traceback still prints; the file gives `launcher run` its one line
         write_error_file(Path(plan.run_dir) / "logs", info.rank, exc)

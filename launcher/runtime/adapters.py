@@ -149,7 +149,6 @@ def keep_4bit_layout(model: nn.Module) -> None:
 
 def build_qlora(path: Path, cfg: RunConfig, info: DistInfo, attn_implementation: str) -> nn.Module:
     """4-bit base (bitsandbytes, quantised while loading on this rank's device) + LoRA adapters."""
-    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.utils import logging as hf_logging
 
@@ -173,17 +172,14 @@ def build_qlora(path: Path, cfg: RunConfig, info: DistInfo, attn_implementation:
     )
     model.config.use_cache = False  # training: no KV cache (and packed batches need it off)
     keep_4bit_layout(model)
-    checkpointing = cfg.train.activation_checkpointing
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None
-    )
-    if cfg.parallel.backend == "fsdp":
-        # prepare_model_for_kbit_training upcast the frozen norms, embeddings and lm_head to fp32.
-        # FSDP2 computes in its param dtype whatever they are stored in, so the fp32 copies only
-        # cost memory: store them like the 4-bit weights (lossless: they were loaded in that dtype).
-        for param in model.parameters():
-            if param.dtype == torch.float32 and type(param).__name__ != "Params4bit":
-                param.data = param.data.to(DTYPES[cfg.model.dtype])
+    # What peft's prepare_model_for_kbit_training does, without its fp32 upcast of every bf16
+    # weight: that is a full-size fp32 copy of the embeddings and lm_head on every GPU (about 45 GB
+    # transient at 70B), and the compute runs in the compute dtype anyway (FSDP2's param dtype,
+    # autocast elsewhere; HF norms upcast their activations themselves).
+    model.requires_grad_(False)
+    if cfg.train.activation_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapted = wrap_with_peft(model, cfg.method)
     init_adapters(adapted, cfg.run.seed)  # the same adapters on every rank, whatever peft drew
     return adapted

@@ -24,21 +24,24 @@ class Built:
     model: nn.Module
     optimizer: Any
     engine: Any = None
+    trainable_only: bool = False  # checkpoints hold only trainable state (adapter methods)
 
     def saver(self, root: Path, info: DistInfo, checkpoint: CheckpointSection) -> Any:
         if self.engine is not None:
             from launcher.runtime.engine import DeepSpeedSaver
 
-            return DeepSpeedSaver(root, info.rank, checkpoint.keep_last, self.engine)
+            return DeepSpeedSaver(root, info.rank, checkpoint.keep_last, self.engine, self.trainable_only)
         group = dist.new_group(backend="gloo") if checkpoint.async_save else None
-        return ckpt.Saver(root, info.rank, checkpoint.keep_last, async_save=checkpoint.async_save, group=group)
+        return ckpt.Saver(
+            root, info.rank, checkpoint.keep_last, async_save=checkpoint.async_save, group=group, trainable_only=self.trainable_only
+        )
 
     def load(self, folder: Path, rank: int) -> dict[str, Any]:
         if self.engine is not None:
             from launcher.runtime.engine import load_deepspeed
 
-            return load_deepspeed(folder, self.engine, rank)
-        return ckpt.load(folder, self.model, self.optimizer, rank)
+            return load_deepspeed(folder, self.engine, rank, self.trainable_only)
+        return ckpt.load(folder, self.model, self.optimizer, rank, self.trainable_only)
 
 
 def build_training_model(
@@ -46,6 +49,7 @@ def build_training_model(
 ) -> Built:
     """meta → method → shard → load, for any architecture and task; `labels` names a classifier's classes."""
     backend, method, task = cfg.parallel.backend, cfg.method, cfg.task
+    adapters = method.name in ("lora", "qlora", "prompt_tuning")
     checkpointing = cfg.train.activation_checkpointing
     if method.name == "qlora":
         from launcher.runtime.adapters import build_qlora
@@ -78,7 +82,7 @@ def build_training_model(
         from launcher.runtime.engine import deepspeed_engine
 
         engine = deepspeed_engine(model, plan, cfg)
-        return Built(model=engine, optimizer=engine.optimizer, engine=engine)
+        return Built(model=engine, optimizer=engine.optimizer, engine=engine, trainable_only=adapters)
     if backend == "ddp":
         model = wrap_ddp(model, info)
-    return Built(model=model, optimizer=build_optimizer(model, cfg.optim))
+    return Built(model=model, optimizer=build_optimizer(model, cfg.optim), trainable_only=adapters)

@@ -14,28 +14,21 @@ unpickler that builds only DCP's own metadata classes, and every other object is
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
-import pickle
-import random
 import shutil
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.distributed.checkpoint.metadata as dcp_metadata
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from launcher import __version__
 from launcher.plan.resume import (  # noqa: F401  (the torch-free half, re-exported for the runtime)
@@ -52,6 +45,7 @@ from launcher.plan.resume import (  # noqa: F401  (the torch-free half, re-expor
     resume_candidates,
     step_dir,
 )
+from launcher.runtime.safe_state import SafeReader, load_rng, safe_load, save_rng  # noqa: F401  (re-exported)
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -61,48 +55,6 @@ def _fsync_write(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states as JSON-able data."""
-    version, words, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(words), gauss],
-        "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, words, gauss = state["python"]
-    random.setstate((version, tuple(words), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-
-
-def rng_file(folder: Path, rank: int) -> Path:
-    return folder / "rng" / f"rank-{rank:05d}.json"
-
-
-def save_rng(folder: Path, rank: int) -> None:
-    rng_file(folder, rank).write_text(json.dumps(rng_state()))
-
-
-def load_rng(folder: Path, rank: int) -> None:
-    """This rank's RNG state; a rank that did not exist at save time keeps its seeded state."""
-    path = rng_file(folder, rank)
-    if path.exists():
-        try:
-            set_rng_state(json.loads(path.read_text()))
-        except (ValueError, TypeError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"{path} is not a valid RNG state ({exc})") from None
 
 
 def file_sizes(folder: Path) -> dict[str, int]:
@@ -117,72 +69,16 @@ def file_checksums(folder: Path, names: list[str]) -> dict[str, int]:
     return {name: crc32(folder / name) for name in names}
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata classes, torch sizes and dtypes, and nothing else."""
-
-    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
-        ("pathlib", "PosixPath"),
-        ("pathlib", "Path"),
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype | torch.memory_format):
-            return getattr(torch, name)
-        if module == "torch.distributed.checkpoint.metadata":
-            found = getattr(dcp_metadata, name, None)
-            if isinstance(found, type) or name == "_MEM_FORMAT_ENCODING":
-                return found
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
-
-
-class SafeReader(dcp.FileSystemReader):
-    """FileSystemReader whose `.metadata` (a pickle) cannot run code."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        path = Path(self.path) / ".metadata"
-        try:
-            with path.open("rb") as handle:
-                metadata = _MetadataUnpickler(handle).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError, KeyError) as exc:
-            raise CheckpointError(f"{path} is not DCP metadata ({exc})") from None
-        if not isinstance(metadata, dcp_metadata.Metadata):
-            raise CheckpointError(f"{path} is not DCP metadata")
-        storage = getattr(metadata, "storage_meta", None) or dcp_metadata.StorageMeta()
-        storage.load_id = self.load_id
-        metadata.storage_meta = storage
-        return metadata
-
-
-class SafePlanner(DefaultLoadPlanner):
-    """Non-tensor values (optimizer hyper-parameters, step counters) read with weights_only."""
-
-    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        loaded = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = loaded
-
-
-def safe_load(state: dict[str, Any], path: Path, no_dist: bool = False) -> None:
-    """dcp.load that reads data only (see SafeReader, SafePlanner)."""
-    SafeReader(str(path)).read_metadata()  # a bad .metadata is one clear line, before DCP's own logging
-    dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner(), no_dist=no_dist)
-
-
 @contextlib.contextmanager
-def save_errors(folder: Path) -> Iterator[None]:
+def save_errors(folder: Path, rank: int) -> Iterator[None]:
     """ENOSPC, EROFS, EACCES while saving (raised here or inside DCP on any rank) → one
-    CheckpointError line naming the folder; the last complete checkpoint stays as it was."""
+    CheckpointError line naming the folder; the last complete checkpoint stays as it was, and the
+    partial folder is removed so that the logs and the exit code still fit on a full disk."""
     try:
         yield
     except (OSError, CheckpointException) as exc:
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
         cause: BaseException = exc
         for failure in getattr(exc, "failures", {}).values():  # DCP: rank -> (exception, traceback)
             cause = failure[0] if isinstance(failure, tuple) else failure
@@ -206,6 +102,7 @@ class Saver:
     keep_last: int
     async_save: bool = False
     group: Any = None  # a separate gloo group: async writes must not share the training group
+    trainable_only: bool = False  # adapter methods: the frozen base is the model's own files, not saved again
     _pending: Any = None
     _pending_finish: Any = None
 
@@ -224,9 +121,9 @@ class Saver:
 
     def save(self, model: torch.nn.Module, optimizer: Any, manifest: dict[str, Any]) -> Path:
         folder = step_dir(self.root, manifest["step"])
-        with save_errors(folder):
+        with save_errors(folder, self.rank):
             folder = self.begin(manifest["step"])
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=state_options(self.trainable_only))
             state = {"model": model_sd, "optim": optim_sd}
             if self.async_save:
                 self._pending = dcp.async_save(state, checkpoint_id=str(folder / "model_optim"), process_group=self.group)
@@ -273,11 +170,19 @@ class Saver:
         dist.barrier(group=self.group)
 
 
-def load(folder: Path, model: torch.nn.Module, optimizer: Any, rank: int) -> dict[str, Any]:
+def state_options(trainable_only: bool) -> StateDictOptions:
+    """Full methods save everything; adapter methods only what trains (LoRA, a classifier's head):
+    at 70B QLoRA that is ~2.5 GB a save instead of ~40 GB, and resume stays exact because the frozen
+    base is loaded from the model's own files before the checkpoint."""
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+def load(folder: Path, model: torch.nn.Module, optimizer: Any, rank: int, trainable_only: bool = False) -> dict[str, Any]:
     """Load model and optimizer (resharded by DCP to this world size) and this rank's RNG state."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = state_options(trainable_only)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     safe_load({"model": model_sd, "optim": optim_sd}, folder / "model_optim")  # fills in place
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
     load_rng(folder, rank)
     return read_manifest(folder)
 
@@ -351,7 +256,7 @@ def load_first(candidates: list[Path], load_one: Any, info: Any) -> tuple[Path, 
             try:
                 saved = load_one(folder, info.rank)
                 failed = 0.0
-            except Exception as exc:  # any rank's failure to read the files: agreed below, then fall back
+            except (Exception, CheckpointException) as exc:  # DCP's is a BaseException; agreed below, then fall back
                 failed, reason = 1.0, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             flag = torch.tensor([failed], device=info.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

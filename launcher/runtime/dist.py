@@ -29,8 +29,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(accelerator: str) -> DistInfo:
-    """Join the job's process group (gloo on CPU, nccl on CUDA) from torchrun's environment."""
+def init_distributed(accelerator: str, cpu_offload: bool = False) -> DistInfo:
+    """Join the job's process group (gloo on CPU, nccl on CUDA) from torchrun's environment.
+
+    FSDP2 CPU offload keeps gradients on the CPU, so clipping reduces CPU tensors: it needs a CPU
+    backend beside NCCL in the same group ("cuda:nccl,cpu:gloo")."""
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -39,13 +42,13 @@ def init_distributed(accelerator: str) -> DistInfo:
             raise RuntimeError("cluster.accelerator is cuda but this machine has no CUDA device; use cluster.accelerator=cpu")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "cuda:nccl,cpu:gloo" if cpu_offload else "nccl"
     else:
         device = torch.device("cpu")
         backend = "gloo"
     if "MASTER_ADDR" not in os.environ:  # a plain `python -m launcher.runtime`: a world of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group(backend=backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, device_id=device if accelerator == "cuda" else None)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 

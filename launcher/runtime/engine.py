@@ -39,20 +39,21 @@ def _prepare_environment() -> None:
 _HF_DEEPSPEED: list[Any] = []  # transformers holds a weak reference; keep the object alive
 
 
-def zero3_model(path: Path, cfg: RunConfig, plan: Plan, attn_implementation: str, device: torch.device) -> nn.Module:
+def zero3_model(
+    path: Path, cfg: RunConfig, plan: Plan, attn_implementation: str, device: torch.device, labels: list[str] | None = None
+) -> nn.Module:
     """Load under ZeRO-3 partitioning: transformers builds inside zero.Init (each rank allocates only
     its partition) and fills the weights partition by partition."""
     _prepare_environment()
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from launcher.runtime.model import reinit_buffers
+    from launcher.runtime.model import hf_config, model_class, reinit_buffers
 
     _HF_DEEPSPEED[:] = [HfDeepSpeedConfig(plan.deepspeed)]
-    model = AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation=attn_implementation, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
+    config = hf_config(path, cfg.model, labels)
+    model = model_class(cfg.task).from_pretrained(
+        path, config=config, attn_implementation=attn_implementation, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
     )
-    model.config.use_cache = False
     reinit_buffers(model, device)
     return model
 
@@ -70,18 +71,18 @@ def deepspeed_engine(model: nn.Module, plan: Plan, cfg: RunConfig) -> Any:
 class DeepSpeedSaver(ckpt.Saver):
     """DeepSpeed's own sharded files under step-N/deepspeed/, with our manifest and COMPLETE."""
 
-    def __init__(self, root: Path, rank: int, keep_last: int, engine: Any) -> None:
-        super().__init__(root, rank, keep_last)
+    def __init__(self, root: Path, rank: int, keep_last: int, engine: Any, trainable_only: bool = False) -> None:
+        super().__init__(root, rank, keep_last, trainable_only=trainable_only)
         self.engine = engine
 
     def save(self, model: nn.Module, optimizer: Any, manifest: dict[str, Any]) -> Path:
         folder = self.begin(manifest["step"])
-        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False, exclude_frozen_parameters=self.trainable_only)
         self._finish(folder, manifest)
         return folder
 
 
-def load_deepspeed(folder: Path, engine: Any, rank: int) -> dict[str, Any]:
+def load_deepspeed(folder: Path, engine: Any, rank: int, trainable_only: bool = False) -> dict[str, Any]:
     manifest = ckpt.read_manifest(folder)
     world = torch.distributed.get_world_size()
     if manifest["world_size"] != world:
@@ -90,7 +91,9 @@ def load_deepspeed(folder: Path, engine: Any, rank: int) -> dict[str, Any]:
             f"convert it first: python -m deepspeed.checkpoint.ds_to_universal --input_folder {folder / TAG} "
             f"--output_folder {folder}-universal, or resume at world size {manifest['world_size']} (FSDP2 checkpoints reshard by themselves)"
         )
-    path, _ = engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+    path, _ = engine.load_checkpoint(
+        str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=not trainable_only
+    )
     if path is None:
         raise ckpt.CheckpointError(f"checkpoint.resume: DeepSpeed could not load {folder / TAG}")
     ckpt.load_rng(folder, rank)  # JSON, never a pickle
@@ -98,17 +101,24 @@ def load_deepspeed(folder: Path, engine: Any, rank: int) -> dict[str, Any]:
 
 
 class DeepSpeedModelReader:
-    """Consolidated fp32 model tensors of a DeepSpeed checkpoint (DeepSpeed's zero_to_fp32)."""
+    """Consolidated fp32 model tensors of a DeepSpeed checkpoint (DeepSpeed's zero_to_fp32).
+
+    Lazy mode: the ranks' flat fp32 partitions are read once and each full tensor is assembled only
+    when the export writes it, so host memory holds the partitions plus one tensor (the eager path
+    materialised the whole fp32 model on top of the partitions: twice the model).
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def items(self):  # -> Iterator[tuple[str, torch.Tensor]], names prefixed "model." like DCP's
+    def _state(self) -> dict[str, Any]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(self.folder), tag=TAG)
-        for name, tensor in state.items():
-            yield f"model.{name}", tensor
+        return get_fp32_state_dict_from_zero_checkpoint(str(self.folder), tag=TAG, lazy_mode=True)
+
+    def items(self):  # -> Iterator[tuple[str, torch.Tensor]], names prefixed "model." like DCP's
+        for name, lazy in self._state().items():
+            yield f"model.{name}", lazy.contiguous() if hasattr(lazy, "contiguous") else lazy
 
     def keys(self) -> list[str]:
-        return [name for name, _ in self.items()]
+        return [f"model.{name}" for name in self._state()]

@@ -202,9 +202,10 @@ def apply_method(module: nn.Module, method: MethodSection, layer_class: str = ""
             blocks = find_blocks(module, layer_class)
             count = method.freeze.trainable_last_layers
             keep += blocks[len(blocks) - count :] if count else []
-            if method.freeze.train_head:
-                heads = head_modules(module) if task == "classification" else [module.get_output_embeddings()]  # type: ignore[operator]
-                keep += [m for m in heads if m is not None] + final_norms(module, blocks)
+            if method.freeze.train_head and task == "classification":
+                keep += head_modules(module)  # the classifier (and a pooler): "head only" with 0 blocks
+            elif method.freeze.train_head:
+                keep += [m for m in [module.get_output_embeddings()] if m is not None] + final_norms(module, blocks)  # type: ignore[operator]
             if method.freeze.train_embeddings:
                 keep.append(module.get_input_embeddings())  # type: ignore[operator]
             module.requires_grad_(False)

@@ -56,6 +56,18 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
+def assert_no_frozen_tensor_in_metadata(step_dir: Path, trainable: set[str]) -> None:
+    """DCP's own metadata lists every tensor the checkpoint holds: only trainable ones, and their Adam state."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keys = FileSystemReader(str(step_dir / "model_optim")).read_metadata().state_dict_metadata
+    model_keys = {k.removeprefix("model.") for k in keys if k.startswith("model.")}
+    assert model_keys == trainable, sorted(model_keys ^ trainable)[:5]
+    assert all(any(name in k for name in trainable) for k in keys if k.startswith("optim.state."))
+
+
 def base_weights() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -98,10 +110,8 @@ def test_lora_learns_and_trains_only_adapters(lora_run: Path, tmp_path: Path) ->
     saved = consolidated(lora_run / "checkpoints" / "step-00000020", tmp_path)
     assert set(saved["optim"]["state"]) == set(trainable)  # the optimizer holds the adapters only
     state = saved["model"]
-    for key, original in base_weights().items():
-        name = f"base_model.model.{key}"
-        name = name if name in state else name.replace(".weight", ".base_layer.weight")
-        assert torch.equal(state[name], original), f"frozen {key} changed"
+    assert set(state) == set(trainable), "an adapter checkpoint holds the adapters only, never the frozen base"
+    assert_no_frozen_tensor_in_metadata(lora_run / "checkpoints" / "step-00000020", set(trainable))
     lora_b = [t for n, t in state.items() if ".lora_B." in n]
     assert len(lora_b) == 28 and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero and moved
 
@@ -153,14 +163,8 @@ def test_qlora_one_and_two_processes(tmp_path: Path, launcher) -> None:
     # steps; rounding differences then grow to a few 1e-3.
     for step, (a, b) in enumerate(zip(losses(two), losses(one)), start=1):
         assert a == pytest.approx(b, rel=2e-3 if step <= 10 else 1e-2), (step, a, b)
-    first = consolidated(two / "checkpoints" / "step-00000010", tmp_path)
     last = consolidated(two / "checkpoints" / "step-00000020", tmp_path)
-    assert set(last["optim"]["state"]) == {n for n in last["model"] if ".lora_" in n}
-    for name, tensor in last["model"].items():
-        if ".lora_" not in name:
-            assert same_bits(tensor, first["model"][name]), f"frozen {name} changed"
-    packed = last["model"]["base_model.model.model.layers.0.mlp.down_proj.base_layer.weight"]
-    assert packed.dtype == torch.bfloat16 and packed.numel() * 2 * 2 == 128 * 352  # 4-bit codes in bf16 storage
+    assert set(last["optim"]["state"]) == set(last["model"]) and all(".lora_" in n for n in last["model"])  # no 4-bit base saved
 
     # The adapter exported from each run loads with peft and gives the checkpoint's logits; the
     # merged export (bf16 base + adapter) loads with from_pretrained.
@@ -209,6 +213,4 @@ def test_prompt_tuning_learns_only_the_prompt(tmp_path: Path, launcher) -> None:
     assert_learns(losses(run), by=0.3)
     saved = consolidated(run / "checkpoints" / "step-00000030", tmp_path)
     assert set(saved["optim"]["state"]) == set(trainable)
-    state = saved["model"]
-    for key, original in base_weights().items():
-        assert torch.equal(state[f"base_model.{key}"], original), f"frozen {key} changed"
+    assert set(saved["model"]) == set(trainable), "only the prompt is saved"
