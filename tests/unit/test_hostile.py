@@ -317,3 +317,121 @@ def test_hostile_input_as_a_user_runs_it(name: str, tmp_path: Path) -> None:
     assert done.returncode == 2, done
     assert "Traceback" not in done.stderr and done.stderr.startswith("error: "), done.stderr
     assert _snapshot(tmp_path) == before
+
+
+# Values the validation lets through on purpose (a directory may have spaces, quotes, `$`): they
+# must reach the scripts as data. Each is used as --out and as a cluster.env value, and both
+# scripts are executed with stand-ins for python, srun, scontrol, scancel and getent.
+LEGAL_BUT_HOSTILE = {
+    "subshell": "o $(touch PWNED_a)",
+    "backticks": "o `touch PWNED_b`",
+    "semicolon": "o; touch PWNED_c",
+    "quotes": "o 'q' $HOME",
+    "ampersand": "o && touch PWNED_d || touch PWNED_e",
+    "redirect": "o > PWNED_f < /dev/null",
+    "glob-brace": "o * ? [x] {a,b} ~ !",
+    "hash": "o #SBATCH --wrap=touch PWNED_g",
+    "dollar-var": "o $PATH $0 $@ $$",
+    "leading-dash": "-o --help",
+}
+
+
+def _stub(path: Path, body: str) -> None:
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", sorted(LEGAL_BUT_HOSTILE))
+def test_legal_hostile_values_never_execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher.config import load_config
+    from launcher.plan import build_plan, write_run_dir
+
+    value = LEGAL_BUT_HOSTILE[name]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "record"
+    _stub(bin_dir / "python", f'printf "%s\\0" "$@" > {record}.argv; printf "%s" "$HOSTILE" > {record}.env\n')
+    _stub(bin_dir / "srun", 'while [[ $1 == --* ]]; do shift; done; exec "$@"\n')
+    _stub(bin_dir / "scontrol", "if [[ $1 == show ]]; then echo node1; fi\n")
+    _stub(bin_dir / "scancel", "exit 0\n")
+    _stub(bin_dir / "getent", 'if [[ $1 == ahostsv4 && $2 == node1 ]]; then echo "10.0.0.5 STREAM node1"; else exit 2; fi\n')
+    env_value = {"HOSTILE": value}
+    cfg = load_config(TINY, ["cluster.nodes=2", "cluster.gpus_per_node=1", f"cluster.env={json.dumps(env_value)}"])
+    run_dir = str(work / value)
+    assert main(["validate", TINY, f"run.output_dir={run_dir}"]) == 0, "accepted on purpose"
+    plan = build_plan(cfg, run_dir, python=str(bin_dir / "python"))
+    write_run_dir(plan)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1"}
+    for script, extra in (("job.sbatch", {}), ("launch.sh", {"LAUNCHER_HEAD_ADDR": "node1"})):
+        Path(f"{record}.argv").unlink(missing_ok=True)
+        done = subprocess.run(
+            ["bash", str(Path(run_dir) / script)], cwd=work, env={**env, **extra}, capture_output=True, text=True, timeout=50
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        argv = Path(f"{record}.argv").read_text().split("\0")[:-1]
+        assert argv[-2:] == ["--plan", str(Path(run_dir) / "plan.json")], argv
+        assert Path(f"{record}.env").read_text() == value
+    headers = [line for line in (Path(run_dir) / "job.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
+    assert not any(line.startswith("#SBATCH --wrap") for line in headers), "a value became an #SBATCH line"
+    pwned = sorted(p.name for p in tmp_path.rglob("PWNED*"))
+    assert pwned == [], f"a value was executed: {pwned}"
+
+
+def test_checkpoint_files_are_data_never_code(tmp_path: Path) -> None:
+    """No process group: a real DCP checkpoint of a small module, then planted pickles in it."""
+    import pickle
+    import random
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from launcher.plan.resume import crc32, is_complete
+    from launcher.runtime import safe_state
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    dcp.save(state, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+    fresh = torch.nn.Linear(4, 3)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=5.0)
+    fresh(torch.randn(2, 4)).sum().backward()
+    fresh_opt.step()
+    target = {"model": fresh.state_dict(), "optim": fresh_opt.state_dict()}
+    safe_state.safe_load(target, tmp_path / "ck", no_dist=True)
+    assert torch.equal(target["model"]["weight"], model.weight) and target["optim"]["param_groups"][0]["lr"] == 1e-3
+
+    (tmp_path / "rng").mkdir()
+    safe_state.save_rng(tmp_path, 0)
+    expected = (random.random(), torch.rand(1).item())
+    safe_state.load_rng(tmp_path, 0)
+    assert (random.random(), torch.rand(1).item()) == expected, "RNG state restored from JSON"
+
+    marker = tmp_path / "PWNED"
+
+    class Plant:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(Plant()))
+    with pytest.raises(safe_state.CheckpointError, match="not allowed in checkpoint metadata"):
+        safe_state.safe_load(target, tmp_path / "ck", no_dist=True)
+    (tmp_path / "rng" / "rank-00000.json").write_bytes(pickle.dumps(Plant()))
+    with pytest.raises(safe_state.CheckpointError, match="not a valid RNG state"):
+        safe_state.load_rng(tmp_path, 0)
+    assert not marker.exists()
+
+    # Same-size corruption: sizes agree, the CRC-32 does not.
+    folder = tmp_path / "step"
+    folder.mkdir()
+    (folder / "shard").write_bytes(b"abcdef")
+    (folder / "manifest.json").write_text(json.dumps({"step": 1, "files": {"shard": 6}, "checksums": {"shard": crc32(folder / "shard")}}))
+    (folder / "COMPLETE").write_text("")
+    assert is_complete(folder, verify=True) == (True, "")
+    (folder / "shard").write_bytes(b"abcdeX")
+    assert is_complete(folder)[0] and "checksum" in is_complete(folder, verify=True)[1]
