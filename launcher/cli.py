@@ -100,9 +100,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _planned(args: argparse.Namespace) -> Iterator[Any]:  # -> Plan (imports kept lazy: `validate` needs no plan code)
+def _planned(args: argparse.Namespace, data: bool = False) -> Iterator[Any]:  # -> Plan (imports lazy: `validate` needs no plan code)
     """Load, check everything (resume compatibility included), lock the run directory, then
-    write it; the lock is held until the command ends. Nothing is written before that."""
+    write it; the lock is held until the command ends. Nothing is written before that. With
+    `data` (run, prepare, submit: they prepare the data anyway) the data cache is built first,
+    so that a changed data set is refused before the run directory is touched too."""
     from launcher.config.values import check_run_dir
     from launcher.plan import build_plan, default_run_dir, write_run_dir
     from launcher.plan.resume import check_resume
@@ -117,7 +119,13 @@ def _planned(args: argparse.Namespace) -> Iterator[Any]:  # -> Plan (imports kep
     if problems:
         raise ConfigError(problems)
     plan = build_plan(cfg, run_dir)
-    check_resume(cfg, run_dir)
+    if check_resume(cfg, run_dir) is not None and data:
+        from launcher.runtime.__main__ import prepare as prepare_data
+        from launcher.runtime.data import DataError
+        from launcher.runtime.model import ModelError
+
+        with contextlib.suppress(DataError, ModelError):  # reported by prepare() below, in its own words
+            check_resume(cfg, run_dir, data_fingerprint=prepare_data(cfg).name)
     with holding(run_dir):
         write_run_dir(plan)
         yield plan
@@ -157,7 +165,7 @@ def _summary(plan) -> str:  # plan: Plan
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    with _planned(args) as plan:
+    with _planned(args, data=not args.dry_run) as plan:
         return _submit(args, plan)
 
 
@@ -190,14 +198,14 @@ def _submit(args: argparse.Namespace, plan: Any) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from launcher.run_local import run_local
 
-    with _planned(args) as plan:
+    with _planned(args, data=True) as plan:
         return run_local(plan)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from launcher.run_local import prepare
 
-    with _planned(args) as plan:
+    with _planned(args, data=True) as plan:
         return prepare(plan)
 
 

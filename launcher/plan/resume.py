@@ -167,14 +167,20 @@ def schedule_note(saved: dict[str, Any], cfg: RunConfig) -> str | None:
     return None
 
 
-def check_resume(cfg: RunConfig, run_dir: str) -> None:
-    """Everything the ranks would refuse about resuming, decided before anything is written."""
+def check_resume(cfg: RunConfig, run_dir: str, data_fingerprint: str | None = None) -> dict[str, Any] | None:
+    """Everything the ranks would refuse about resuming, decided before anything is written;
+    returns the manifest of the checkpoint the run will resume from (None: it starts at step 0).
+    The data fingerprint is known once the data is prepared: `run` passes it, `plan` cannot."""
     root = Path(run_dir) / "checkpoints"
+    now = settings(cfg) if data_fingerprint is None else {**settings(cfg), "data_fingerprint": data_fingerprint}
     try:
         refuse_start_over(root, cfg.checkpoint.resume)
         found, _ = resume_candidates(root, cfg.checkpoint.resume)
-        if found:
-            compare_manifest(read_manifest(found[0]), settings(cfg), cfg.checkpoint.allow_mismatch)
+        if not found:
+            return None
+        saved = read_manifest(found[0])
+        compare_manifest(saved, now, cfg.checkpoint.allow_mismatch)
+        return saved
     except CheckpointError as exc:
         key, _, rest = str(exc).partition(": ")
         what, _, fix = rest.rpartition("; ")

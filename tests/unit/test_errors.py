@@ -295,3 +295,18 @@ def test_export_errors_say_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureF
     assert capsys.readouterr().err.startswith("error: --step 15: ") and not (tmp_path / "e").exists()
     assert main(["export", str(out), "--merge", "--out", str(tmp_path / "e")]) == 2
     assert "--merge" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_changed_data_refused_before_run_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`run`/`prepare` build the data cache first: a changed data set is refused before the earlier
+    run's files are touched (the fingerprint is the cache folder's name)."""
+    out = tmp_path / "run"
+    assert main(["plan", TINY, "--out", str(out)]) == 0
+    settings = {"global_batch_size": 16, "seed": 1234, "max_seq_len": 256, "method": "full", "backend": "fsdp"}
+    _fake_checkpoint(out, 5, data_fingerprint="an-older-data-set", **settings)
+    before = _tree(out)
+    capsys.readouterr()
+    assert main(["prepare", TINY, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint.resume: ") and "data_fingerprint: 'an-older-data-set' -> " in err, err
+    assert _tree(out) == before
