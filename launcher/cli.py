@@ -124,7 +124,7 @@ def _planned(args: argparse.Namespace, data: bool = False) -> Iterator[Any]:  # 
         from launcher.runtime.data import DataError
         from launcher.runtime.model import ModelError
 
-        with contextlib.suppress(DataError, ModelError):  # reported by prepare() below, in its own words
+        with contextlib.suppress(DataError, ModelError, OSError):  # reported by prepare() below, in its own words
             check_resume(cfg, run_dir, data_fingerprint=prepare_data(cfg).name)
     with holding(run_dir):
         write_run_dir(plan)
