@@ -76,9 +76,10 @@ class DeepSpeedSaver(ckpt.Saver):
         self.engine = engine
 
     def save(self, model: nn.Module, optimizer: Any, manifest: dict[str, Any]) -> Path:
-        folder = self.begin(manifest["step"])
-        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False, exclude_frozen_parameters=self.trainable_only)
-        self._finish(folder, manifest)
+        with ckpt.save_errors(ckpt.step_dir(self.root, manifest["step"]), self.rank):  # ENOSPC & co.: one line
+            folder = self.begin(manifest["step"])
+            self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False, exclude_frozen_parameters=self.trainable_only)
+            self._finish(folder, manifest)
         return folder
 
 

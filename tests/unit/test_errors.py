@@ -310,3 +310,14 @@ def test_changed_data_refused_before_run_writes(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint.resume: ") and "data_fingerprint: 'an-older-data-set' -> " in err, err
     assert _tree(out) == before
+
+
+def test_changed_max_steps_is_announced_with_the_way_back() -> None:
+    from launcher.plan.resume import schedule_note
+
+    cfg = load_config(TINY, ["train.max_steps=300"])
+    note = schedule_note({"step": 100, "max_steps": 200}, cfg)
+    assert note is not None and "200 -> 300" in note and "rate jumps at step 100" in note
+    assert "train.max_steps=200" in note, "offers to keep the old schedule"
+    assert schedule_note({"step": 100, "max_steps": 300}, cfg) is None
+    assert schedule_note({"step": 100}, cfg) is None  # an older manifest: nothing to compare
