@@ -209,7 +209,9 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
                 f"set method.quant.quant_storage_dtype: {cfg.model.dtype}",
             )
         if par.backend == "deepspeed" and par.zero_stage < 2:
-            yield Problem("parallel.zero_stage", f"QLoRA runs with ZeRO-2 or ZeRO-3, not ZeRO-{par.zero_stage}", "set parallel.zero_stage: 2 or 3")
+            yield Problem(
+                "parallel.zero_stage", f"QLoRA runs with ZeRO-2 or ZeRO-3, not ZeRO-{par.zero_stage}", "set parallel.zero_stage: 2 or 3"
+            )
         if par.offload_params != "none":
             yield Problem("parallel.offload_params", "cannot offload 4-bit quantised weights", "set it to none for QLoRA")
         if cfg.model.dtype == "float16" and cpu:
