@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from launcher.config.arch import ENCODERS
 from launcher.config.errors import ConfigError, Problem
 from launcher.config.schema import RunConfig
 from launcher.config.values import check_run_dir, control_problem, numbers
@@ -48,7 +49,7 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
         yield Problem("run.seed", f"{cfg.run.seed} is negative", "use e.g. 1234 (0 to 2**63 - 1)")
     if not cfg.model.name_or_path.strip():
         yield Problem("model.name_or_path", "is empty", "give a local model directory, a Hub id or tiny-llama")
-    if not MODULE_NAME.match(cfg.model.layer_class):
+    if cfg.model.layer_class and not MODULE_NAME.match(cfg.model.layer_class):
         yield Problem("model.layer_class", f"{cfg.model.layer_class!r} is not a class name", "e.g. LlamaDecoderLayer")
 
     lora = cfg.method.lora
@@ -73,6 +74,7 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
     for key in ("prompt_field", "response_field", "messages_field", "text_field", "split"):
         if not getattr(data, key):
             yield Problem(f"data.{key}", "is empty", "name a column of the data")
+    yield from check_data_sources(cfg)
 
     optim = cfg.optim
     if not 0 < optim.lr < 1:
@@ -90,7 +92,13 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
     for key in ("micro_batch_size", "gradient_accumulation_steps", "global_batch_size"):
         if getattr(train, key) is not None:
             yield from _at_least(getattr(train, key), 1, f"train.{key}")
-    yield from _at_least(train.max_steps, 1, "train.max_steps")
+    if train.max_steps is not None:
+        yield from _at_least(train.max_steps, 1, "train.max_steps")
+    if train.epochs is not None and not train.epochs > 0:
+        yield Problem("train.epochs", f"{train.epochs} is not positive", "use e.g. 3, or set train.max_steps instead")
+    yield from _fraction(cfg.optim.warmup_ratio, "optim.warmup_ratio", upper_open=True)
+    yield from _at_least(train.early_stopping.patience, 1, "train.early_stopping.patience")
+    yield from _at_least(train.early_stopping.threshold, 0, "train.early_stopping.threshold")
     yield from _at_least(train.log_every, 1, "train.log_every")
     yield from _at_least(train.eval_every, 0, "train.eval_every")
     yield from _at_least(train.eval_batches, 0, "train.eval_batches")
@@ -110,6 +118,7 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
     yield from _at_least(cluster.gpus_per_node, 1, "cluster.gpus_per_node")
     yield from _at_least(cluster.cpus_per_task, 1, "cluster.cpus_per_task")
     yield from _at_least(cluster.max_requeues, 0, "cluster.max_requeues")
+    yield from _at_least(cluster.max_failure_requeues, 0, "cluster.max_failure_requeues")
     yield from _at_least(cluster.max_restarts, 0, "cluster.max_restarts")
     if not 0 <= cluster.signal_seconds <= 65535:
         yield Problem("cluster.signal_seconds", f"{cluster.signal_seconds} is outside 0-65535", "use e.g. 300 (0 disables)")
@@ -132,6 +141,34 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
     for name in cluster.env:
         if not ENV_NAME.match(name):
             yield Problem(f"cluster.env.{name}", "is not an environment variable name", "use letters, digits and '_'")
+
+
+DATA_ROLES = ("prompt", "response", "instruction", "input", "output", "system", "messages", "text", "label")
+
+
+def check_data_sources(cfg: RunConfig) -> Iterator[Problem]:
+    """data.columns, data.datasets, the validation split and the dropped-rows limit."""
+    data = cfg.data
+    yield from _fraction(data.max_dropped_fraction, "data.max_dropped_fraction", upper_open=False)
+    if data.val_split and data.val_split == data.split and not data.val_path:
+        yield Problem("data.val_split", f"is data.split ({data.split}): validation would be the training rows", "name another split, e.g. validation")
+    mappings = [("data.columns", data.columns)] + [(f"data.datasets[{i}].columns", d.columns) for i, d in enumerate(data.datasets)]
+    for key, columns in mappings:
+        for role, column in columns.items():
+            if role not in DATA_ROLES:
+                yield Problem(f"{key}.{role}", "is not a role", f"use one of {', '.join(DATA_ROLES)}")
+            elif not column:
+                yield Problem(f"{key}.{role}", "is empty", "name a column of the data")
+    for i, source in enumerate(data.datasets):
+        if not source.path.strip():
+            yield Problem(f"data.datasets[{i}].path", "is empty", "give a data file, a saved dataset directory, a Hub id or tiny-tasks")
+        if source.weight <= 0:
+            yield Problem(f"data.datasets[{i}].weight", f"{source.weight} is not positive", "give a share like 1 or 3")
+        if source.samples < 0:
+            yield Problem(f"data.datasets[{i}].samples", f"{source.samples} is negative", "give a document count, or 0 to mix by weight")
+    templates = {d.template or data.template for d in data.datasets} if data.datasets else {data.template}
+    if data.chat_template and "chat" not in templates:
+        yield Problem("data.chat_template", "is set but no data set uses data.template: chat", "set data.template: chat, or remove data.chat_template")
 
 
 def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
@@ -193,8 +230,15 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
 
     if cpu and train.precision == "fp16":
         yield Problem("train.precision", "fp16 is not supported on the CPU", "use bf16 or fp32")
+    elif train.precision == "fp16" and par.backend != "deepspeed":
+        # Without dynamic loss scaling, fp16 gradients underflow silently; DeepSpeed scales its loss (deepspeed.json fp16 block).
+        yield Problem("train.precision", f"fp16 on {par.backend} runs without a gradient scaler", "use bf16, or parallel.backend: deepspeed for fp16")
     if cpu and cfg.kernels.attention == "flash":
         yield Problem("kernels.attention", "flash needs CUDA but cluster.accelerator is cpu", "use auto or sdpa")
+    if cpu and cfg.kernels.loss == "liger":
+        yield Problem("kernels.loss", "liger needs CUDA but cluster.accelerator is cpu", "use auto or chunked")
+    if cpu and cfg.kernels.liger:
+        yield Problem("kernels.liger", "Liger's kernels need CUDA but cluster.accelerator is cpu", "set kernels.liger: false")
     if par.backend == "deepspeed" and par.zero_stage == 3 and cfg.train.compile:
         yield Problem("train.compile", "is not supported with ZeRO-3 here", "set train.compile: false")
 
@@ -253,7 +297,8 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
             "needs prompts and answers but data.template is text",
             "set it to 0 or use an instruction/chat template",
         )
-    if cfg.optim.warmup_steps > cfg.train.max_steps:
+    yield from check_task(cfg, explicit)
+    if cfg.train.max_steps is not None and cfg.optim.warmup_steps > cfg.train.max_steps:
         yield Problem(
             "optim.warmup_steps",
             f"{cfg.optim.warmup_steps} > train.max_steps {cfg.train.max_steps}: the peak learning rate is never reached",
@@ -262,6 +307,47 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
     if cluster.signal_seconds and SLURM_TIME.match(cluster.time) and _minutes(cluster.time) * 60 <= cluster.signal_seconds:
         yield Problem(
             "cluster.signal_seconds", f"{cluster.signal_seconds}s is not shorter than cluster.time {cluster.time}", "use a smaller value"
+        )
+
+
+EVAL_METRICS = {
+    "causal_lm": ("val_loss", "val_ppl", "exact_match", "rouge_l"),
+    "classification": ("val_loss", "accuracy", "precision", "recall", "f1"),
+}
+
+
+def check_task(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
+    """The task's rules (causal LM or sequence classification) and the Trainer-style schedule keys."""
+    train, data, method = cfg.train, cfg.data, cfg.method
+    if train.epochs is not None and "train.max_steps" in explicit and train.max_steps is not None:
+        yield Problem("train.epochs", "is exclusive with train.max_steps", "set one of them")
+    if cfg.optim.warmup_ratio > 0 and cfg.optim.warmup_steps > 0:
+        yield Problem("optim.warmup_ratio", "is exclusive with optim.warmup_steps", "set one of them")
+    stopping = train.early_stopping
+    if stopping.metric:
+        known = EVAL_METRICS[cfg.task]
+        if stopping.metric not in known:
+            yield Problem("train.early_stopping.metric", f"{stopping.metric!r} is not a {cfg.task} metric", f"use one of {', '.join(known)}")
+        if not (train.eval_every or train.eval_strategy == "epoch"):
+            yield Problem("train.early_stopping", "needs evaluations during the run", "set train.eval_every or train.eval_strategy: epoch")
+        if stopping.metric == "exact_match" and not train.eval_exact_match:
+            yield Problem("train.early_stopping.metric", "exact_match is not computed", "set train.eval_exact_match > 0")
+    if cfg.task == "classification":
+        if data.packing:
+            yield Problem(
+                "data.packing",
+                "packs several documents into a row, but a classifier reads one document per row (one label, one pooled token)",
+                "set data.packing: false",
+            )
+        if method.name in ("qlora", "prompt_tuning"):
+            yield Problem("method.name", f"{method.name} is not supported for classification", "use full, freeze or lora")
+        if train.eval_exact_match:
+            yield Problem("train.eval_exact_match", "generates answers, which a classifier does not", "set it to 0")
+    elif cfg.model.architecture in ENCODERS:
+        yield Problem(
+            "task",
+            f"{cfg.model.architecture} is an encoder: it has no causal language-model head",
+            "set task: classification, or use a decoder model (Llama, Qwen2, GPT-2, ...)",
         )
 
 

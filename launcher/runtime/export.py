@@ -115,7 +115,7 @@ def head_names(base: Path, cfg: Any, labels: list[str]) -> list[str]:
 
     model = build_on_meta(base, cfg.model, "sdpa", torch.float32, cfg.task, labels)
     names = {id(module): name for name, module in model.named_modules()}
-    return [names[id(module)] for module in head_modules(model)]
+    return [names[id(module)] for module in head_modules(model, pooler=False)]  # what LoRA trains in full
 
 
 class DcpModelReader:

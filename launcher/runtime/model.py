@@ -164,14 +164,15 @@ def find_blocks(model: nn.Module, layer_class: str = "") -> list[nn.Module]:
     return list(max(lists, key=lambda blocks: len(list(blocks))))
 
 
-def head_modules(model: nn.Module) -> list[nn.Module]:
+def head_modules(model: nn.Module, pooler: bool = True) -> list[nn.Module]:
     """What a task head is, by structure: the top-level model's children other than the backbone
-    (lm_head, score, classifier), and the backbone's pooler if it has one."""
+    (lm_head, score, classifier), and the backbone's pooler if it has one (not under LoRA, which
+    adapts the pooler's linear layer like any other)."""
     base = unwrap(model)
     prefix = getattr(base, "base_model_prefix", "")
     backbone = getattr(base, prefix, None)
     heads = [child for name, child in base.named_children() if name != prefix]
-    if backbone is not None and getattr(backbone, "pooler", None) is not None:
+    if pooler and backbone is not None and getattr(backbone, "pooler", None) is not None:
         heads.append(backbone.pooler)
     return heads
 
@@ -217,7 +218,7 @@ def apply_method(module: nn.Module, method: MethodSection, layer_class: str = ""
 
             wrapped = wrap_with_peft(module, method, task)
             if task == "classification":  # the new head is trained with the adapters
-                for head in head_modules(wrapped):
+                for head in head_modules(wrapped, pooler=False):
                     head.requires_grad_(True)
                     for param in head.parameters():
                         param.data = param.data.float()
