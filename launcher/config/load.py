@@ -222,8 +222,11 @@ def _shape_problem(path: str, value: Any) -> Problem | None:
     parts = path.split(".")
     for part in parts[:-1]:
         schema = _section_type(schema, part) or schema
-    origin = typing.get_origin(typing.get_type_hints(schema).get(parts[-1]))
+    hint = typing.get_type_hints(schema).get(parts[-1])
+    origin = typing.get_origin(hint)
     scalar = (str, int, float, bool)
+    if origin is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+        return None  # a list of sections (data.datasets): OmegaConf checks each item's keys and types
     if origin is list and isinstance(value, list):
         bad = next((item for item in value if not isinstance(item, scalar)), None)
         if bad is not None:

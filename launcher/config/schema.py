@@ -16,7 +16,7 @@ DType = Literal["bfloat16", "float16", "float32"]
 Offload = Literal["none", "cpu", "nvme"]
 Accelerator = Literal["cuda", "cpu"]
 Attention = Literal["auto", "flash", "sdpa", "eager"]
-Template = Literal["instruction", "chat", "text"]
+Template = Literal["instruction", "alpaca", "chat", "text"]
 DataFormat = Literal["auto", "json", "jsonl", "parquet", "csv", "saved", "hub"]
 Scheduler = Literal["cosine", "linear", "constant"]
 
@@ -88,27 +88,53 @@ class MethodSection:
 
 
 @dataclass(frozen=True)
+class SourceSection:
+    """One data set of a mix (`data.datasets`); empty values inherit from the data section."""
+
+    path: str = ""  # a file, a save_to_disk directory, a Hub id, or tiny-tasks
+    name: str = ""  # the name in the cleaning report; empty: the file or folder name
+    format: DataFormat = "auto"
+    split: str = ""  # empty: data.split
+    template: Template | None = None  # None: data.template
+    columns: dict[str, str] = field(default_factory=dict)  # role -> column, over data.columns
+    weight: float = 1.0  # share of the mix, relative to the other sets' weights
+    samples: int = 0  # documents per epoch from this set (repeated or subsampled); 0: by weight
+
+
+@dataclass(frozen=True)
 class DataSection:
     # A local file (json, jsonl, parquet, csv), a directory saved with `save_to_disk`, a Hub id,
     # or "tiny-tasks" (the shipped synthetic task set).
     path: str = "tiny-tasks"
     format: DataFormat = "auto"
     split: str = "train"
-    val_path: str = ""  # empty: take val_fraction of `path`
-    val_fraction: float = 0.02
+    val_path: str = ""  # a separate validation source (its split: val_split, or its only one)
+    val_split: str = ""  # a split of `path` (a DatasetDict or Hub split), e.g. validation
+    val_fraction: float = 0.02  # used when neither val_path nor val_split is given
+    # instruction: prompt + response; alpaca: instruction + optional input + output (the Stanford
+    # Alpaca prompt); chat: OpenAI `messages` or ShareGPT `conversations`; text: plain text.
     template: Template = "instruction"
+    # Role -> column of the user's data, e.g. {instruction: question, output: answer}. Roles:
+    # prompt, response, instruction, input, output, system, messages, text, label.
+    columns: dict[str, str] = field(default_factory=dict)
+    chat_template: str = ""  # a Jinja file or an inline template; empty: the tokenizer's own
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
     text_field: str = "text"
+    label_field: str = "label"  # task: classification; the class of each row (a string or an integer)
     train_on_prompt: bool = False  # False: prompt tokens get label -100
     max_seq_len: int = 2048
     packing: bool = True
     dedup: bool = True
     unicode_normalization: Literal["NFC", "NFKC", "none"] = "NFC"
     drop_longer: bool = True  # False: truncate over-long examples instead
-    num_proc: int = 1
+    num_proc: int = 1  # processes tokenising (datasets.map)
     cache_dir: str = ""  # empty: <project cache>/data
+    max_dropped_fraction: float = 0.5  # more rows of a data set dropped than this: an error
+    # Several data sets mixed into one run (each with its own source, template and columns);
+    # empty: the one data set above (data.path).
+    datasets: list[SourceSection] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,9 @@ def check_data_sources(cfg: RunConfig) -> Iterator[Problem]:
     data = cfg.data
     yield from _fraction(data.max_dropped_fraction, "data.max_dropped_fraction", upper_open=False)
     if data.val_split and data.val_split == data.split and not data.val_path:
-        yield Problem("data.val_split", f"is data.split ({data.split}): validation would be the training rows", "name another split, e.g. validation")
+        yield Problem(
+            "data.val_split", f"is data.split ({data.split}): validation would be the training rows", "name another split, e.g. validation"
+        )
     mappings = [("data.columns", data.columns)] + [(f"data.datasets[{i}].columns", d.columns) for i, d in enumerate(data.datasets)]
     for key, columns in mappings:
         for role, column in columns.items():
@@ -168,7 +170,9 @@ def check_data_sources(cfg: RunConfig) -> Iterator[Problem]:
             yield Problem(f"data.datasets[{i}].samples", f"{source.samples} is negative", "give a document count, or 0 to mix by weight")
     templates = {d.template or data.template for d in data.datasets} if data.datasets else {data.template}
     if data.chat_template and "chat" not in templates:
-        yield Problem("data.chat_template", "is set but no data set uses data.template: chat", "set data.template: chat, or remove data.chat_template")
+        yield Problem(
+            "data.chat_template", "is set but no data set uses data.template: chat", "set data.template: chat, or remove data.chat_template"
+        )
 
 
 def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.prepare_only:
         try:
-            prepare(cfg)
+            prepare(cfg, Path(plan.run_dir))
         except (DataError, ModelError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def prepare(cfg: RunConfig) -> Path:
-    """Tiny model (if asked for) and the tokenised, packed data cache; returns the cache folder."""
+def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Path:
+    """Tiny model (if asked for) and the tokenised, packed data cache; returns the cache folder.
+    With `run_dir` (prepare, run, submit): print the cleaning report and write it there."""
+    from launcher.runtime.data.report import lines
     from launcher.runtime.model import model_dir
     from launcher.runtime.packing import prepare_data
     from launcher.runtime.tiny import cache_dir, shipped_data
@@ -95,7 +97,13 @@ def prepare(cfg: RunConfig) -> Path:
     shipped = shipped_data(cfg.data.path)
     source = str(shipped) if shipped is not None else cfg.data.path
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else cache_dir() / "data"
-    return prepare_data(cfg.data, source, path, cache_root, cfg.run.seed, cfg.task)
+    folder = prepare_data(cfg.data, source, path, cache_root, cfg.run.seed, cfg.task)
+    if run_dir is not None:
+        meta = json.loads((folder / "meta.json").read_text())
+        report = {k: meta[k] for k in ("sources", "train", "val") if k in meta}
+        (run_dir / "data_report.json").write_text(json.dumps({**report, "cache": str(folder)}, indent=2) + "\n")
+        print("\n".join(lines(meta)), flush=True)
+    return folder
 
 
 def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:

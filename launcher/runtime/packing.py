@@ -2,8 +2,10 @@
 
 `prepare_data` runs before the distributed job (`launcher prepare`, `launcher run`, and the sbatch
 script) or, if that was skipped, on the first rank to take the file lock — never while other ranks
-wait inside a collective. Rows hold several documents when packing is on: position ids restart at
-each document, which is what the attention path uses to keep documents apart.
+wait inside a collective. The folder is built under a unique temporary name and renamed into place
+with its COMPLETE marker inside, so a reader on a shared file system sees all of it or nothing,
+even where the lock is not honoured. Rows hold several documents when packing is on: position ids
+restart at each document, which is what the attention path uses to keep documents apart.
 
 The global sample order depends only on the seed and the number of rows, never on the world size:
 sample k is row perm_epoch[k % rows] of epoch k // rows, so a resumed run at another world size
@@ -15,10 +17,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import math
 import os
-import random
 import shutil
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,24 +28,13 @@ import numpy as np
 from filelock import FileLock
 
 from launcher.config.schema import DataSection
-from launcher.runtime.data import (
-    IGNORE_INDEX,
-    CleanReport,
-    DataError,
-    Example,
-    chat_spans,
-    clean,
-    fingerprint,
-    instruction_prompt,
-    label_names,
-    load_records,
-    source_files,
-    tokenize,
-    tokenize_text,
-)
+from launcher.runtime.data import IGNORE_INDEX, DataError, fingerprint, source_files
 
-CACHE_VERSION = 3  # bump when the on-disk rows change (2: no length sort; 3: classification, shifted label counts)
+# Bump when the on-disk rows change (2: no length sort; 3: classification, shifted label counts;
+# 4: Arrow pipeline, mixes, per-document sources, report per data set).
+CACHE_VERSION = 4
 SPLITS = ("train", "val")
+_CHUNK_DOCS = 8192  # documents gathered per write: bounds the memory of a write
 
 
 @dataclass(frozen=True)
@@ -59,13 +49,20 @@ class Batch:
     lengths: np.ndarray | None = None  # [rows] real tokens per row (the rest is padding)
 
 
+def _file_part(path: str) -> str:
+    return fingerprint(source_files(path)) if path else ""
+
+
 def cache_key(data: DataSection, data_source: str, tokenizer_dir: Path, seed: int, task: str = "causal_lm") -> str:
     tokenizer_files = sorted(p for p in tokenizer_dir.glob("tokenizer*") if p.is_file()) + sorted(tokenizer_dir.glob("*.jinja"))
+    template_file = Path(data.chat_template) if data.chat_template and "{" not in data.chat_template else None
     parts = {
         "version": CACHE_VERSION,
         "data": {k: v for k, v in asdict(data).items() if k not in ("num_proc", "cache_dir")},
-        "source": fingerprint(source_files(data_source)) or data_source,
-        "val_source": fingerprint(source_files(data.val_path)) if data.val_path else "",
+        "source": _file_part(data_source) or data_source,
+        "datasets": [_file_part(d.path) or d.path for d in data.datasets],
+        "val_source": _file_part(data.val_path),
+        "chat_template": fingerprint([template_file]) if template_file is not None and template_file.is_file() else "",
         "tokenizer": fingerprint(tokenizer_files),
         "seed": seed,
         "task": task,
@@ -75,6 +72,11 @@ def cache_key(data: DataSection, data_source: str, tokenizer_dir: Path, seed: in
 
 def prepare_data(data: DataSection, data_source: str, tokenizer_dir: Path, cache_root: Path, seed: int, task: str = "causal_lm") -> Path:
     """Build (or find) the cache folder for these settings; returns it. Safe to call from every rank."""
+    from dataclasses import replace
+
+    from launcher.runtime.data.prepare import build
+    from launcher.runtime.tiny import shipped_data
+
     folder = cache_root / cache_key(data, data_source, tokenizer_dir, seed, task)
     if (folder / "COMPLETE").exists():
         return folder
@@ -82,129 +84,154 @@ def prepare_data(data: DataSection, data_source: str, tokenizer_dir: Path, cache
     with FileLock(str(folder) + ".lock"):
         if (folder / "COMPLETE").exists():
             return folder
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        _build(data, data_source, tokenizer_dir, seed, tmp, task)
-        (tmp / "COMPLETE").write_text("")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        try:
+            named = data if shipped_data(data.path) is not None else replace(data, path=data_source)  # report the name given
+            meta = build(named, task, tokenizer_dir, seed, tmp, lambda p: shipped_data(p) or p)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / "COMPLETE").write_text("")
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another host built it meanwhile (a lock the file system ignored): keep theirs
+                if not (folder / "COMPLETE").exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def _build(data: DataSection, data_source: str, tokenizer_dir: Path, seed: int, out: Path, task: str = "causal_lm") -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    report = CleanReport()
-    records = clean(load_records(data_source, data.format, data.split), data, report, task)
-    if data.val_path:
-        val_records = clean(load_records(data.val_path, "auto", data.split), data, CleanReport(), task)
-        train_records = records
-    else:
-        random.Random(seed).shuffle(records)
-        n_val = math.ceil(len(records) * data.val_fraction) if data.val_fraction > 0 else 0
-        val_records, train_records = records[:n_val], records[n_val:]
-    meta: dict[str, Any] = {"key_inputs": {"source": data_source, "template": data.template, "max_seq_len": data.max_seq_len}, "task": task}
-    labels = label_names(train_records, data) if task == "classification" else []
-    if labels:
-        meta["labels"] = labels
-        unknown = sorted({str(r[data.label_field]) for r in val_records} - set(labels))
-        if unknown:
-            raise DataError(f"{data.val_path or data_source}: validation labels {unknown[:3]} never occur in the training rows; check data.label_field")
-    for split, split_records in (("train", train_records), ("val", val_records)):
-        examples, classes = [], []
-        for record in split_records:
-            if labels:
-                ids = tokenize_text(record[data.text_field], tokenizer, data.max_seq_len)
-                example = Example(ids, [IGNORE_INDEX] * len(ids))
-                classes.append(labels.index(str(record[data.label_field])))
-                examples.append(example)
-                continue
-            example = tokenize(record, data, tokenizer)
-            if len(example.input_ids) > data.max_seq_len:
-                if data.drop_longer:
-                    report.too_long += split == "train"
-                    continue
-                report.truncated += split == "train"
-                example = Example(example.input_ids[: data.max_seq_len], example.labels[: data.max_seq_len])
-            if all(label == IGNORE_INDEX for label in example.labels[1:]):
-                continue  # nothing to learn from (a truncated prompt)
-            examples.append(example)
-        if split == "train" and not examples:
-            raise DataError(f"{data_source}: no usable training examples after cleaning ({report.line()})")
-        rows = pack(examples, data.max_seq_len) if data.packing else [[e] for e in examples]
-        meta[split] = _write_rows(rows, out / split)
-        if labels:
-            np.save(out / split / "classes.npy", np.asarray(classes, dtype=np.int64))
-            np.save(out / split / "label_tokens.npy", np.ones(len(rows), dtype=np.int64))  # one example, one loss term
-    report.kept = meta["train"]["documents"]
-    meta["report"] = asdict(report)
-    meta["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with (out / "eval_prompts.jsonl").open("w") as handle:
-        for record in val_records if not labels else []:
-            prompt = _eval_prompt(record, data, tokenizer)
-            if prompt is not None:
-                handle.write(json.dumps(prompt) + "\n")
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def pack(examples: list[Example], capacity: int) -> list[list[Example]]:
+def pack_lengths(lengths: np.ndarray, capacity: int) -> np.ndarray:
     """Best fit, in the (already shuffled) order given: each document goes into the fullest row
-    that still has room. Not sorted by length first: that would fill rows with documents of one
-    length (often one task), and batches of such rows are far from a random sample."""
-    order = range(len(examples))
-    rows: list[list[Example]] = []
-    free: list[tuple[int, int]] = []  # (room left, row index), sorted
-    for i in order:
-        size = len(examples[i].input_ids)
-        at = bisect.bisect_left(free, (size, -1))
-        if at < len(free):
-            room, row = free.pop(at)
-            rows[row].append(examples[i])
-            bisect.insort(free, (room - size, row))
-        else:
-            rows.append([examples[i]])
-            bisect.insort(free, (capacity - size, len(rows) - 1))
-    return rows
+    that still has room; returns each document's row. Not sorted by length first: that would fill
+    rows with documents of one length (often one task), and batches of such rows are far from a
+    random sample. Rows are kept in buckets by room left (at most `capacity` of them), so a
+    document costs a bisect over the distinct rooms, not over the rows."""
+    row_of = np.empty(len(lengths), dtype=np.int64)
+    rooms: list[int] = []  # distinct rooms left that some row has, sorted
+    buckets: dict[int, list[int]] = {}
+    rows = 0
+    for start in range(0, len(lengths), 1 << 16):
+        for i, size in enumerate(lengths[start : start + (1 << 16)].tolist(), start):
+            at = bisect.bisect_left(rooms, size)
+            if at < len(rooms):
+                room = rooms[at]
+                bucket = buckets[room]
+                row = bucket.pop()
+                if not bucket:
+                    del rooms[at], buckets[room]
+            else:
+                room, row = capacity, rows
+                rows += 1
+            row_of[i] = row
+            left = room - size
+            if left > 0:
+                if left not in buckets:
+                    bisect.insort(rooms, left)
+                    buckets[left] = []
+                buckets[left].append(row)
+    return row_of
 
 
-def _write_rows(rows: list[list[Example]], prefix: Path) -> dict[str, int]:
-    ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    offsets, counts = [0], []
-    for row in rows:
-        for doc in row:
-            ids += doc.input_ids
-            labels += doc.labels
-            positions += range(len(doc.input_ids))
-        offsets.append(len(ids))
-        # The loss's own shift rule: token t is predicted from t-1 inside its document, so a
-        # document's first label is never a target and is not counted in the denominator.
-        counts.append(sum(label != IGNORE_INDEX for doc in row for label in doc.labels[1:]))
+@dataclass
+class DocTable:
+    """Every kept document of one split, its tokens in one flat memory-mapped array."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    start: np.ndarray  # [documents] int64 offset into ids/labels
+    length: np.ndarray
+    targets: np.ndarray  # labels at index >= 1 (the loss's shift rule)
+    classes: np.ndarray  # class id per document (-100 when not classification)
+    source: np.ndarray  # data set index per document
+    first: list[int]  # the first document of each data set
+
+    @property
+    def count(self) -> int:
+        return len(self.start)
+
+    @staticmethod
+    def remove(work: Path) -> None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write_flat(parts: list[Any], folder: Path, labels: list[str], where: str) -> DocTable:
+    """Copy the kept documents' tokens from the parts' Arrow tables into two flat memmaps."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    folder.mkdir(parents=True)
+    lengths = [np.asarray(p.tokens.data.column("length").to_numpy())[p.keep].astype(np.int64) for p in parts]
+    total = int(sum(int(x.sum()) for x in lengths))
+    ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=np.int32, shape=(max(total, 1),))
+    labs = np.lib.format.open_memmap(folder / "labels.npy", mode="w+", dtype=np.int32, shape=(max(total, 1),))
+    classes, at = [], 0
+    for part in parts:
+        for start in range(0, len(part.keep), 1 << 14):
+            table = part.tokens.data.slice(start, 1 << 14).filter(pa.array(part.keep[start : start + (1 << 14)]))
+            flat_ids = table.column("input_ids").combine_chunks().flatten().to_numpy()
+            n = len(flat_ids)
+            ids[at : at + n] = flat_ids
+            labs[at : at + n] = table.column("labels").combine_chunks().flatten().to_numpy()
+            at += n
+            if labels:
+                found = pc.index_in(table.column("label"), value_set=pa.array(labels)).to_numpy(zero_copy_only=False)
+                if np.isnan(found.astype(float)).any():
+                    unknown = sorted(set(table.column("label").to_pylist()) - set(labels))[:3]
+                    raise DataError(f"{where}: validation labels {unknown} never occur in the training rows; check data.label_field")
+                classes.append(found.astype(np.int64))
+    length = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64) if len(length) else length
+    counts = [len(x) for x in lengths]
+    targets = np.concatenate([np.asarray(p.tokens.data.column("targets").to_numpy())[p.keep] for p in parts]).astype(np.int64)
+    source = np.repeat(np.arange(len(parts)), counts).astype(np.int16)
+    cls = np.concatenate(classes) if classes else np.full(len(length), IGNORE_INDEX, dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist() if counts else []
+    return DocTable(ids, labs, starts, length, targets, cls, source, first)
+
+
+def write_rows(docs: DocTable, order: np.ndarray, capacity: int, prefix: Path, classification: bool) -> dict[str, int]:
+    """Documents in `order` → rows (packed to `capacity`, or one each when 0) written as memmaps."""
+    lengths = docs.length[order]
+    row_of = pack_lengths(lengths, capacity) if capacity else np.arange(len(order), dtype=np.int64)
+    placed = order[np.argsort(row_of, kind="stable")]  # row by row; inside a row, in shuffled order
+    rows = int(row_of.max()) + 1 if len(row_of) else 0
+    row_tokens = np.bincount(row_of, weights=lengths, minlength=rows).astype(np.int64)
+    total = int(row_tokens.sum())
     prefix.mkdir()
-    np.save(prefix / "input_ids.npy", np.asarray(ids, dtype=np.int32))
-    np.save(prefix / "labels.npy", np.asarray(labels, dtype=np.int32))
-    np.save(prefix / "position_ids.npy", np.asarray(positions, dtype=np.int32))
-    np.save(prefix / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-    np.save(prefix / "label_tokens.npy", np.asarray(counts, dtype=np.int64))
-    return {"rows": len(rows), "documents": sum(len(r) for r in rows), "tokens": len(ids)}
-
-
-def _eval_prompt(record: dict[str, Any], data: DataSection, tokenizer: Any) -> dict[str, Any] | None:
-    if data.template == "instruction":
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        ids = bos + tokenizer.encode(instruction_prompt(record[data.prompt_field]), add_special_tokens=False)
-        return {"prompt_ids": ids, "answer": record[data.response_field]}
-    if data.template == "chat":
-        messages = record[data.messages_field]
-        if len(messages) < 2 or messages[-1].get("role") != "assistant":
-            return None
-        spans = chat_spans(messages, tokenizer)
-        prompt_ids = [t for tokens, _ in spans[:-1] for t in tokens]
-        return {"prompt_ids": prompt_ids, "answer": messages[-1]["content"]}
-    return None
+    out = {
+        name: np.lib.format.open_memmap(prefix / f"{name}.npy", mode="w+", dtype=np.int32, shape=(max(total, 1),))
+        for name in ("input_ids", "labels", "position_ids")
+    }
+    at = 0
+    for chunk in range(0, len(placed), _CHUNK_DOCS):
+        doc = placed[chunk : chunk + _CHUNK_DOCS]
+        size = docs.length[doc]
+        n = int(size.sum())
+        local = np.arange(n, dtype=np.int64)
+        doc_first = np.repeat(np.cumsum(size) - size, size)
+        src = np.repeat(docs.start[doc], size) + local - doc_first
+        out["input_ids"][at : at + n] = docs.ids[src]
+        out["labels"][at : at + n] = docs.labels[src]
+        out["position_ids"][at : at + n] = local - doc_first
+        at += n
+    for array in out.values():
+        array.flush()
+    np.save(prefix / "offsets.npy", np.concatenate([[0], np.cumsum(row_tokens)]).astype(np.int64))
+    label_tokens = (
+        np.ones(rows, dtype=np.int64)
+        if classification
+        else np.bincount(row_of, weights=docs.targets[order], minlength=rows).astype(np.int64)
+    )
+    np.save(prefix / "label_tokens.npy", label_tokens)
+    per_row = np.bincount(row_of, minlength=rows)
+    np.save(prefix / "doc_offsets.npy", np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64))
+    np.save(prefix / "doc_sources.npy", docs.source[placed])
+    if classification:
+        np.save(prefix / "classes.npy", docs.classes[placed])
+    return {"rows": rows, "documents": len(order), "tokens": total}
 
 
 class TokenData:

@@ -12,7 +12,7 @@ import pytest
 
 from launcher.config import load_config
 from launcher.runtime.data import IGNORE_INDEX, CleanReport, DataError, clean, load_records, tokenize
-from launcher.runtime.packing import GlobalOrder, TokenData, pack, prepare_data
+from launcher.runtime.packing import GlobalOrder, TokenData, pack_lengths, prepare_data
 from launcher.runtime.tiny import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,13 +89,12 @@ def test_text_template_trains_on_everything(tokenizer) -> None:
 
 
 def test_pack_fills_rows_without_splitting_documents() -> None:
-    from launcher.runtime.data import Example
-
-    docs = [Example([1] * n, [1] * n) for n in (7, 3, 5, 5, 2, 8, 1)]
-    rows = pack(docs, capacity=10)
-    assert sorted(len(d.input_ids) for row in rows for d in row) == sorted(len(d.input_ids) for d in docs)
-    assert all(sum(len(d.input_ids) for d in row) <= 10 for row in rows)
-    assert len(rows) == 4  # 31 tokens need at least 4 rows of 10
+    sizes = np.asarray([7, 3, 5, 5, 2, 8, 1])
+    row_of = pack_lengths(sizes, capacity=10)
+    assert row_of.shape == sizes.shape  # every document placed once, whole
+    assert np.bincount(row_of, weights=sizes).max() <= 10
+    assert row_of.max() + 1 == 4  # 31 tokens need at least 4 rows of 10
+    assert row_of.tolist() == [0, 0, 1, 1, 2, 2, 3]  # best fit: the 8 fills the row the 2 opened
 
 
 def test_global_order_does_not_depend_on_world_size() -> None:

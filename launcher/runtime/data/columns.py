@@ -1,0 +1,175 @@
+"""From the user's columns to the roles a template needs.
+
+A `Source` is one data set with everything resolved (its path, split, template and role → column
+map). `to_roles` is the batched `datasets.map` function that reads those columns, normalises the
+text, turns ShareGPT turns (`from`/`value`, human/gpt) into OpenAI messages (`role`/`content`),
+flags empty rows and hashes each row's roles (for dedup: every column the template uses counts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.config.schema import DataSection
+from launcher.runtime.data.core import DataError
+
+# Roles each template reads; the optional ones may be absent from the data.
+ROLES = {
+    "text": ("text",),
+    "instruction": ("prompt", "response"),
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages", "system"),
+    "classification": ("text", "label"),
+}
+OPTIONAL = {"input", "system"}
+_LEGACY_KEYS = {
+    "prompt": "prompt_field",
+    "response": "response_field",
+    "messages": "messages_field",
+    "text": "text_field",
+    "label": "label_field",
+}
+_ROLE_NAMES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    path: str
+    format: str
+    split: str
+    template: str  # a key of ROLES ("classification" for that task)
+    columns: dict[str, str] = field(default_factory=dict)  # role -> column, as configured
+    weight: float = 1.0
+    samples: int = 0
+
+
+def sources_of(data: DataSection, task: str, resolve: Any = None) -> list[Source]:
+    """The data sets of a run: data.datasets, or the one data.path. `resolve` maps shipped names to files."""
+
+    def build(
+        path: str, name: str, fmt: str, split: str, template: str | None, columns: dict[str, str], weight: float, samples: int
+    ) -> Source:
+        real = str(resolve(path)) if resolve is not None else path
+        base = {role: getattr(data, key) for role, key in _LEGACY_KEYS.items()}
+        used = "classification" if task == "classification" else (template or data.template)
+        return Source(
+            name=name or Path(path.rstrip("/")).name or path,
+            path=real,
+            format=fmt,
+            split=split or data.split,
+            template=used,
+            columns={**base, **data.columns, **columns},
+            weight=weight,
+            samples=samples,
+        )
+
+    if not data.datasets:
+        return [build(data.path, "", data.format, data.split, None, {}, 1.0, 0)]
+    return [build(s.path, s.name, s.format, s.split, s.template, dict(s.columns), s.weight, s.samples) for s in data.datasets]
+
+
+def role_columns(source: Source, present: list[str], explicit: set[str]) -> dict[str, str]:
+    """role -> column for this source's template; a missing required column is a one-line error."""
+    out: dict[str, str] = {}
+    for role in ROLES[source.template]:
+        column = source.columns.get(role, role)
+        if column == "messages" and column not in present and role not in explicit and "conversations" in present:
+            column = "conversations"  # ShareGPT's name for it
+        if column in present:
+            out[role] = column
+        elif role not in OPTIONAL or role in explicit:
+            key = f"data.{_LEGACY_KEYS[role]}" if role in _LEGACY_KEYS else f"data.columns.{role}"
+            raise DataError(
+                f"{source.path}: row 1 has no column {column!r} (the {role} of template {source.template}); "
+                f"set {key} (or data.columns.{role}) to one of: {', '.join(present)}"
+            )
+    return out
+
+
+def explicit_roles(data: DataSection, source_columns: dict[str, str]) -> set[str]:
+    """Roles the user mapped on purpose (an optional role then must exist)."""
+    return set(data.columns) | set(source_columns)
+
+
+def features(template: str) -> Any:
+    from datasets import Features, List, Value
+
+    string = Value("string")
+    cols: dict[str, Any] = {role: string for role in ROLES[template] if role not in ("messages", "system")}
+    if template == "chat":
+        cols["messages"] = List({"role": string, "content": string})
+    return Features({**cols, "_hash": Value("int64"), "_empty": Value("bool")})
+
+
+def normalize(text: str, form: str) -> str:
+    return text if form == "none" else unicodedata.normalize(form, text)  # type: ignore[arg-type]
+
+
+def _text(value: Any, form: str) -> str:
+    if value is None:
+        return ""
+    return normalize(value if isinstance(value, str) else str(value), form).strip()
+
+
+def to_roles(
+    batch: dict[str, list[Any]], indices: list[int], template: str, columns: dict[str, str], form: str, path: str
+) -> dict[str, list[Any]]:
+    """Batched map: the user's columns → normalised role columns + `_empty` + `_hash`."""
+    n = len(indices)
+    out: dict[str, list[Any]] = {}
+    if template == "chat":
+        column = columns["messages"]
+        system = batch[columns["system"]] if "system" in columns else [None] * n
+        out["messages"] = [_messages(batch[column][i], system[i], form, path, indices[i], column) for i in range(n)]
+        empty = [not any(m["role"] == "assistant" and m["content"] for m in msgs) for msgs in out["messages"]]
+    else:
+        for role, column in columns.items():
+            out[role] = [_text(v, form) for v in batch[column]]
+        required = [r for r in columns if r not in OPTIONAL]
+        empty = [any(not out[r][i] for r in required) for i in range(n)]
+    out["_empty"] = empty
+    roles = [r for r in ROLES[template] if r in out]
+    out["_hash"] = [_hash([out[r][i] for r in roles]) for i in range(n)]
+    return out
+
+
+def _hash(values: list[Any]) -> int:
+    digest = hashlib.blake2b(json.dumps(values, ensure_ascii=False).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _messages(turns: Any, system: Any, form: str, path: str, index: int, column: str) -> list[dict[str, str]]:
+    """OpenAI (role/content) or ShareGPT (from/value) turns → OpenAI messages; an unknown role is an error."""
+    where = f"{path}: row {index + 1}, column {column!r}"
+    if turns is None:
+        return []
+    if isinstance(turns, str):
+        raise DataError(f"{where}: holds text, not a list of turns; use data.template: text, or map data.columns.messages to the turns")
+    out: list[dict[str, str]] = []
+    if system:
+        out.append({"role": "system", "content": _text(system, form)})
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: a turn is {type(turn).__name__}, not a mapping with role/content (or from/value)")
+        raw_role = turn.get("role") if turn.get("role") is not None else turn.get("from")
+        content = turn.get("content") if turn.get("content") is not None else turn.get("value")
+        if raw_role is None:
+            raise DataError(f"{where}: a turn has no 'role' (OpenAI) or 'from' (ShareGPT) key")
+        role = _ROLE_NAMES.get(str(raw_role).lower())
+        if role is None:
+            raise DataError(f"{where}: unknown role {raw_role!r}; use system, user or assistant (ShareGPT: system, human, gpt)")
+        out.append({"role": role, "content": _text(content, form)})
+    return out

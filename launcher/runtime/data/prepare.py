@@ -1,0 +1,218 @@
+"""The preparation pipeline, in Arrow from the source file to the packed rows.
+
+source → `to_roles` (map: columns, normalisation, row hash) → empty rows and duplicates out (numpy
+over the hash column) → train / validation → `tokenize_batch` (map, `num_proc` processes) → over-long
+rows out → every kept document's tokens into one flat memory-mapped array → the mix → packed rows
+(packing.py). Python holds per-batch lists only; per-document numbers are numpy arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from launcher.config.schema import DataSection
+from launcher.runtime.data.columns import Source, explicit_roles, features, role_columns, sources_of, to_roles
+from launcher.runtime.data.core import DataError
+from launcher.runtime.data.mixing import mix_counts, pick
+from launcher.runtime.data.report import CleanReport, check_dropped
+from launcher.runtime.data.sources import load_source, split_names
+from launcher.runtime.data.templates import chat_template, eval_prompt, tokenize_batch, tokenize_features
+
+EVAL_PROMPTS = 1000  # held-out prompts kept for exact-match evaluation
+
+
+class _Part:
+    """One split of one data set, tokenised: the Arrow table and which of its rows are kept."""
+
+    def __init__(self, tokens: Any, keep: np.ndarray, roles: Any, source: int) -> None:
+        self.tokens, self.keep, self.roles, self.source = tokens, keep, roles, source
+
+    @property
+    def documents(self) -> int:
+        return int(self.keep.sum())
+
+
+def build(data: DataSection, task: str, tokenizer_dir: Path, seed: int, out: Path, resolve: Any) -> dict[str, Any]:
+    """Prepare every data set into `out` (train/, val/, eval_prompts.jsonl); returns meta.json's content."""
+    from transformers import AutoTokenizer
+
+    from launcher.runtime.packing import DocTable, write_flat, write_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    sources = sources_of(data, task, resolve)
+    chat = chat_template(data.chat_template, tokenizer, tokenizer_dir) if any(s.template == "chat" for s in sources) else ""
+    work = out / "work"
+    work.mkdir()
+    ctx = _Context(data, tokenizer, chat, work, seed)
+    reports, train_parts, val_parts = [], [], []
+    for n, source in enumerate(sources):
+        report = CleanReport(name=source.name)
+        train, val = ctx.split(n, source, report, sources[0])
+        report.kept, report.val = train.documents, val.documents
+        check_dropped(report, data.max_dropped_fraction, data.max_seq_len)
+        reports.append(report)
+        train_parts.append(train)
+        val_parts.append(val)
+    labels = _label_names(train_parts) if task == "classification" else []
+    counts = mix_counts([p.documents for p in train_parts], [s.weight for s in sources], [s.samples for s in sources])
+    for report, count in zip(reports, counts, strict=True):
+        report.mixed = count
+    meta: dict[str, Any] = {"task": task, "key_inputs": {"sources": [s.path for s in sources], "max_seq_len": data.max_seq_len}}
+    if labels:
+        meta["labels"] = labels
+    for split, parts in (("train", train_parts), ("val", val_parts)):
+        docs = write_flat(parts, work / split, labels, data.val_path or sources[0].path)
+        if split == "train":
+            rng = np.random.default_rng([seed, 7])
+            chosen = [
+                docs.first[i] + pick(p.documents, c, np.random.default_rng([seed, 11, i]))
+                for i, (p, c) in enumerate(zip(parts, counts, strict=True))
+            ]
+            order = rng.permutation(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+            if not len(order):
+                raise DataError(f"{sources[0].path}: no usable training examples after cleaning ({reports[0].line()})")
+        else:
+            order = np.random.default_rng([seed, 8]).permutation(docs.count)
+        meta[split] = write_rows(docs, order, data.max_seq_len if data.packing else 0, out / split, bool(labels))
+    meta["sources"] = [asdict(r) for r in reports]
+    meta["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with (out / "eval_prompts.jsonl").open("w") as handle:
+        for part in val_parts if not labels else []:
+            template = sources[part.source].template
+            for row in part.roles.select(range(min(EVAL_PROMPTS, len(part.roles)))):
+                prompt = eval_prompt(template, row, tokenizer, chat)
+                if prompt is not None:
+                    handle.write(json.dumps(prompt) + "\n")
+    DocTable.remove(work)
+    return meta
+
+
+class _Context:
+    def __init__(self, data: DataSection, tokenizer: Any, chat: str, work: Path, seed: int) -> None:
+        self.data, self.tokenizer, self.chat, self.work, self.seed = data, tokenizer, chat, work, seed
+        self.num_proc = data.num_proc if data.num_proc > 1 else None
+
+    def split(self, n: int, source: Source, report: CleanReport, first: Source) -> tuple[_Part, _Part]:
+        """Training and validation rows of one data set: never a training row in validation."""
+        data = self.data
+        roles, keep = self.clean(source, source.split, f"{n}-train", report)
+        hashes = np.asarray(roles.data.column("_hash").to_numpy())
+        if data.val_split:
+            val_roles, val_keep = self.clean(source, data.val_split, f"{n}-val", CleanReport(), key="data.val_split")
+            train_idx = keep
+        elif data.val_path:
+            val_source = _val_source(data, first)
+            if n == 0:
+                val_roles, val_keep = self.clean(val_source, val_source.split, f"{n}-val", CleanReport(), key="data.val_path")
+            else:
+                val_roles, val_keep = roles, np.zeros(0, dtype=np.int64)
+            train_idx = keep
+        else:
+            shuffled = np.random.default_rng([self.seed, 5, n]).permutation(keep)
+            n_val = math.ceil(len(shuffled) * data.val_fraction) if data.val_fraction > 0 else 0
+            val_roles, val_keep, train_idx = roles, np.sort(shuffled[:n_val]), np.sort(shuffled[n_val:])
+        val_hashes = np.asarray(val_roles.data.column("_hash").to_numpy())[val_keep]
+        overlap = np.isin(val_hashes, hashes[train_idx])
+        report.val_overlap = int(overlap.sum())
+        val_keep = val_keep[~overlap]
+        train = self.tokenize(roles.select(train_idx), source, f"{n}-train", report)
+        val = self.tokenize(val_roles.select(val_keep), source, f"{n}-val", CleanReport())
+        return train, val
+
+    def clean(self, source: Source, split: str, tag: str, report: CleanReport, key: str = "data.split") -> tuple[Any, np.ndarray]:
+        """Roles of every row; the indices of the non-empty, first-seen ones."""
+        raw = load_source(source.path, source.format, split, cache_dir=str(self.work / "hf"), key=key)
+        columns = role_columns(source, list(raw.column_names), explicit_roles(self.data, source.columns))
+        kwargs = {"template": source.template, "columns": columns, "form": self.data.unicode_normalization, "path": source.path}
+        roles = self.map(raw, to_roles, kwargs, features(source.template), f"{tag}-roles", list(raw.column_names), with_indices=True)
+        report.read = len(roles)
+        empty = np.asarray(roles.data.column("_empty").to_numpy(zero_copy_only=False), dtype=bool)
+        candidates = np.flatnonzero(~empty)
+        report.empty = len(roles) - len(candidates)
+        if self.data.dedup and len(candidates):
+            hashes = np.asarray(roles.data.column("_hash").to_numpy())[candidates]
+            _, first = np.unique(hashes, return_index=True)
+            report.duplicates = len(candidates) - len(first)
+            candidates = candidates[np.sort(first)]
+        return roles, candidates
+
+    def tokenize(self, roles: Any, source: Source, tag: str, report: CleanReport) -> _Part:
+        data = self.data
+        settings = {
+            "max_seq_len": data.max_seq_len,
+            "drop_longer": data.drop_longer,
+            "train_on_prompt": data.train_on_prompt,
+            "chat_template": self.chat,
+        }
+        kwargs = {"template": source.template, "tokenizer": self.tokenizer, "settings": settings}
+        drop = [c for c in roles.column_names if c != "label" or source.template != "classification"]
+        tokens = self.map(roles, tokenize_batch, kwargs, tokenize_features(source.template), f"{tag}-tokens", drop)
+        overlong = np.asarray(tokens.data.column("overlong").to_numpy(zero_copy_only=False), dtype=bool)
+        targets = np.asarray(tokens.data.column("targets").to_numpy())
+        dropped = overlong & data.drop_longer & (source.template != "classification")
+        report.too_long = int(dropped.sum())
+        report.truncated = int((overlong & ~dropped).sum())
+        untrainable = ~dropped & (targets == 0)  # nothing to learn (a truncated prompt)
+        report.untrainable = int(untrainable.sum())
+        return _Part(tokens, ~dropped & ~untrainable, roles, int(tag.split("-")[0]))
+
+    def map(self, ds: Any, fn: Any, kwargs: dict[str, Any], feats: Any, tag: str, remove: list[str], with_indices: bool = False) -> Any:
+        """datasets.map, batched, into our own Arrow file; a DataError from a worker comes out as itself."""
+        stamp = hashlib.sha256(f"{self.work}{tag}".encode()).hexdigest()[:16]
+        try:
+            return ds.map(
+                fn,
+                batched=True,
+                with_indices=with_indices,
+                num_proc=self.num_proc if len(ds) >= 2 * (self.num_proc or 1) else None,
+                remove_columns=remove,
+                features=feats,
+                fn_kwargs=kwargs,
+                cache_file_name=str(self.work / f"{tag}.arrow"),
+                new_fingerprint=stamp,
+                load_from_cache_file=False,
+            )
+        except Exception as exc:
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, DataError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise DataError(str(cause)) from None
+            raise
+
+
+def _val_source(data: DataSection, first: Source) -> Source:
+    """data.val_path read with the first data set's template and columns; its split chosen, never guessed."""
+    from dataclasses import replace
+
+    path = data.val_path
+    split = data.val_split
+    if not split:
+        names = split_names(path, "auto")
+        if len(names) != 1:
+            raise DataError(f"data.val_path: {path} has the splits {', '.join(names)}; set data.val_split to the validation one")
+        split = names[0]
+    if Path(path).resolve() == Path(first.path).resolve() and split == first.split:
+        raise DataError(f"data.val_path: {path} split {split!r} is the training split; set data.val_split to another split")
+    return replace(first, name=f"{first.name} (validation)", path=path, format="auto", split=split)
+
+
+def _label_names(parts: list[_Part]) -> list[str]:
+    """The classes, in a stable order: numerically when every label is an integer (0, 1, 2, ...), else sorted."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names: set[str] = set()
+    for part in parts:
+        column = part.tokens.data.column("label")
+        names |= {str(v) for v in pc.unique(column.filter(pa.array(part.keep))).to_pylist()}
+    if names and all(name.lstrip("-").isdigit() for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
