@@ -30,11 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = plan.run_config
 
     from launcher.runlock import RunDirBusy
-    from launcher.runtime.checkpoint import CheckpointError, write_exit_code
     from launcher.runtime.data import DataError
-    from launcher.runtime.model import ModelError
+    from launcher.runtime.source import ModelError
 
-    if args.prepare_only:
+    if args.prepare_only:  # no torch on this path: a warm cache answers in well under a second
         try:
             prepare(cfg, Path(plan.run_dir))
         except (DataError, ModelError) as exc:
@@ -51,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
     import socket
+
+    from launcher.runtime.checkpoint import CheckpointError, write_exit_code
 
     from launcher.runtime.dist import init_distributed, quiet_warnings, teardown, write_error_file
     from launcher.runtime.signals import StopFlag
@@ -89,8 +90,8 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Path:
     """Tiny model (if asked for) and the tokenised, packed data cache; returns the cache folder.
     With `run_dir` (prepare, run, submit): print the cleaning report and write it there."""
     from launcher.runtime.data.report import lines
-    from launcher.runtime.model import model_dir
     from launcher.runtime.packing import prepare_data
+    from launcher.runtime.source import model_dir
     from launcher.runtime.tiny import cache_dir, shipped_data
 
     path = model_dir(cfg.model)

@@ -21,33 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.config.resolve import TINY_MODEL
 from launcher.config.schema import MethodSection, ModelSection
-from launcher.runtime.tiny import ensure_tiny_model
+from launcher.runtime.source import ModelError, model_dir
+
+__all__ = ["DTYPES", "ModelError", "WeightMap", "model_dir"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class ModelError(Exception):
-    """A model that cannot be found or loaded; one line for the user."""
-
-
-def model_dir(model: ModelSection) -> Path:
-    """The local directory holding config, weights and tokenizer (built for tiny-llama)."""
-    if model.name_or_path == TINY_MODEL:
-        return ensure_tiny_model()
-    path = Path(model.name_or_path)
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model.name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
-    except Exception as exc:
-        raise ModelError(
-            f"model.name_or_path: {model.name_or_path} is not a local directory and could not be fetched "
-            f"({type(exc).__name__}); download it first (huggingface-cli download) and point at the directory"
-        ) from None
 
 
 def load_tokenizer(path: Path) -> Any:
