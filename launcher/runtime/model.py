@@ -61,11 +61,8 @@ def hf_config(path: Path, model: ModelSection, labels: list[str] | None = None) 
         config.id2label = dict(enumerate(labels))
         config.label2id = {name: i for i, name in enumerate(labels)}
         if config.pad_token_id is None:  # decoder classifiers pool the last non-padding token
-            config.pad_token_id = (
-                getattr(config, "eos_token_id", None)
-                if not isinstance(getattr(config, "eos_token_id", None), list)
-                else config.eos_token_id[0]
-            )
+            eos = getattr(config, "eos_token_id", None)
+            config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return config
 
 
@@ -81,15 +78,6 @@ def build_on_meta(
             config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=model.trust_remote_code
         )
     built.tie_weights()  # accelerate's meta context re-creates parameters as they are tied: tie them again
-    for buffer_owner in built.modules():  # buffers were computed in fp32 on the CPU: keep them so
-        for name, buffer in list(buffer_owner._buffers.items()):
-            if (
-                buffer is not None
-                and buffer.is_floating_point()
-                and buffer.dtype != torch.float32
-                and name in getattr(buffer_owner, "_non_persistent_buffers_set", ())
-            ):
-                buffer_owner._buffers[name] = buffer.float()
     return built
 
 
