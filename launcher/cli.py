@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = recipe_command("validate", "check a recipe and print the resolved batch settings")
     cmd.set_defaults(func=cmd_validate)
+    cmd = recipe_command("estimate", "print the memory (per GPU, per node), checkpoint and step-time estimate; writes nothing")
+    cmd.set_defaults(func=cmd_estimate)
     for name, func, help_text in (
         ("plan", cmd_plan, "write the run directory: plan.json, launch.sh, job.sbatch, deepspeed.json|fsdp.json"),
         ("submit", cmd_submit, "plan, then submit job.sbatch with sbatch (prints the job id)"),
@@ -96,6 +98,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"{cfg.cluster.gpus_per_node} = {world} rank(s); batch {t.micro_batch_size} x {t.gradient_accumulation_steps} "
         f"x {world} = {t.global_batch_size}"
     )
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """The itemised estimate of a recipe (what estimate.txt holds), without planning a run directory."""
+    from launcher.plan.estimate import choose_micro_batch, estimate_plan, gpu_memory_gib, render_estimate
+    from launcher.plan.estimate.memory import GIB
+    from launcher.plan.topology import build_topology
+
+    cfg = _load(args)
+    candidates: dict[int, float] = {}
+    if cfg.train.auto_micro_batch:
+        cfg, candidates = choose_micro_batch(cfg)
+    estimate = estimate_plan(cfg, build_topology(cfg.cluster, cfg.train, cfg.data))
+    print(
+        f"{args.recipe}: {cfg.method.name} on {cfg.parallel.backend}, micro-batch {cfg.train.micro_batch_size} x {cfg.data.max_seq_len} tokens"
+    )
+    print(render_estimate(estimate, candidates), end="")
+    limit = gpu_memory_gib(cfg.cluster)
+    if limit and estimate["total"] > limit * GIB:
+        print(f"over: {estimate['total'] / GIB:.1f} GiB > {limit:g} GiB; `launcher plan` refuses this recipe", file=sys.stderr)
     return 0
 
 
@@ -157,11 +180,22 @@ def _summary(plan) -> str:  # plan: Plan
             f" = {topo['global_batch_size']} seqs ({topo['tokens_per_step']:,} tokens max)",
         ),
         ("steps", str(cfg["train"]["max_steps"])),
-        ("memory/rank", f"{mem['total'] / 1024**3:.2f} GiB estimated (estimate.txt)"),
+        ("memory/GPU", _memory_line(mem)),
         ("torchrun", shell_join(plan.torchrun)),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _memory_line(mem: dict[str, float]) -> str:
+    from launcher.plan.plan import auto_candidates
+
+    total, limit = mem["total"] / 1024**3, mem.get("gpu_memory_gib", 0.0)
+    line = f"{total:.2f} GiB estimated" + (f", {total / limit:.0%} of {limit:g} GiB" if limit else "") + " (estimate.txt)"
+    candidates = auto_candidates(mem)
+    if candidates:
+        line += "; auto micro-batch compared " + ", ".join(f"{m}: {v / 1024**3:.1f} GiB" for m, v in sorted(candidates.items()))
+    return line
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

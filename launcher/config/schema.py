@@ -19,6 +19,9 @@ Attention = Literal["auto", "flash", "sdpa", "eager"]
 Template = Literal["instruction", "alpaca", "chat", "text"]
 DataFormat = Literal["auto", "json", "jsonl", "parquet", "csv", "saved", "hub"]
 Scheduler = Literal["cosine", "linear", "constant"]
+Gpu = Literal["", "h100-80gb", "h200", "a100-80gb", "a100-40gb", "l40s", "a10g", "l4"]
+# Usable memory per GPU in GiB (what the CUDA allocator can get), for cluster.gpu.
+GPU_MEMORY_GIB = {"h100-80gb": 80.0, "h200": 140.0, "a100-80gb": 80.0, "a100-40gb": 40.0, "l40s": 45.0, "a10g": 22.5, "l4": 22.5}
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,10 @@ class OptimSection:
 @dataclass(frozen=True)
 class TrainSection:
     micro_batch_size: int | None = None  # sequences per rank per forward
+    # Let the plan pick micro_batch_size: the largest power of two that divides global_batch_size /
+    # data-parallel and whose estimate stays within 90 % of the GPU's memory (cluster.gpu_memory_gib);
+    # accumulation follows from the global batch. A separate switch, so micro_batch_size stays an int.
+    auto_micro_batch: bool = False
     gradient_accumulation_steps: int | None = None
     global_batch_size: int | None = None  # sequences per optimizer step, all ranks
     max_steps: int = 1000
@@ -201,6 +208,10 @@ class CheckpointSection:
 @dataclass(frozen=True)
 class ClusterSection:
     accelerator: Accelerator = "cuda"
+    # The GPU's memory, for the plan's check (warn above 90 %, refuse above 100 % of the estimate):
+    # gpu_memory_gib in GiB, or a known gpu name that implies it (and the peak FLOPs for step time).
+    gpu: Gpu = ""
+    gpu_memory_gib: float | None = None
     nodes: int = 1
     gpus_per_node: int = 8  # processes per node (on CPU: worker processes)
     world_size: int | None = None  # optional cross-check of nodes x gpus_per_node

@@ -94,6 +94,7 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
             yield from _at_least(getattr(train, key), 1, f"train.{key}")
     if train.max_steps is not None:
         yield from _at_least(train.max_steps, 1, "train.max_steps")
+    yield from _memory_fields(cfg)
     if train.epochs is not None and not train.epochs > 0:
         yield Problem("train.epochs", f"{train.epochs} is not positive", "use e.g. 3, or set train.max_steps instead")
     yield from _fraction(cfg.optim.warmup_ratio, "optim.warmup_ratio", upper_open=True)
@@ -173,6 +174,23 @@ def check_data_sources(cfg: RunConfig) -> Iterator[Problem]:
         yield Problem(
             "data.chat_template", "is set but no data set uses data.template: chat", "set data.template: chat, or remove data.chat_template"
         )
+
+
+def _memory_fields(cfg: RunConfig) -> Iterator[Problem]:
+    """cluster.gpu_memory_gib and train.auto_micro_batch (the plan's memory check, plan/estimate)."""
+    cluster, train = cfg.cluster, cfg.train
+    if cluster.gpu_memory_gib is not None and not 0 < cluster.gpu_memory_gib <= 4096:
+        yield Problem("cluster.gpu_memory_gib", f"{cluster.gpu_memory_gib} is not a GPU memory size in GiB", "use e.g. 80, or leave it out")
+    if not train.auto_micro_batch:
+        return
+    for key in ("micro_batch_size", "gradient_accumulation_steps"):
+        if getattr(train, key) is not None:
+            fix = f"remove train.{key}, or set auto_micro_batch: false"
+            yield Problem(f"train.{key}", "is set but train.auto_micro_batch picks it", fix)
+    if train.global_batch_size is None:
+        yield Problem("train.auto_micro_batch", "needs train.global_batch_size", "set the global batch (sequences per step)")
+    if cluster.accelerator != "cuda" or (cluster.gpu_memory_gib is None and not cluster.gpu):
+        yield Problem("train.auto_micro_batch", "needs the GPU's memory", "set cluster.gpu_memory_gib (e.g. 80) or cluster.gpu, on cuda")
 
 
 def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:

@@ -21,7 +21,7 @@ from launcher import __version__
 from launcher.config import RunConfig, config_from_dict
 from launcher.config.errors import ConfigError, Problem
 from launcher.plan.deepspeed import build_deepspeed_config
-from launcher.plan.estimate import estimate_memory, render_estimate, step_seconds
+from launcher.plan.estimate import check_fits, choose_micro_batch, estimate_plan, render_estimate
 from launcher.plan.fsdp import build_fsdp_plan
 from launcher.plan.slurm import build_launch_script, build_sbatch
 from launcher.plan.topology import Topology, build_topology
@@ -88,7 +88,11 @@ def plan_env(cfg: RunConfig, topology: Topology) -> dict[str, str]:
 
 
 def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Plan:
-    """RunConfig → Plan; `run_dir` must be absolute (scripts cd into it on other machines)."""
+    """RunConfig → Plan; `run_dir` must be absolute (scripts cd into it on other machines).
+    Refuses (ConfigError) a plan whose memory estimate is over cluster.gpu_memory_gib."""
+    candidates: dict[int, float] = {}
+    if cfg.train.auto_micro_batch:
+        cfg, candidates = choose_micro_batch(cfg)
     topology = build_topology(cfg.cluster, cfg.train, cfg.data)
     deepspeed = fsdp = None
     if cfg.parallel.backend == "deepspeed":
@@ -98,8 +102,9 @@ def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Pl
     plan_path = str(Path(run_dir) / PLAN_FILE)
     torchrun = build_torchrun_argv(cfg.cluster, topology, plan_path, python)
     env = plan_env(cfg, topology)
-    cuda = cfg.cluster.accelerator == "cuda"
-    memory = estimate_memory(cfg.model, cfg.method, cfg.parallel, cfg.train, cfg.data.max_seq_len, topology, cuda)
+    memory = estimate_plan(cfg, topology)
+    check_fits(cfg, memory)
+    memory.update({f"auto_micro_batch_{m}": total for m, total in candidates.items()})
     return Plan(
         launcher_version=__version__,
         run_dir=run_dir,
@@ -117,20 +122,24 @@ def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Pl
 
 def render_files(plan: Plan) -> dict[str, str]:
     """File name → content, exactly what `write_run_dir` writes."""
-    cfg = plan.run_config
-    seconds = step_seconds(plan.estimate, cfg.method, cfg.train, Topology(**plan.topology)) if cfg.cluster.accelerator == "cuda" else None
     files = {
         "config.yaml": yaml.safe_dump(plan.config, sort_keys=False, width=120),
         PLAN_FILE: plan.to_json(),
         "launch.sh": plan.launch_script,
         "job.sbatch": plan.sbatch_script,
-        "estimate.txt": render_estimate(plan.estimate, seconds),
+        "estimate.txt": render_estimate(plan.estimate, auto_candidates(plan.estimate)),
     }
     if plan.deepspeed is not None:
         files["deepspeed.json"] = json.dumps(plan.deepspeed, indent=2) + "\n"
     if plan.fsdp is not None:
         files["fsdp.json"] = json.dumps(plan.fsdp, indent=2) + "\n"
     return files
+
+
+def auto_candidates(estimate: dict[str, float]) -> dict[int, float]:
+    """train.auto_micro_batch: each micro-batch the plan compared → its estimated bytes per GPU."""
+    prefix = "auto_micro_batch_"
+    return {int(k[len(prefix) :]): v for k, v in estimate.items() if k.startswith(prefix)}
 
 
 # Files that can carry environment values (cluster.env, tokens): owner only, whatever the umask.

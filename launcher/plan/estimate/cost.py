@@ -1,0 +1,60 @@
+"""Per node host memory, per save checkpoint bytes and time, FLOPs per token and step time.
+
+The rates are assumptions, written out with the numbers (estimate.txt says which): a GPU's dense
+bf16 peak from its name, a model FLOPs utilisation, a file-system write bandwidth per node.
+"""
+
+from __future__ import annotations
+
+from launcher.config.schema import CheckpointSection
+from launcher.plan.estimate.memory import BYTES, GIB, Setting
+from launcher.plan.estimate.params import count_params, shapes
+
+# Dense bf16 tensor-core peak per GPU (vendor data sheets, without sparsity).
+PEAK_TFLOPS = {"h100-80gb": 989.0, "h200": 989.0, "a100-80gb": 312.0, "a100-40gb": 312.0, "l40s": 362.0, "a10g": 125.0, "l4": 121.0}
+MFU = 0.40
+FS_BYTES_PER_SECOND = 2.0e9  # written per node (each node writes its ranks' shards)
+HOST_PER_RANK = 3.0 * GIB  # a rank's own process: torch, CUDA and NCCL host buffers, the model code
+LOADER_PER_RANK = 0.25 * GIB  # prefetched batches and the memory-mapped index; the token cache itself is page cache
+
+
+def host_bytes(s: Setting, memory: dict[str, float]) -> dict[str, float]:
+    """Per node: offloaded (pinned) states, the ranks' processes, the data loaders."""
+    ranks = s.topology.procs_per_node
+    out = {"host_offloaded": memory["host_offloaded"], "host_processes": ranks * HOST_PER_RANK, "host_dataloader": ranks * LOADER_PER_RANK}
+    out["host_total"] = sum(out.values())
+    return out
+
+
+def checkpoint_bytes(s: Setting, memory: dict[str, float], checkpoint: CheckpointSection | None = None) -> dict[str, float]:
+    """One save, all ranks: the state the runtime writes, and the time at FS_BYTES_PER_SECOND per node."""
+    trainable, total = memory["trainable_params"], memory["params"]
+    c = BYTES[s.train.precision]
+    adapter = s.method.name in ("lora", "qlora", "prompt_tuning")
+    if adapter:
+        size = trainable * (4 + 8)  # trainable-only saves: fp32 adapters and their AdamW states
+    elif s.parallel.backend == "deepspeed":
+        size = total * c + trainable * (4 + 8)  # module states + fp32 masters and AdamW states
+    else:
+        size = total * 4 + trainable * 8  # fp32 parameters + AdamW states
+    return {"checkpoint_bytes": size, "checkpoint_seconds": size / (FS_BYTES_PER_SECOND * s.topology.nodes)}
+
+
+def flops_per_token(s: Setting) -> float:
+    """Training FLOPs per token: 2 per matmul weight forward, backward twice that (input and weight
+    gradients; a frozen weight needs only the input one), a second forward under checkpointing, and
+    causal attention (half of the S x S scores) at the recipe's sequence length."""
+    counts = count_params(s.model, s.method, s.task, s.positions)
+    _, layers, _, vocab, q, _ = shapes(s.model)
+    head = (s.model.hidden_size or 0) * vocab if s.task == "causal_lm" else 0
+    matmul = counts.linear + head
+    attention = 2 * layers * s.seq_len * q  # QK^T and AV, causal: 2 x 2 flops x S/2 x width
+    forward = 2 * matmul + attention
+    backward = 2 * forward if s.method.name in ("full", "freeze") else forward + attention
+    recompute = forward if s.train.activation_checkpointing else 0
+    return float(forward + backward + recompute)
+
+
+def step_seconds(s: Setting, gpu: str) -> float:
+    peak = PEAK_TFLOPS.get(gpu, PEAK_TFLOPS["h100-80gb"]) * 1e12
+    return flops_per_token(s) * s.topology.tokens_per_step / (s.topology.world_size * peak * MFU)

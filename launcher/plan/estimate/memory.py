@@ -1,0 +1,224 @@
+"""Bytes per GPU, item by item, for what the runtime holds (runtime/build.py, shard.py, loop.py).
+
+Each item is what the launcher's runtime allocates for it, not a textbook rule:
+- FSDP2 keeps fp32 master parameters sharded (runtime/build.py builds full/freeze in fp32, LoRA's
+  frozen base in model.dtype), fp32 sharded gradients, AdamW's two fp32 states; it all-gathers a
+  block (and the next, prefetched) in the compute dtype, and the root unit (embeddings, final norm,
+  LM head) stays gathered for the whole step (`reshard_root_after_forward: false`). With
+  `parallel.fsdp.defer_grad_sync` every parameter's unsharded gradient is kept in the reduce dtype
+  across the accumulation window.
+- DeepSpeed casts the module to the compute dtype; ZeRO-1/2/3 partition the fp32 masters, AdamW
+  states (and gradients from 2, parameters at 3); offload moves masters, states and fp32 gradients
+  to pinned host memory.
+- Activations are the tensors saved for backward per token, counted from the ops HF's blocks run
+  (tests/unit/test_estimate.py holds them to `saved_tensors_hooks`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launcher.config.schema import KernelsSection, MethodSection, ModelSection, ParallelSection, TrainSection
+from launcher.plan.estimate.params import ParamCounts, block_linears, count_params, family_of, shapes, trainable_params
+from launcher.plan.topology import Topology
+
+GIB = 1024**3
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
+NF4_PACKED = 0.5  # two 4-bit weights per byte
+NF4_STATE = 1 / 64 + 4 / (64 * 256)  # double-quantised absmax: a byte per 64-block, fp32 per 256 blocks
+CONTEXT_BYTES = 1.0 * GIB  # CUDA context, cuBLAS workspace, NCCL's device buffers
+FRAGMENTATION = 0.08  # caching-allocator slack, as a share of everything counted above it
+TOKEN_CHUNK, VOCAB_CHUNK = 2048, 8192  # kernels/loss.py's blocks
+POST_PROCESSED_LOGITS = frozenset({"gemma2", "gemma3", "gemma3_text", "cohere", "cohere2", "granite"})  # keep the plain loss
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the memory model needs, sliced from the RunConfig."""
+
+    model: ModelSection
+    method: MethodSection
+    parallel: ParallelSection
+    train: TrainSection
+    kernels: KernelsSection
+    seq_len: int
+    topology: Topology
+    cuda: bool = True
+    task: str = "causal_lm"
+    positions: int | None = None  # learned position rows (GPT-2, BERT); None: read or defaulted
+
+
+def shard_group(s: Setting) -> int:
+    """Ranks one parameter is sharded over: the node under HSDP, else the world."""
+    if s.parallel.backend == "fsdp":
+        return s.topology.procs_per_node if s.parallel.fsdp.hsdp else s.topology.world_size
+    return s.topology.world_size if s.parallel.backend == "deepspeed" else 1
+
+
+def loss_kind(s: Setting) -> str:
+    """plain | chunked | none, as kernels/loss.py `choose` decides it on the cluster."""
+    if s.task != "causal_lm":
+        return "none"
+    if s.kernels.loss == "plain" or s.method.name == "prompt_tuning" or s.model.architecture in POST_PROCESSED_LOGITS:
+        return "plain"
+    return "chunked"  # chunked, liger (same blocks), auto (either)
+
+
+def attention_kind(s: Setting) -> str:
+    return "eager" if s.kernels.attention == "eager" else "flash"  # flash, our per-document SDPA: no dense mask
+
+
+def block_saved_bytes(s: Setting, counts: ParamCounts, mode: str) -> float:
+    """Bytes saved for backward per token by one block: mode none | selective | full (checkpointed)."""
+    h, _, inter, _, q, kv = shapes(s.model)
+    c = BYTES[s.train.precision]
+    fam = family_of(s.model)
+    heads = s.model.num_attention_heads or 1
+    if mode == "full":
+        return c * h  # the block's input, kept by the checkpoint
+    if fam.layer_norm:  # input, two statistics, output (the next linear's input)
+        norms = 2 * (2 * c * h + 8)
+    else:  # RMSNorm in fp32: the fp32 input, rsqrt, the normalised value, the weighted output
+        norms = 2 * (4 * h + 4 + 2 * c * h)
+    core = c * q + 4 * heads  # attention output and logsumexp
+    if attention_kind(s) == "eager":
+        core += heads * s.seq_len * (4 + c)  # fp32 softmax and its cast, per query token
+    saved = norms + c * (q + 2 * kv) + fam.mlp_saved * c * inter + core
+    if s.method.name in ("lora", "qlora"):
+        dropout = 1 + c if s.method.lora.dropout > 0 else 0  # the mask and the dropped input, per LoRA module
+        saved += sum(dropout * i + c * s.method.lora.r for i, _ in counts.lora_modules)
+    if mode == "selective":  # the attention core is recomputed (Megatron's selective recompute)
+        saved -= core
+    return saved
+
+
+def activation_bytes(s: Setting, counts: ParamCounts) -> dict[str, float]:
+    """Saved-for-backward bytes of one micro-batch, and its peak with the configured checkpointing."""
+    h, layers, _, _, _, _ = shapes(s.model)
+    c = BYTES[s.train.precision]
+    tokens = (s.train.micro_batch_size or 1) * s.seq_len
+    fam = family_of(s.model)
+    outside = 8 * (2 if fam.learned_positions else 1)  # token (and position) ids
+    outside += (2 * c * h + 8) if fam.layer_norm else (4 * h + 4 + 2 * c * h)  # final norm, the head's input
+    mode = "full" if s.train.activation_checkpointing else "none"
+    per_block = {m: block_saved_bytes(s, counts, m) * tokens for m in ("none", "selective", "full")}
+    saved = layers * per_block[mode] + outside * tokens
+    recompute = per_block["none"] if mode == "full" else 0.0  # one block's activations, rebuilt in its backward
+    mask = tokens * s.seq_len * c if attention_kind(s) == "eager" else 0.0  # dense [B, 1, S, S]
+    return {"saved": saved, "peak": saved + recompute, "mask": mask, **{f"block_{m}": v for m, v in per_block.items()}}
+
+
+def logits_bytes(s: Setting) -> float:
+    """The loss's peak beyond the head's input: plain = full logits, chunked = one block at a time."""
+    h, _, _, vocab, _, _ = shapes(s.model)
+    tokens = (s.train.micro_batch_size or 1) * s.seq_len
+    match loss_kind(s):
+        case "plain":
+            # backward of log-softmax: its saved fp32 output, the incoming gradient and the result
+            # (the forward's compute-dtype logits + fp32 copy + output is at most as large)
+            return 12.0 * tokens * vocab
+        case "chunked":
+            block = min(tokens, TOKEN_CHUNK) * VOCAB_CHUNK
+            # logsumexp per token, fp32 hidden gradient, an fp32 weight-gradient chunk, logits/grad blocks
+            return 4.0 * tokens + 4.0 * tokens * h + 4.0 * VOCAB_CHUNK * h + 3 * 4.0 * block
+    return 0.0
+
+
+def block_shapes(s: Setting) -> list[tuple[int, int]]:
+    return [pair for pairs in block_linears(s.model).values() for pair in pairs]
+
+
+def estimate_memory(s: Setting) -> dict[str, float]:
+    """Bytes per GPU by item (and per node on the host, per save), plus `total`."""
+    counts = count_params(s.model, s.method, s.task, s.positions)
+    trainable = trainable_params(counts, s.model, s.method)
+    frozen = counts.total - (trainable if s.method.name in ("full", "freeze") else 0)
+    c, store = BYTES[s.train.precision], BYTES[s.model.dtype]
+    par, method = s.parallel, s.method.name
+    group = shard_group(s)
+    adapter = method in ("lora", "qlora", "prompt_tuning")
+    out: dict[str, float] = dict.fromkeys(
+        ("parameters", "quantized_base", "gradients", "optimizer", "master_weights", "gathered", "host_offloaded"), 0.0
+    )
+    stage = {"fsdp": 3, "ddp": 0, "single": 0}.get(par.backend, par.zero_stage)
+    quantised = counts.linear if method == "qlora" else 0
+    if method == "qlora":
+        out["quantized_base"] = quantised * NF4_PACKED / group + quantised * NF4_STATE  # the absmax state is not sharded
+    base = (counts.total - quantised) * (store if adapter else 4)  # full/freeze: fp32 masters; adapters: model.dtype
+    extra = trainable * 4 if adapter else 0  # adapters are fp32
+    if par.backend == "deepspeed":
+        base = (counts.total - quantised) * (store if adapter else c)  # DeepSpeed casts the module to the compute dtype
+        extra = trainable * c if adapter else 0
+        master = 0 if s.train.precision == "fp32" else trainable * 4
+        out["master_weights"] = master / (group if stage >= 1 else 1)
+    out["parameters"] = (base + extra) / (group if stage >= 3 else 1)
+    grad_bytes = 4 if par.backend in ("fsdp", "ddp", "single") else c
+    out["gradients"] = trainable * grad_bytes / (group if stage >= 2 else 1)
+    if par.backend == "ddp":
+        out["gradients"] *= 2  # DDP's buckets are copies of the gradients (gradient_as_bucket_view is off)
+    out["optimizer"] = trainable * 8 / (group if stage >= 1 else 1)
+    if par.backend == "fsdp":
+        layer_gathered: float = counts.per_layer * c
+        if method == "qlora":
+            layer_gathered = counts.layer_linear * NF4_PACKED + (counts.per_layer - counts.layer_linear) * c
+        layer_gathered += (trainable / max(counts.layers, 1)) * c if adapter else 0
+        held = 2 if par.fsdp.reshard_after_forward else counts.layers
+        head = counts.head or counts.embeddings  # the head's weight (the embedding when tied)
+        root_trainable = head if method in ("full", "freeze") else 0
+        layer_trainable = counts.per_layer if method == "full" else trainable / max(counts.layers, 1)
+        reduce = BYTES[par.fsdp.reduce_dtype]
+        # two blocks + the root gathered; the head's unsharded gradient lives through backward, and one
+        # block's unsharded gradient is cast to the reduce dtype for its reduce-scatter
+        out["gathered"] = held * layer_gathered + counts.root * c + root_trainable * c + layer_trainable * (c + reduce)
+        if par.fsdp.defer_grad_sync:
+            out["gradients"] += trainable * reduce  # unsharded accumulators, across the whole window
+        if par.fsdp.cpu_offload:
+            out["host_offloaded"] = (out["parameters"] + out["gradients"] + out["optimizer"]) * s.topology.procs_per_node
+            out["parameters"] = out["gradients"] = out["optimizer"] = 0.0
+    elif par.backend == "deepspeed":
+        bucket = (s.model.hidden_size or 0) ** 2 * c
+        if stage >= 3:
+            layer = counts.per_layer * c
+            out["gathered"] = layer + max(layer, counts.head * c) + 2 * bucket  # live blocks, prefetch, reduce buckets
+        else:
+            out["gathered"] = 3 * bucket
+        if par.offload_optimizer != "none":
+            host = (out["master_weights"] + out["optimizer"] + trainable * 4 / group) * s.topology.procs_per_node
+            out["host_offloaded"] = host
+            out["master_weights"] = out["optimizer"] = 0.0
+            if stage >= 2:
+                out["gradients"] = 0.0  # reduced straight into the host fp32 partition
+        if par.offload_params != "none" and stage >= 3:
+            out["host_offloaded"] += out["parameters"] * s.topology.procs_per_node
+            out["parameters"] = 0.0
+    elif s.train.precision != "fp32" and method in ("full", "freeze"):
+        out["gathered"] = counts.linear * c  # autocast's compute-dtype copies of the fp32 weights, saved for backward
+    elif method == "qlora":
+        out["gathered"] = max(i * o for i, o in block_shapes(s)) * c  # one linear dequantised at a time
+    act = activation_bytes(s, counts)
+    out["activations"] = act["peak"]
+    out["logits"] = logits_bytes(s)
+    out["attention_mask"] = act["mask"]
+    out["context"] = CONTEXT_BYTES if s.cuda else 0.0
+    device = sum(out[k] for k in DEVICE_ITEMS if k not in ("fragmentation", "context"))
+    out["fragmentation"] = FRAGMENTATION * device if s.cuda else 0.0
+    out["total"] = sum(out[k] for k in DEVICE_ITEMS)
+    out.update({f"activations_{k}": v for k, v in act.items() if k != "peak"})
+    out["params"], out["trainable_params"] = float(counts.total), float(trainable)
+    out["frozen_params"] = float(frozen)
+    return out
+
+
+DEVICE_ITEMS = (
+    "parameters",
+    "quantized_base",
+    "gradients",
+    "optimizer",
+    "master_weights",
+    "gathered",
+    "activations",
+    "logits",
+    "attention_mask",
+    "context",
+    "fragmentation",
+)
