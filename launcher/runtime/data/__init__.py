@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from launcher.config.schema import DataSection
-from launcher.runtime.data.columns import explicit_roles, normalize, role_columns, sources_of, to_roles
+from launcher.runtime.data.columns import normalize, role_columns, sources_of, to_roles
 from launcher.runtime.data.core import IGNORE_INDEX, DataError, Example
 from launcher.runtime.data.report import CleanReport
 from launcher.runtime.data.sources import fingerprint, load_records, load_source, source_files
@@ -39,7 +39,7 @@ def clean(records: list[dict[str, Any]], data: DataSection, report: CleanReport,
     """Rows → role dicts, normalised, without empty rows and duplicates (the pipeline's rules, on a list)."""
     source = sources_of(data, task)[0]
     present = list(dict.fromkeys(k for r in records for k in r)) or ["(none)"]
-    columns = role_columns(source, present, explicit_roles(data, {}))
+    columns = role_columns(source, present)
     batch = {c: [r.get(c) for r in records] for c in set(columns.values())}
     roles = to_roles(batch, list(range(len(records))), source.template, columns, data.unicode_normalization, data.path)
     report.read += len(records)

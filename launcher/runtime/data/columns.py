@@ -54,6 +54,7 @@ class Source:
     columns: dict[str, str] = field(default_factory=dict)  # role -> column, as configured
     weight: float = 1.0
     samples: int = 0
+    mapped: tuple[str, ...] = ()  # roles the user mapped on purpose (then even an optional one must exist)
 
 
 def sources_of(data: DataSection, task: str, resolve: Any = None) -> list[Source]:
@@ -74,6 +75,7 @@ def sources_of(data: DataSection, task: str, resolve: Any = None) -> list[Source
             columns={**base, **data.columns, **columns},
             weight=weight,
             samples=samples,
+            mapped=tuple(sorted({*data.columns, *columns})),
         )
 
     if not data.datasets:
@@ -81,8 +83,9 @@ def sources_of(data: DataSection, task: str, resolve: Any = None) -> list[Source
     return [build(s.path, s.name, s.format, s.split, s.template, dict(s.columns), s.weight, s.samples) for s in data.datasets]
 
 
-def role_columns(source: Source, present: list[str], explicit: set[str]) -> dict[str, str]:
+def role_columns(source: Source, present: list[str]) -> dict[str, str]:
     """role -> column for this source's template; a missing required column is a one-line error."""
+    explicit = set(source.mapped)
     out: dict[str, str] = {}
     for role in ROLES[source.template]:
         column = source.columns.get(role, role)
@@ -97,11 +100,6 @@ def role_columns(source: Source, present: list[str], explicit: set[str]) -> dict
                 f"set {key} (or data.columns.{role}) to one of: {', '.join(present)}"
             )
     return out
-
-
-def explicit_roles(data: DataSection, source_columns: dict[str, str]) -> set[str]:
-    """Roles the user mapped on purpose (an optional role then must exist)."""
-    return set(data.columns) | set(source_columns)
 
 
 def features(template: str) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from launcher.config.schema import DataSection
-from launcher.runtime.data.columns import Source, explicit_roles, features, role_columns, sources_of, to_roles
+from launcher.runtime.data.columns import Source, features, role_columns, sources_of, to_roles
 from launcher.runtime.data.core import DataError
 from launcher.runtime.data.mixing import mix_counts, pick
 from launcher.runtime.data.report import CleanReport, check_dropped
@@ -129,7 +129,7 @@ class _Context:
     def clean(self, source: Source, split: str, tag: str, report: CleanReport, key: str = "data.split") -> tuple[Any, np.ndarray]:
         """Roles of every row; the indices of the non-empty, first-seen ones."""
         raw = load_source(source.path, source.format, split, cache_dir=str(self.work / "hf"), key=key)
-        columns = role_columns(source, list(raw.column_names), explicit_roles(self.data, source.columns))
+        columns = role_columns(source, list(raw.column_names))
         kwargs = {"template": source.template, "columns": columns, "form": self.data.unicode_normalization, "path": source.path}
         roles = self.map(raw, to_roles, kwargs, features(source.template), f"{tag}-roles", list(raw.column_names), with_indices=True)
         report.read = len(roles)
@@ -166,6 +166,10 @@ class _Context:
     def map(self, ds: Any, fn: Any, kwargs: dict[str, Any], feats: Any, tag: str, remove: list[str], with_indices: bool = False) -> Any:
         """datasets.map, batched, into our own Arrow file; a DataError from a worker comes out as itself."""
         stamp = hashlib.sha256(f"{self.work}{tag}".encode()).hexdigest()[:16]
+        if len(ds) == 0:  # map skips an empty set, columns and all
+            from datasets import Dataset
+
+            return Dataset.from_dict({name: [] for name in feats}, features=feats)
         try:
             return ds.map(
                 fn,

@@ -1,0 +1,223 @@
+"""Data as users have it, table-driven: alpaca with and without input, ShareGPT, OpenAI messages with
+a system turn, plain text and a classification table, each prepared through the real pipeline and
+checked token by token against the tokenizer (prompt masking against its own apply_chat_template)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from launcher.config import load_config
+from launcher.runtime.data import IGNORE_INDEX, DataError, alpaca_prompt
+from launcher.runtime.packing import TokenData, prepare_data
+from launcher.runtime.tiny import ensure_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+SYSTEM = [{"role": "system", "content": "answer in one word"}]
+CHAT = [
+    {"role": "user", "content": "copy: cat"},
+    {"role": "assistant", "content": "cat"},
+    {"role": "user", "content": "copy: dog"},
+    {"role": "assistant", "content": "dog"},
+]
+SHAREGPT = [{"from": "system", "value": "answer in one word"}, {"from": "human", "value": "copy: cat"}, {"from": "gpt", "value": "cat"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir() -> Path:
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def _data(*overrides: str) -> Any:
+    return load_config(
+        ROOT / "recipes" / "tiny-cpu.yaml", ["data.packing=false", "data.val_fraction=0", "train.eval_exact_match=0", *overrides]
+    ).data
+
+
+def _prepare(
+    tmp_path: Path, rows: list[dict[str, Any]], tiny_dir: Path, *overrides: str, task: str = "causal_lm", name: str = "d.jsonl"
+) -> Path:
+    source = tmp_path / name
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = _data(f"data.path={source}", *overrides)
+    return prepare_data(data, str(source), tiny_dir, tmp_path / "cache", seed=1, task=task)
+
+
+def _only_row(folder: Path) -> tuple[list[int], list[int]]:
+    train = TokenData(folder, "train")
+    assert len(train) == 1
+    return [int(t) for t in train.input_ids], [int(t) for t in train.labels]
+
+
+def _chat_reference(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """The tokenizer's own rendering; a token is trained when it is added by an assistant turn."""
+
+    def ids(msgs: list[dict[str, str]], gen: bool = False) -> list[int]:
+        return list(tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)["input_ids"]) if msgs else []
+
+    full = ids(messages)
+    labels = [IGNORE_INDEX] * len(full)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start, end = len(ids(messages[:i], gen=True)), len(ids(messages[: i + 1]))
+            labels[start:end] = full[start:end]
+    return full, labels
+
+
+def _prompt_answer(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    head = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
+    tail = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return head + tail, [IGNORE_INDEX] * len(head) + tail
+
+
+CASES = [
+    ("alpaca with input", [{"instruction": "copy the word", "input": "cat", "output": "cat"}], ["data.template=alpaca"]),
+    ("alpaca without input", [{"instruction": "say cat", "output": "cat"}], ["data.template=alpaca"]),
+    ("alpaca, empty input", [{"instruction": "say cat", "input": "", "output": "cat"}], ["data.template=alpaca"]),
+    ("sharegpt", [{"conversations": SHAREGPT}], ["data.template=chat"]),
+    ("openai with system", [{"messages": SYSTEM + CHAT}], ["data.template=chat"]),
+    ("plain text", [{"body": "cat dog fox"}], ["data.template=text", "data.columns={text: body}"]),
+]
+
+
+@pytest.mark.parametrize(("case", "rows", "overrides"), CASES, ids=[c[0] for c in CASES])
+def test_format_masks_exactly_the_prompt(
+    case: str, rows: list[dict[str, Any]], overrides: list[str], tmp_path: Path, tiny_dir: Path, tokenizer: Any
+) -> None:
+    ids, labels = _only_row(_prepare(tmp_path, rows, tiny_dir, *overrides))
+    row = rows[0]
+    if case.startswith("alpaca"):
+        expected = _prompt_answer(tokenizer, alpaca_prompt(row["instruction"], row.get("input", "")), row["output"])
+        assert ("### Input:" in tokenizer.decode(ids)) == bool(row.get("input"))
+    elif case == "sharegpt":
+        converted = [
+            {"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]} for t in row["conversations"]
+        ]
+        expected = _chat_reference(tokenizer, converted)
+    elif case == "openai with system":
+        expected = _chat_reference(tokenizer, row["messages"])
+        assert tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]) == "cat<|end|>\ndog<|end|>\n"
+    else:
+        full = [tokenizer.bos_token_id] + tokenizer.encode(row["body"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        expected = (full, full)
+    assert (ids, labels) == expected, case
+
+
+def test_classification_table(tmp_path: Path, tiny_dir: Path) -> None:
+    import datasets
+
+    rows = [{"sentence": f"w{i} is {'good' if i % 3 else 'bad'}", "stars": 1 + (i % 3 > 0)} for i in range(12)]
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "t.csv"), index=False)
+    data = _data(f"data.path={tmp_path / 't.csv'}", "data.columns={text: sentence, label: stars}", "task=classification")
+    folder = prepare_data(data, str(tmp_path / "t.csv"), tiny_dir, tmp_path / "cache", seed=1, task="classification")
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["labels"] == ["1", "2"]
+    train = TokenData(folder, "train")
+    assert len(train) == 12 and sorted(np.asarray(train.classes).tolist()) == [0] * 4 + [1] * 8
+    assert np.asarray(train.label_tokens).tolist() == [1] * 12 and (np.asarray(train.labels) == IGNORE_INDEX).all()
+
+
+def test_alpaca_dedup_keeps_rows_that_differ_in_input(tmp_path: Path, tiny_dir: Path) -> None:
+    rows = [{"instruction": "copy the word", "input": f"w{i}", "output": f"w{i}"} for i in range(30)] * 2
+    folder = _prepare(tmp_path, rows, tiny_dir, "data.template=alpaca")
+    (report,) = json.loads((folder / "meta.json").read_text())["sources"]
+    assert (report["read"], report["duplicates"], report["kept"]) == (60, 30, 30)
+
+
+@pytest.mark.parametrize(
+    ("rows", "overrides", "message"),
+    [
+        (
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}],
+            ["data.template=chat"],
+            r"row 1, column 'messages': unknown role 'bot'",
+        ),
+        (
+            [{"instruction": "a", "output": "b"}],
+            ["data.template=alpaca", "data.columns={input: context}"],
+            r"row 1 has no column 'context'",
+        ),
+        ([{"question": "a", "response": "b"}], [], r"no column 'prompt'.*data\.prompt_field.*question"),
+    ],
+)
+def test_bad_rows_are_one_line_errors(
+    rows: list[dict[str, Any]], overrides: list[str], message: str, tmp_path: Path, tiny_dir: Path
+) -> None:
+    with pytest.raises(DataError, match=message) as caught:
+        _prepare(tmp_path, rows, tiny_dir, *overrides)
+    assert "\n" not in str(caught.value)
+    assert not list((tmp_path / "cache").glob("*/COMPLETE"))  # nothing written
+
+
+def test_chat_template_override_and_missing_template(tmp_path: Path, tiny_dir: Path, tokenizer: Any) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dir, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    for jinja in bare.glob("*.jinja"):
+        jinja.unlink()
+    rows = [{"messages": CHAT}]
+    with pytest.raises(DataError, match=r"^data\.chat_template: the tokenizer in .* has no chat template; set data\.chat_template"):
+        _prepare(tmp_path, rows, bare, "data.template=chat")
+    template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    (tmp_path / "chat.jinja").write_text(template.replace("<|end|>\n", "<|end|>"))  # a file may hold newlines
+    inline = template.replace("\n", "{{ '\\n' }}")  # a recipe string may not: Jinja's escape renders one
+    for setting, renders in ((inline, template), (str(tmp_path / "chat.jinja"), template.replace("<|end|>\n", "<|end|>"))):
+        ids, labels = _only_row(_prepare(tmp_path, rows, bare, "data.template=chat", f"data.chat_template={json.dumps(setting)}"))
+        rendered = tokenizer.apply_chat_template(CHAT, tokenize=False, chat_template=renders)
+        assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]).startswith("cat<|end|>")
+
+
+def test_val_split_of_a_dataset_dict_never_holds_training_rows(tmp_path: Path, tiny_dir: Path) -> None:
+    import datasets
+
+    train = [{"prompt": f"copy: w{i}", "response": f"w{i}"} for i in range(40)]
+    val = [{"prompt": f"copy: v{i}", "response": f"v{i}"} for i in range(8)] + train[:2]  # two leaked rows
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train), "validation": datasets.Dataset.from_list(val)}).save_to_disk(
+        str(tmp_path / "dd")
+    )
+    path = str(tmp_path / "dd")
+    folder = prepare_data(_data(f"data.path={path}", "data.val_split=validation"), path, tiny_dir, tmp_path / "cache", seed=1)
+    (report,) = json.loads((folder / "meta.json").read_text())["sources"]
+    assert (report["kept"], report["val"], report["val_overlap"]) == (40, 8, 2)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+
+    def documents(split: str) -> set[str]:
+        data = TokenData(folder, split)
+        return {tok.decode(data.batch([r]).input_ids[0][: int(data.batch([r]).lengths[0])]) for r in range(len(data))}
+
+    train_docs, val_docs = documents("train"), documents("val")
+    assert not train_docs & val_docs
+    assert all("copy: v" in d for d in val_docs) and len(val_docs) == 8
+    with pytest.raises(DataError, match=r"has no split 'valid' \(data.val_split\); its splits are train, validation"):
+        prepare_data(_data(f"data.path={path}", "data.val_split=valid"), path, tiny_dir, tmp_path / "cache", seed=1)
+    with pytest.raises(DataError, match=r"data\.val_path: .* has the splits train, validation; set data\.val_split"):
+        prepare_data(_data(f"data.path={path}", f"data.val_path={path}"), path, tiny_dir, tmp_path / "cache", seed=1)
+
+
+def test_too_many_dropped_rows_is_an_error_that_says_why(tmp_path: Path, tiny_dir: Path) -> None:
+    rows = [{"prompt": f"say {5 + i} cats", "response": " ".join(["cat"] * (5 + i))} for i in range(20)]
+    with pytest.raises(
+        DataError,
+        match=r"d\.jsonl: (\d+) of 20 rows dropped \(\d+%: \1 over-long\), more than data\.max_dropped_fraction=0\.5; raise data\.max_seq_len \(now 24\)",
+    ):
+        _prepare(tmp_path, rows, tiny_dir, "data.max_seq_len=24")
+    folder = _prepare(tmp_path, rows, tiny_dir, "data.max_seq_len=24", "data.drop_longer=false", "data.max_dropped_fraction=1")
+    (report,) = json.loads((folder / "meta.json").read_text())["sources"]
+    assert (report["too_long"], report["kept"]) == (0, 20) and 0 < report["truncated"] < 20
