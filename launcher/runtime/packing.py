@@ -245,10 +245,21 @@ class TokenData:
         self.offsets = np.load(part / "offsets.npy")
         self.label_tokens = np.load(part / "label_tokens.npy")
         self.classes = np.load(part / "classes.npy") if (part / "classes.npy").exists() else None
+        self.doc_offsets = np.load(part / "doc_offsets.npy")  # row -> its documents in doc_sources
+        self.doc_sources = np.load(part / "doc_sources.npy", mmap_mode="r")  # data set index per document
         self.pad_id = int(json.loads((folder / "meta.json").read_text())["pad_token_id"])
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def sources(self, rows: list[int]) -> np.ndarray:
+        """Documents per data set in these rows (the mix a run actually trained on)."""
+        found = [self.doc_sources[self.doc_offsets[r] : self.doc_offsets[r + 1]] for r in rows if r >= 0]
+        return (
+            np.bincount(np.concatenate(found).astype(np.int64), minlength=int(self.doc_sources.max(initial=0)) + 1)
+            if found
+            else np.zeros(1, dtype=np.int64)
+        )
 
     def batch(self, rows: list[int], pad_to: int | None = None) -> Batch:
         """Rows → a padded batch; a row index of -1 is an empty row (no labels, for equal step counts)."""
