@@ -218,8 +218,8 @@ def write_adapter(read: Any, cfg: RunConfig, out: Path, heads: list[str] | None 
     else:
         config = lora_config(method.lora, cfg.task)
     if heads:
-        config.task_type = "SEQ_CLS"
-        config.modules_to_save = [h.rpartition(".")[2] for h in heads]
+        config.task_type = "SEQ_CLS"  # peft then trains `classifier` / `score` in full itself; name any other head
+        config.modules_to_save = [n for n in (h.rpartition(".")[2] for h in heads) if n not in ("classifier", "score")] or None
     config.base_model_name_or_path = str(model_dir(cfg.model))
     config.save_pretrained(str(out))
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

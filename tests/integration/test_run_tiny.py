@@ -37,6 +37,18 @@ def test_tiny_recipe_trains_end_to_end(tmp_path: Path, launcher, metrics) -> Non
     assert first > 6.0  # about ln(vocab): an untrained model
     assert last < 0.6 * baseline, (last, baseline)
     assert evals and evals[-1]["val_loss"] < 0.7 * baseline and evals[-1]["exact_match"] > 0.0
+    # The last evaluation whole in eval.json; its generated answers in eval_predictions.jsonl, from
+    # which exact match and ROUGE-L (rouge-score) are recomputed.
+    result = json.loads((run / "eval.json").read_text())
+    assert result == {k: v for k, v in evals[-1].items() if k != "elapsed"}
+    answers = [json.loads(line) for line in (run / "eval_predictions.jsonl").read_text().splitlines()]
+    assert [a["index"] for a in answers] == list(range(32))
+    assert result["exact_match"] == sum(a["prediction"] == a["reference"] for a in answers) / 32
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = sum(scorer.score(a["reference"], a["prediction"])["rougeL"].fmeasure for a in answers) / 32
+    assert result["rouge_l"] == pytest.approx(rouge) and result["rouge_l"] >= result["exact_match"]
     png = (run / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert (run / "checkpoints" / "latest" / "COMPLETE").exists()
