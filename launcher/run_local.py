@@ -81,7 +81,9 @@ def run_local(plan: Plan) -> int:
 def _supervise(argv: list[str], log: IO[str]) -> int:
     """Run argv in its own session; pass signals on; tee its output; leave no process behind."""
     _become_subreaper()  # ranks orphaned by a dying torchrun are re-parented here, not to init
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # prepare() has fetched the model and built the data: the ranks need nothing from the Hub.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     lock = threading.Lock()
     pumps = [
         threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, log, lock), daemon=True),
@@ -208,6 +210,11 @@ def failure_line(run_dir: Path, code: int) -> str:
             f"a signal, a node failure); see {run_dir / 'logs'}"
         )
     first = errors[0]
+    if first.get("secondary"):  # every report is a broken connection: the rank that broke it said nothing
+        return (
+            f"failed with exit code {code}: a rank died without an exception (out of memory, a signal, a node failure); "
+            f"rank {first['rank']} on {first['host']} then lost its peers ({first['exception']}); see {run_dir / 'logs'}"
+        )
     more = f" (and {len(errors) - 1} more rank(s))" if len(errors) > 1 else ""
     return (
         f"failed: rank {first['rank']} on {first['host']}: {first['exception']}: {first['message']} "

@@ -7,6 +7,8 @@
 #   slurm/cluster.sh stop   [STATE_DIR]   stop what `start` started and undo its network and /etc/hosts changes
 #   slurm/cluster.sh status [STATE_DIR]   exit 0 when everything runs
 #   slurm/cluster.sh env    [STATE_DIR]   `export SLURM_CONF=...` lines for the client commands
+#   slurm/cluster.sh shape  [STATE_DIR]   a controller only (no slurmd) that declares GPU nodes of a
+#                                         given shape, for `sbatch --test-only` of real recipes
 #
 # STATE_DIR defaults to $LAUNCHER_SLURM_DIR, then /tmp/launcher-slurm. Other settings:
 #   LAUNCHER_SLURM_MODE=auto|netns|loopback  auto (default) tries network namespaces, then loopback
@@ -15,6 +17,7 @@
 #   LAUNCHER_SLURM_PORT=16817                slurmctld port; slurmd uses the next ones
 #   LAUNCHER_SLURM_OWNER=...                 written to STATE_DIR/owner at start (the test fixture
 #                                            stops a cluster left running by an interrupted session)
+#   LAUNCHER_SLURM_SHAPE="64 128 2000000 8"  shape: nodes, CPUs, memory (MB) and GPUs per node
 #
 # netns mode gives every node its own network namespace, IP address and hostname (as on a real
 # cluster); loopback mode runs both slurmd on 127.0.0.1 with distinct ports. Either way n1 and n2
@@ -42,7 +45,7 @@ die() {
 note() { echo "cluster.sh: $*" >&2; }
 
 usage() {
-  sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+  sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
   exit 2
 }
 
@@ -425,11 +428,55 @@ cmd_start() {
   cmd_status
 }
 
+# --- shape: declared nodes, never started -------------------------------------------------------
+
+# sbatch --test-only checks a request against the nodes slurmctld knows; nodes declared IDLE count
+# without a slurmd (nothing can run on them, nothing is meant to).
+cmd_shape() {
+  local count cpus mem gpus text i deadline=$((SECONDS + TIMEOUT))
+  [[ $(id -u) == 0 ]] || die "must run as root (munged as user munge)"
+  read -r count cpus mem gpus <<<"${LAUNCHER_SLURM_SHAPE:-64 128 2000000 8}"
+  [[ $count =~ ^[0-9]+$ && $cpus =~ ^[0-9]+$ && $mem =~ ^[0-9]+$ && $gpus =~ ^[0-9]+$ ]] ||
+    die "LAUNCHER_SLURM_SHAPE='${LAUNCHER_SLURM_SHAPE:-}' is not 'NODES CPUS MEM_MB GPUS'"
+  if [[ $(mode) == shape ]] && alive munged munged && alive slurmctld slurmctld; then
+    note "already running"
+    return 0
+  fi
+  cmd_stop
+  rm -rf "$STATE_DIR/log" "$STATE_DIR/spool"
+  mkdir -p "$STATE_DIR"/{log,run,spool/ctld,pids,dev}
+  echo "${LAUNCHER_SLURM_OWNER:-hand}" >"$STATE_DIR/owner"
+  echo shape >"$STATE_DIR/mode"
+  trap start_failed EXIT
+  start_munge
+  text=$(<"$HERE/slurm.conf.in")
+  text=${text//@STATE_DIR@/$STATE_DIR}
+  text=${text//@CTLD_HOST@/$(hostname -s)}
+  text=${text//@CTLD_ADDR@/127.0.0.1}
+  text=${text//@CTLD_PORT@/$CTLD_PORT}
+  text=${text//@SLURMD_PORT@/$((CTLD_PORT + 1))}
+  text=${text//@MUNGE_SOCKET@/$MUNGE_SOCKET}
+  text=${text//@PARTITION@/$PARTITION}
+  text=${text//@NODES@/NodeName=g[1-$count] NodeHostname=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem Gres=gpu:$gpus State=IDLE}
+  printf '%s\n' "$text" >"$CONF"
+  for ((i = 0; i < gpus; i++)); do ln -sfn /dev/null "$STATE_DIR/dev/gpu$i"; done
+  echo "NodeName=g[1-$count] Name=gpu File=$STATE_DIR/dev/gpu[0-$((gpus - 1))]" >"$STATE_DIR/gres.conf"
+  env "$MARKER" setsid slurmctld -D -c -f "$CONF" </dev/null >>"$STATE_DIR/log/slurmctld.out" 2>&1 &
+  spawned slurmctld slurmctld
+  until [[ $(SLURM_CONF=$CONF sinfo -h -N -o '%N %T' 2>/dev/null | awk '$2 == "idle"' | wc -l) == "$count" ]]; do
+    ((SECONDS < deadline)) || die "the controller did not list $count idle nodes within ${TIMEOUT} s"
+    sleep 0.2
+  done
+  trap - EXIT
+  note "controller with $count declared nodes ($cpus CPUs, ${mem} MB, $gpus GPUs each) on port $CTLD_PORT"
+}
+
 cmd_status() {
-  local name state rc=0
+  local name state rc=0 names=(munged slurmctld "${NODES[@]/#/slurmd-}")
   echo "state dir: $STATE_DIR"
   echo "mode:      $(mode)"
-  for name in munged slurmctld "${NODES[@]/#/slurmd-}"; do
+  [[ $(mode) == shape ]] && names=(munged slurmctld)
+  for name in "${names[@]}"; do
     if alive "$name" "${name%%-*}"; then state="running (pid $(cat "$PIDS/$name.pid"))"; else state="not running" rc=1; fi
     printf '%-10s %s\n' "$name:" "$state"
   done
@@ -441,6 +488,7 @@ case $cmd in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
+  shape) cmd_shape ;;
   env)
     echo "export SLURM_CONF=$CONF"
     echo "export LAUNCHER_SLURM_DIR=$STATE_DIR"

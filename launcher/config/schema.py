@@ -226,6 +226,7 @@ class ClusterSection:
     signal_seconds: int = 300  # USR1 this long before the time limit: save, then requeue
     requeue: bool = True
     max_requeues: int = 3
+    max_failure_requeues: int = 2  # requeues after a crash that left a newer complete checkpoint
     extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--exclusive"]
     env: dict[str, str] = field(default_factory=dict)  # exported in launch.sh and job.sbatch
     # torchrun

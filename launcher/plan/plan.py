@@ -83,6 +83,9 @@ def plan_env(cfg: RunConfig, topology: Topology) -> dict[str, str]:
     }
     if cfg.cluster.accelerator == "cuda":
         env.update({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"})
+        # NCCL's flight recorder: on a collective timeout every rank dumps its last collectives
+        # (job.sbatch points TORCH_NCCL_DEBUG_INFO_TEMP_FILE into RUN/logs), naming the rank that hung.
+        env.update({"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"})
     env.update(cfg.cluster.env)
     return env
 

@@ -12,6 +12,7 @@ from launcher.plan.topology import Topology
 from launcher.plan.torchrun import shell_join
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved; run me again"
+RDZV_PORT_BASE, RDZV_PORT_SPAN = 20000, 12000  # job.sbatch probes upwards from here, wrapping in the span
 _FIELD = re.compile(r"\{\{(\w+)\}\}")
 
 
@@ -53,7 +54,8 @@ def env_block(env: dict[str, str]) -> str:
 
 
 def build_sbatch(cluster: ClusterSection, topology: Topology, run_name: str, run_dir: str, env: dict[str, str], torchrun: list[str]) -> str:
-    port = str(cluster.rdzv_port) if cluster.rdzv_port else "$((20000 + SLURM_JOB_ID % 20000))"
+    # Below the ephemeral range (32768-60999): an outgoing connection can never be holding it.
+    port = str(cluster.rdzv_port) if cluster.rdzv_port else f"$(({RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN}))"
     return render_template(
         "job.sbatch.tmpl",
         {
@@ -61,7 +63,9 @@ def build_sbatch(cluster: ClusterSection, topology: Topology, run_name: str, run
             "version": __version__,
             "run_name": run_name,
             "run_dir": shlex.quote(run_dir),
+            "python": shlex.quote(torchrun[0]),
             "max_requeues": str(cluster.max_requeues),
+            "max_failure_requeues": str(cluster.max_failure_requeues),
             "requeue": "1" if cluster.requeue else "0",
             "requeue_exit_code": str(REQUEUE_EXIT_CODE),
             "env_block": env_block(env),

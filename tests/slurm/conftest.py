@@ -138,14 +138,39 @@ def _missing() -> str | None:
     return None
 
 
-def _cluster_sh(command: str, state_dir: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _cluster_sh(command: str, state_dir: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(CLUSTER_SH), command, state_dir],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PATH": SBIN_PATH, "LAUNCHER_SLURM_OWNER": "pytest"},
+        env={**os.environ, "PATH": SBIN_PATH, "LAUNCHER_SLURM_OWNER": "pytest", **(env or {})},
     )
+
+
+# A controller that declares GPU nodes of the recipes' shape (2 TB, 128 CPUs, 8 GPUs) and 64 of them,
+# with no slurmd: `sbatch --test-only` judges the shipped scripts as a real GPU cluster would.
+SHAPE_NODES, SHAPE_CPUS, SHAPE_MEM_MB, SHAPE_GPUS = 64, 128, 2_000_000, 8
+SHAPE_PORT = "16917"  # its own controller port, beside the 2-node cluster's
+
+
+@pytest.fixture(scope="session")
+def slurm_shape() -> Iterator[SlurmCluster]:
+    reason = _missing()
+    if reason:
+        if os.environ.get("LAUNCHER_REQUIRE_SLURM") == "1":
+            pytest.fail(f"LAUNCHER_REQUIRE_SLURM=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    state_dir = (os.environ.get("LAUNCHER_SLURM_DIR") or DEFAULT_STATE_DIR) + "-shape"
+    env = {"LAUNCHER_SLURM_PORT": SHAPE_PORT, "LAUNCHER_SLURM_SHAPE": f"{SHAPE_NODES} {SHAPE_CPUS} {SHAPE_MEM_MB} {SHAPE_GPUS}"}
+    proc = _cluster_sh("shape", state_dir, env=env)
+    if proc.returncode != 0:
+        pytest.fail(f"slurm/cluster.sh shape failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}", pytrace=False)
+    nodes = tuple(f"g{i}" for i in range(1, SHAPE_NODES + 1))
+    try:
+        yield SlurmCluster(state_dir=Path(state_dir), conf=Path(state_dir) / "slurm.conf", mode="shape", nodes=nodes)
+    finally:
+        _cluster_sh("stop", state_dir, env=env)
 
 
 @pytest.fixture(scope="session")

@@ -11,19 +11,23 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from launcher.config import load_config
+
+# The shape controller's nodes (tests/slurm/conftest.py; conftest modules are not importable by name).
+SHAPE_NODES, SHAPE_CPUS, SHAPE_GPUS = 64, 128, 8
+
 if TYPE_CHECKING:  # the fixture's type; conftest modules are not imported by name at run time
     from conftest import SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(120)]
 ROOT = Path(__file__).resolve().parents[2]
 
-GPU_RECIPES = ["llama3-8b-full-fsdp", "llama3-8b-qlora", "llama3-70b-qlora-fsdp", "llama3-70b-full-zero3-offload"]
-# The nodes advertise 2 CPUs (this machine's cores) and the GPU recipes ask for 96 per task:
-# --test-only would answer "Requested node configuration is not available". Fit that one value.
-# cluster.partition exercises the --partition header (the recipes leave it to the site's default).
+# Every shipped recipe that runs on GPUs, judged by a controller whose nodes have the shape they ask
+# for (slurm_shape: 64 nodes x 128 CPUs, 2 TB, 8 GPUs), exactly as shipped but for the partition.
+GPU_RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml") if load_config(p).cluster.accelerator == "cuda")
+PARTITION = ["cluster.partition=local"]
+# The 2-node cluster's nodes advertise this machine's 2 cores: the CPU recipe fits that.
 FIT_OVERRIDES = ["cluster.cpus_per_task=2", "cluster.partition=local"]
-# The 4-node recipe on a 2-node cluster: everything else in its script stays as shipped.
-EXTRA_OVERRIDES = {"llama3-70b-full-zero3-offload": ["cluster.nodes=2"]}
 
 
 def plan(recipe: str, out: Path, *overrides: str) -> Path:
@@ -67,25 +71,38 @@ def test_two_node_job_runs_on_both_nodes(slurm_cluster: SlurmCluster, tmp_path: 
         assert sorted(t["host"] for t in tasks) == ["n1", "n2"], out.read_text()
 
 
-@pytest.mark.parametrize("recipe", [*GPU_RECIPES, "tiny-cpu"])
-def test_generated_sbatch_is_accepted(slurm_cluster: SlurmCluster, tmp_path: Path, recipe: str) -> None:
-    script = plan(recipe, tmp_path / recipe, *FIT_OVERRIDES, *EXTRA_OVERRIDES.get(recipe, []))
+def _assert_accepted(cluster: SlurmCluster, script: Path, gpus: bool) -> str:
     headers = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH ")]
     for option in ("--partition=local", "--signal=B:USR1@", "--requeue", "--open-mode=append"):
         assert any(line.startswith(f"#SBATCH {option}") for line in headers), f"{option} missing from {script}"
-    if recipe in GPU_RECIPES:
-        assert any(line.startswith("#SBATCH --gpus-per-node=") for line in headers)
-
-    proc = slurm_cluster.test_only(script)
+    assert any(line.startswith("#SBATCH --gpus-per-node=") for line in headers) == gpus
+    proc = cluster.test_only(script)
     assert proc.returncode == 0, f"sbatch --test-only rejected {script}:\n{proc.stderr}"
     assert "to start at" in proc.stderr and "in partition local" in proc.stderr, proc.stderr
+    return proc.stderr
 
 
-def test_test_only_rejects_what_does_not_fit(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    """Guards the test above: --test-only really checks the request against the nodes."""
-    script = plan("llama3-8b-full-fsdp", tmp_path / "run", *FIT_OVERRIDES)
-    for too_much in ("--gpus-per-node=9", "--cpus-per-task=3", "--nodes=3"):
-        proc = slurm_cluster.test_only(script, too_much)
+@pytest.mark.parametrize("recipe", GPU_RECIPES)
+def test_gpu_recipe_sbatch_is_accepted_on_its_node_shape(slurm_shape: SlurmCluster, tmp_path: Path, recipe: str) -> None:
+    assert len(GPU_RECIPES) >= 4
+    _assert_accepted(slurm_shape, plan(recipe, tmp_path / recipe, *PARTITION), gpus=True)
+
+
+def test_tiny_cpu_sbatch_is_accepted(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    _assert_accepted(slurm_cluster, plan("tiny-cpu", tmp_path / "tiny-cpu", *FIT_OVERRIDES), gpus=False)
+
+
+def test_64_node_plan_is_accepted_by_a_64_node_controller(slurm_shape: SlurmCluster, tmp_path: Path) -> None:
+    script = plan("llama3-70b-full-zero3-offload", tmp_path / "r64", *PARTITION, "cluster.nodes=64", "train.global_batch_size=512")
+    verdict = _assert_accepted(slurm_shape, script, gpus=True)
+    assert "using 8192 processors on nodes g[1-64]" in verdict, verdict
+
+
+def test_test_only_rejects_what_does_not_fit(slurm_shape: SlurmCluster, tmp_path: Path) -> None:
+    """Guards the tests above: --test-only really checks the request against the declared nodes."""
+    script = plan("llama3-8b-full-fsdp", tmp_path / "run", *PARTITION)
+    for too_much in (f"--gpus-per-node={SHAPE_GPUS + 1}", f"--cpus-per-task={SHAPE_CPUS + 1}", f"--nodes={SHAPE_NODES + 1}"):
+        proc = slurm_shape.test_only(script, too_much)
         assert proc.returncode != 0, f"{too_much} was accepted:\n{proc.stderr}"
 
 

@@ -21,6 +21,11 @@ import pytest
 if TYPE_CHECKING:  # the fixture's type; conftest modules are not imported by name at run time
     from conftest import SlurmCluster
 
+# Final job states (tests/slurm/conftest.py's FINAL_STATES; conftest modules are not importable by name).
+FINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+)
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "recipes" / "tiny-cpu.yaml")
@@ -39,18 +44,18 @@ FAST = [
 ]
 
 
-def launcher_cli(*args: str, timeout: float = 120) -> str:
+def launcher_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> str:
     """`python -m launcher ARGS` as a user types it on the login node (this machine); returns stdout."""
     argv = [sys.executable, "-m", "launcher", *args]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, f"launcher {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
     return proc.stdout
 
 
-def submit(run_dir: Path, *overrides: str) -> int:
+def submit(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> int:
     """`launcher submit` the tiny recipe on two nodes; the job inherits this environment (sbatch --export=ALL),
     LAUNCHER_CACHE_DIR and the offline HF settings from tests/conftest.py included."""
-    out = launcher_cli("submit", RECIPE, *SHAPE, *FAST, *overrides, "--out", str(run_dir))
+    out = launcher_cli("submit", RECIPE, *SHAPE, *FAST, *overrides, "--out", str(run_dir), env=env)
     job_id = int(out.strip().splitlines()[-1])
     assert (run_dir / "logs" / "job_id").read_text().strip() == str(job_id)
     return job_id
@@ -76,8 +81,8 @@ def status(run_dir: Path) -> tuple[str, int | None]:
     lines = out.splitlines()
     assert lines[0].startswith("job "), out
     state = lines[0].split(":", 1)[1].split()[0]
-    step = int(lines[1].split()[1]) if lines[1].startswith("step ") else None
-    return state, step
+    steps = [int(line.split()[1]) for line in lines if line.startswith("step ")]
+    return state, steps[0] if steps else None
 
 
 def wait_for_steps(cluster: SlurmCluster, job_id: int, run_dir: Path, steps: int) -> None:
@@ -163,7 +168,7 @@ def test_two_node_training_job_completes(slurm_cluster: SlurmCluster, reference:
         assert [r.hostname for r in ranks] == [r.node for r in ranks], ranks
     manifest = json.loads((run_dir / "checkpoints" / "latest" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["step"] == STEPS
-    assert sorted(p.name for p in (run_dir / "checkpoints" / "latest" / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
+    assert sorted(p.stem for p in (run_dir / "checkpoints" / "latest" / "rng").iterdir()) == ["rank-00000", "rank-00001"]
 
     # It trained: every step logged once, the loss fell.
     losses = [r["loss"] for r in train_records(run_dir)]
@@ -282,3 +287,156 @@ def test_a_dead_rank_fails_the_job_without_requeue(slurm_cluster: SlurmCluster, 
     assert "requeueing job" not in out
     state, step = status(run_dir)
     assert state == "FAILED" and step is not None and step >= 1
+
+
+def assert_same_steps(run_dir: Path, reference: Path, note: str) -> None:
+    """Every step logged once and equal to the uninterrupted run's (loss, gradient norm, lr), to the bit."""
+    resumed = train_records(run_dir)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1)), [r["step"] for r in resumed]
+    expected = {r["step"]: r for r in train_records(reference)}
+    differ = [
+        (r["step"], key, r[key], expected[r["step"]][key])
+        for r in resumed
+        for key in ("loss", "grad_norm", "lr")
+        if r[key] != expected[r["step"]][key]
+    ]
+    assert not differ, f"{note}; (step, key, resumed, uninterrupted):\n{differ}"
+
+
+def in_order(text: str, events: list[str]) -> None:
+    positions = [text.find(event) for event in events]
+    assert -1 not in positions and positions == sorted(positions), f"{list(zip(events, positions))}\n{text[-6000:]}"
+
+
+def status_text(run_dir: Path) -> str:
+    return launcher_cli("status", str(run_dir), timeout=60)
+
+
+@pytest.mark.parametrize("to_batch", [False, True], ids=["steps", "batch"])
+def test_term_saves_requeues_and_resumes_exactly(slurm_cluster: SlurmCluster, reference: Job, tmp_path: Path, to_batch: bool) -> None:
+    """SIGTERM as a preemption sends it to the job's steps (torchrun and the ranks get it directly), or
+    to the batch shell alone (its trap passes it on): the save finishes before anything kills the
+    ranks, then the job requeues itself and resumes bit-exactly. (`--full` would also signal srun,
+    which SIGKILLs its step on TERM: see job.sbatch.)"""
+    assert reference.record["JobState"] == "COMPLETED", "no reference: the uninterrupted run failed"
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    job_id = submit(run_dir)
+    wait_for_steps(slurm_cluster, job_id, run_dir, 2)
+    slurm_cluster.run("scancel", "--signal=TERM", *(["--batch"] if to_batch else []), str(job_id))
+    record = slurm_cluster.wait_done(job_id, timeout=150)
+    out, err = logs(run_dir, job_id)
+    assert record["JobState"] == "COMPLETED" and slurm_cluster.restarts(job_id) == 1, f"{record}\n{out[-3000:]}\n{err[-3000:]}"
+    saved = [line for line in out.splitlines() if line.startswith("launcher: saved step-")]
+    assert len(saved) == 1, out
+    stopped_at = int(saved[0].split()[2].removeprefix("step-"))
+    in_order(
+        out,
+        [
+            f"launcher: job {job_id} attempt 1 on n[1-2]",
+            *(["launcher: TERM received, asking the ranks to save and stop"] if to_batch else []),
+            f"checkpoints/step-{stopped_at:08d} after a signal; exiting with 75",
+            f"launcher: requeueing job {job_id} (requeue 1 of 3)",
+            f"launcher: job {job_id} attempt 2 on n[1-2] ",
+            f"launcher: resuming from {run_dir}/checkpoints/step-{stopped_at:08d} at step {stopped_at}",
+            "launcher: done.",
+        ],
+    )
+    assert "received SIGTERM; saving at the next step boundary" in err
+    assert_same_steps(run_dir, reference.run_dir, f"TERM at step {stopped_at}")
+    assert "state: done" in status_text(run_dir)
+    print(f"\nTERM at step {stopped_at}, saved, requeued, completed: {time.monotonic() - t0:.1f} s")
+
+
+def test_a_rank_that_raises_requeues_from_the_last_checkpoint_and_finishes(
+    slurm_cluster: SlurmCluster, reference: Job, tmp_path: Path
+) -> None:
+    """Rank 1 raises right after the step-10 save (a crash, no signal): the job requeues itself from
+    that checkpoint within the failure budget and finishes with the uninterrupted run's numbers."""
+    assert reference.record["JobState"] == "COMPLETED", "no reference: the uninterrupted run failed"
+    run_dir = tmp_path / "run"
+    job_id = submit(run_dir, env={"LAUNCHER_TEST_RAISE_AT_STEP": "10"})
+    record = slurm_cluster.wait_done(job_id, timeout=150)
+    out, err = logs(run_dir, job_id)
+    assert record["JobState"] == "COMPLETED" and slurm_cluster.restarts(job_id) == 1, f"{record}\n{out[-3000:]}\n{err[-3000:]}"
+    in_order(
+        out,
+        [
+            f"launcher: job {job_id} attempt 1 on n[1-2]",
+            "launcher: failed: rank 1 on ",
+            f"launcher: requeueing job {job_id} after a failure (failure requeue 1 of 2); resuming from step-00000010",
+            f"launcher: job {job_id} attempt 2 on n[1-2] ",
+            "from checkpoint step-00000010",
+            f"launcher: resuming from {run_dir}/checkpoints/step-00000010 at step 10",
+            "launcher: done.",
+        ],
+    )
+    line = next(line for line in out.splitlines() if line.startswith("launcher: failed: rank 1 on "))
+    assert "RuntimeError: LAUNCHER_TEST_RAISE_AT_STEP=10: test failure on rank 1 at " in line and "dist.py:" in line, line
+    assert_same_steps(run_dir, reference.run_dir, "crash after step 10")
+
+
+def test_a_rank_that_always_crashes_ends_failed_with_one_line(slurm_cluster: SlurmCluster, prepared: None, tmp_path: Path) -> None:
+    """Rank 1 raises at step 15 in every attempt: attempt 1 left step 10, so it requeues once; attempt 2
+    made no progress, so the job ends FAILED with the rank's exception and the reason, in one line."""
+    run_dir = tmp_path / "run"
+    job_id = submit(run_dir, env={"LAUNCHER_TEST_RAISE_AT_STEP": "15"})
+    record = slurm_cluster.wait_done(job_id, timeout=150)
+    out, err = logs(run_dir, job_id)
+    assert record["JobState"] == "FAILED" and record["ExitCode"] != "0:0", f"{record}\n{out[-3000:]}\n{err[-3000:]}"
+    assert slurm_cluster.restarts(job_id) == 1
+    assert "after a failure (failure requeue 1 of 2); resuming from step-00000010" in out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("launcher: failed: rank 1 on ") and "RuntimeError: LAUNCHER_TEST_RAISE_AT_STEP=15" in last, err[-3000:]
+    assert last.endswith("no checkpoint newer than this attempt's start (step-00000010): not requeueing a crash loop"), last
+    status = status_text(run_dir)
+    assert status.splitlines()[0].startswith(f"job {job_id}: FAILED  attempt 2"), status
+    assert f"state: failed (job {job_id}, attempt 2, since " in status and last.removeprefix("launcher: ") in status, status
+    assert "last complete checkpoint: step-00000010" in status
+
+
+def test_failure_requeue_budget_is_separate_and_can_be_zero(slurm_cluster: SlurmCluster, prepared: None, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    job_id = submit(run_dir, "cluster.max_failure_requeues=0", env={"LAUNCHER_TEST_RAISE_AT_STEP": "10"})
+    record = slurm_cluster.wait_done(job_id, timeout=120)
+    out, err = logs(run_dir, job_id)
+    assert record["JobState"] == "FAILED" and record["Restarts"] == "0", f"{record}\n{out[-3000:]}\n{err[-3000:]}"
+    assert err.strip().splitlines()[-1].endswith("failure requeue budget spent (0 of 0)"), err[-3000:]
+
+
+def test_sbatch_alone_prepares_the_data_and_runs_the_ranks_offline(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """The plan's printed command, `sbatch job.sbatch`, with nothing prepared beforehand (an empty cache)
+    and no offline setting in the submitting shell: one task prepares, then the ranks start offline."""
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")} | {"LAUNCHER_CACHE_DIR": str(cache)}
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "launcher", "plan", RECIPE, *SHAPE, *FAST, "--out", str(run_dir)]
+    subprocess.run(argv, check=True, capture_output=True, env=env, cwd=ROOT, timeout=60)
+    assert not cache.exists()
+    done = subprocess.run(["sbatch", "--parsable", str(run_dir / "job.sbatch")], capture_output=True, text=True, env=env, check=True)
+    job_id = int(done.stdout.strip().split(";")[0])
+    seen: dict[int, dict[str, str]] = {}
+
+    def done_and_seen(record: dict[str, str]) -> bool:
+        if record["JobState"] == "RUNNING" and len(seen) < 2:
+            for proc in psutil.process_iter(["cmdline"]):
+                try:
+                    cmdline = proc.info["cmdline"] or []
+                    environ = proc.environ() if "launcher.runtime" in cmdline and "--prepare-only" not in cmdline else {}
+                except psutil.Error:
+                    continue
+                if environ.get("SLURM_JOB_ID") == str(job_id) and "RANK" in environ:
+                    seen[int(environ["RANK"])] = environ
+        return record["JobState"] in FINAL_STATES
+
+    record = slurm_cluster.wait_for(job_id, done_and_seen, timeout=180, what="the end of the job")
+    out, err = logs(run_dir, job_id)
+    assert record["JobState"] == "COMPLETED", f"{record}\n{out[-3000:]}\n{err[-3000:]}"
+    in_order(out, ["launcher: data prepared on n1", "launcher: rank 0 of 2", "launcher: done."])
+    assert any(cache.glob("tiny-llama-*")) and any((cache / "data").iterdir()), sorted(cache.rglob("*"))[:10]
+    assert sorted(seen) == [0, 1], seen.keys()
+    for rank, environ in seen.items():
+        assert environ["HF_HUB_OFFLINE"] == "1" and environ["HF_DATASETS_OFFLINE"] == "1", rank
+        assert environ["PYTHONFAULTHANDLER"] == "1" and environ["LAUNCHER_CACHE_DIR"] == str(cache)
+    # srun --label: each line of the ranks' output says which node task wrote it.
+    assert any(line.startswith("1: [default0]:launcher: rank 1 of 2") for line in out.splitlines()), out[-3000:]

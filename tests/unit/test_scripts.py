@@ -85,6 +85,7 @@ def test_hostile_recipe_values_reach_scripts_as_literal_data(tmp_path: Path) -> 
     _stub(bin_dir / "srun", 'while [[ $1 == --* ]]; do shift; done; exec "$@"\n')
     _stub(bin_dir / "scontrol", "if [[ $1 == show ]]; then echo node1; fi\n")
     _stub(bin_dir / "scancel", "exit 0\n")
+    _stub(bin_dir / "getent", 'if [[ $1 == ahostsv4 && $2 == node1 ]]; then echo "10.0.0.5 STREAM node1"; else exit 2; fi\n')
 
     cfg = load_config(recipe)
     assert cfg.cluster.env["HOSTILE"] == HOSTILE
@@ -100,7 +101,8 @@ def test_hostile_recipe_values_reach_scripts_as_literal_data(tmp_path: Path) -> 
         assert argv[-2:] == ["--plan", str(run_dir / "plan.json")], argv
         assert Path(f"{record}.env").read_text() == HOSTILE
         if script == "job.sbatch":
-            assert argv[argv.index("--rdzv_endpoint") + 1] == f"node1:{20000 + 4242 % 20000}"
+            # The head node's address, resolved inside the allocation; a port below the ephemeral range.
+            assert argv[argv.index("--rdzv_endpoint") + 1] == f"10.0.0.5:{20000 + 4242 % 12000}"
     pwned = sorted(p.name for p in tmp_path.rglob("PWNED*")) + sorted(p.name for p in Path.cwd().glob("PWNED*"))
     assert pwned == [], f"a recipe value was executed: {pwned}"
 

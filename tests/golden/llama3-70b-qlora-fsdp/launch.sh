@@ -6,6 +6,8 @@ export PYTHONSAFEPATH=1
 export OMP_NUM_THREADS=12
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export NCCL_DEBUG=WARN
+export TORCH_NCCL_TRACE_BUFFER_SIZE=2000
+export TORCH_NCCL_DUMP_ON_TIMEOUT=1
 # Multi-node: run this on every node with the same values (job.sbatch does it for you).
 : "${LAUNCHER_HEAD_ADDR:?set LAUNCHER_HEAD_ADDR to the address of the first node}"
 : "${LAUNCHER_RDZV_PORT:=29500}"
