@@ -69,7 +69,8 @@ def attention_kind(s: Setting) -> str:
 
 
 def block_saved_bytes(s: Setting, counts: ParamCounts, mode: str) -> float:
-    """Bytes saved for backward per token by one block: mode none | selective | full (checkpointed)."""
+    """Bytes saved for backward per token by one block: mode none | selective | full (checkpointed).
+    The runtime checkpoints whole blocks or nothing; `selective` is shown for comparison."""
     h, _, inter, _, q, kv = shapes(s.model)
     c = BYTES[s.train.precision]
     fam = family_of(s.model)
@@ -87,8 +88,12 @@ def block_saved_bytes(s: Setting, counts: ParamCounts, mode: str) -> float:
     if s.method.name in ("lora", "qlora"):
         dropout = 1 + c if s.method.lora.dropout > 0 else 0  # the mask and the dropped input, per LoRA module
         saved += sum(dropout * i + c * s.method.lora.r for i, _ in counts.lora_modules)
-    if mode == "selective":  # the attention core is recomputed (Megatron's selective recompute)
-        saved -= core
+    if mode == "selective":
+        # torchtitan's op-level selective checkpointing: the block's input, attention's output and
+        # logsumexp, and every second matmul's output (the count runs on across blocks, so each
+        # linear's output is kept half the time); the rest is recomputed
+        outputs = q + 2 * kv + h + (2 if fam.gated_mlp else 1) * inter + h
+        return c * h + c * q + 4 * heads + c * outputs / 2
     return saved
 
 
@@ -171,7 +176,9 @@ def estimate_memory(s: Setting) -> dict[str, float]:
         # block's unsharded gradient is cast to the reduce dtype for its reduce-scatter
         out["gathered"] = held * layer_gathered + counts.root * c + root_trainable * c + layer_trainable * (c + reduce)
         if par.fsdp.defer_grad_sync:
-            out["gradients"] += trainable * reduce  # unsharded accumulators, across the whole window
+            # unsharded accumulators across the whole window; the window's last backward turns each
+            # unit's into its shard as it goes, so the sharded gradients never add to them
+            out["gradients"] = trainable * reduce
         if par.fsdp.cpu_offload:
             out["host_offloaded"] = (out["parameters"] + out["gradients"] + out["optimizer"]) * s.topology.procs_per_node
             out["parameters"] = out["gradients"] = out["optimizer"] = 0.0
