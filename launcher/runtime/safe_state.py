@@ -125,3 +125,79 @@ def safe_load(state: dict[str, Any], path: Path, no_dist: bool = False) -> None:
     """dcp.load that reads data only (see SafeReader, SafePlanner)."""
     SafeReader(str(path)).read_metadata()  # a bad .metadata is one clear line, before DCP's own logging
     dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner(), no_dist=no_dist)
+
+
+class _Stub:
+    """Stands in for every object while a pickle is scanned: nothing real is built or called."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
+        return _Stub()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+class _ScanUnpickler(pickle.Unpickler):
+    """Records the globals a pickle refers to; every one resolves to a stub."""
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__(handle)
+        self.globals: set[str] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        self.globals.add(f"{module}.{name}")
+        return _Stub
+
+    def persistent_load(self, pid: Any) -> Any:
+        return _Stub()
+
+
+def pickle_globals(path: Path) -> set[str]:
+    """The globals referenced by a torch.save file (zip format) or a plain pickle, found without
+    building anything."""
+    import zipfile
+
+    found: set[str] = set()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith(".pkl"):
+                    with archive.open(name) as handle:
+                        scanner = _ScanUnpickler(handle)
+                        scanner.load()
+                        found |= scanner.globals
+        return found
+    with path.open("rb") as handle:  # a plain pickle (torch's zip format is the only other one accepted)
+        scanner = _ScanUnpickler(handle)
+        scanner.load()
+    return scanner.globals
+
+
+def refuse_foreign_pickles(folder: Path, allowed: frozenset[str]) -> None:
+    """Before a library loads its own pickled files with `weights_only=False` (DeepSpeed): every
+    global they refer to must be torch's weights-only set or `allowed`; else CheckpointError."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    safe = set(_get_allowed_globals()) | allowed
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".pt", ".pth", ".bin", ".pkl")):
+        try:
+            foreign = sorted(pickle_globals(path) - safe)
+        except Exception as exc:  # not a pickle at all, cut short, ...: no library should be handed it
+            raise CheckpointError(f"{path} is not a readable checkpoint file ({type(exc).__name__})") from None
+        if foreign:
+            raise CheckpointError(f"{path} refers to {foreign[0]}, which no checkpoint needs (a planted pickle?)")

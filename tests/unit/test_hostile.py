@@ -435,3 +435,37 @@ def test_checkpoint_files_are_data_never_code(tmp_path: Path) -> None:
     assert is_complete(folder, verify=True) == (True, "")
     (folder / "shard").write_bytes(b"abcdeX")
     assert is_complete(folder)[0] and "checksum" in is_complete(folder, verify=True)[1]
+
+
+def test_foreign_pickles_are_refused_before_a_library_loads_them(tmp_path: Path) -> None:
+    """DeepSpeed reads its own files with weights_only=False: they are scanned first, with stubs."""
+    import pickle
+
+    import torch
+
+    from launcher.runtime.safe_state import CheckpointError, pickle_globals, refuse_foreign_pickles
+
+    marker = tmp_path / "PWNED"
+
+    class Plant:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "deepspeed"
+    folder.mkdir()
+    torch.save({"module": {"w": torch.ones(2)}, "global_steps": 3, "param_groups": [{"lr": 0.1}]}, folder / "mp_rank_00_model_states.pt")
+    assert pickle_globals(folder / "mp_rank_00_model_states.pt") <= {
+        "collections.OrderedDict",
+        "torch._utils._rebuild_tensor_v2",
+        "torch.FloatStorage",
+    }
+    refuse_foreign_pickles(folder, frozenset())
+    for name, payload in (("zip.pt", None), ("plain.pt", pickle.dumps(Plant())), ("junk.pt", b"\x80\x04not a pickle")):
+        if payload is None:
+            torch.save({"x": Plant()}, folder / name)
+        else:
+            (folder / name).write_bytes(payload)
+        with pytest.raises(CheckpointError, match=name):
+            refuse_foreign_pickles(folder, frozenset())
+        (folder / name).unlink()
+    assert not marker.exists()
