@@ -44,7 +44,8 @@ def is_adapter(name: str) -> bool:
 PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "classification": None}
 
 
-def lora_config(lora: LoraSection, task: str = "causal_lm") -> Any:
+def lora_config(lora: LoraSection, task: str = "causal_lm", heads: list[str] | None = None) -> Any:
+    """peft's LoraConfig; `heads` (a classifier's head modules) are trained in full, never adapted."""
     from peft import LoraConfig
 
     # "all-linear": every nn.Linear (and GPT-2's Conv1D, with fan_in_fan_out) of the blocks; peft
@@ -52,7 +53,13 @@ def lora_config(lora: LoraSection, task: str = "causal_lm") -> Any:
     # (model.apply_method marks it), not through peft's task wrappers, so checkpoint names stay the model's.
     targets: str | list[str] = "all-linear" if "all-linear" in lora.target_modules else list(lora.target_modules)
     return LoraConfig(
-        task_type=PEFT_TASKS[task], r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none"
+        task_type=PEFT_TASKS[task],
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        exclude_modules=heads or None,
+        bias="none",
     )
 
 
@@ -62,7 +69,11 @@ def wrap_with_peft(module: nn.Module, method: MethodSection, task: str = "causal
 
     match method.name:
         case "lora" | "qlora":
-            config = lora_config(method.lora, task)
+            from launcher.runtime.model import head_modules
+
+            names = {id(m): n for n, m in module.named_modules()}
+            heads = [names[id(h)] for h in head_modules(module, pooler=False)] if task == "classification" else None
+            config = lora_config(method.lora, task, heads)
         case "prompt_tuning":
             config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.prompt_tuning.num_virtual_tokens)
         case _:
@@ -216,7 +227,7 @@ def write_adapter(read: Any, cfg: RunConfig, out: Path, heads: list[str] | None 
     if method.name == "prompt_tuning":
         config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.prompt_tuning.num_virtual_tokens)
     else:
-        config = lora_config(method.lora, cfg.task)
+        config = lora_config(method.lora, cfg.task, heads)
     if heads:
         config.task_type = "SEQ_CLS"  # peft then trains `classifier` / `score` in full itself; name any other head
         config.modules_to_save = [n for n in (h.rpartition(".")[2] for h in heads) if n not in ("classifier", "score")] or None
