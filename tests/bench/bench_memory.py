@@ -61,7 +61,7 @@ def deepspeed_70b() -> None:
     e = estimate_plan(cfg, build_topology(cfg.cluster, cfg.train, cfg.data))
     counts = count_params(cfg.model, cfg.method)
     layer = counts.per_layer
-    largest = max(layer, counts.head, max(i * o for pairs in block_linears(cfg.model).values() for i, o in pairs))
+    largest = max(layer, counts.head, max(i * o for pairs in block_linears(cfg.model).values() for i, o, _ in pairs))
     print("\nLlama-3.1-70B ZeRO-3, optimizer offloaded to CPU, 4 nodes x 8 GPUs (GiB per node)")
     print(f"  ours: offloaded {e['host_offloaded'] / GIB:.1f} + processes {e['host_processes'] / GIB:.1f}", end="")
     print(f" + data loaders {e['host_dataloader'] / GIB:.1f} = {e['host_total'] / GIB:.1f}")

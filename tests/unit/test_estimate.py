@@ -76,20 +76,8 @@ def setting(model: ModelSection, seq_len: int, precision: str, checkpointing: bo
     return Setting(model, MethodSection(), ParallelSection(**parallel), train, KernelsSection(), seq_len, topology, cuda=False)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-@pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("seq_len", [256, 1024])
-def test_activations_match_saved_tensors(seq_len: int, checkpointing: bool, precision: str) -> None:
-    """The saved-for-backward item within 15 % of the bytes autograd saves (deduplicated by storage)."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    config = transformers.LlamaConfig(
-        hidden_size=512, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, vocab_size=1024
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).train()
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def saved_bytes(model: torch.nn.Module, seq_len: int) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward (parameters aside)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -101,8 +89,44 @@ def test_activations_match_saved_tensors(seq_len: int, checkpointing: bool, prec
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=torch.randint(0, 1024, (2, seq_len)), use_cache=False)
-    estimate = estimate_memory(setting(section_of(config, "llama"), seq_len, precision, checkpointing))
-    measured = sum(saved.values())
+    return sum(saved.values())
+
+
+def wide_llama(precision: str) -> tuple[torch.nn.Module, ModelSection]:
+    """The tiny Llama at a realistic width: hidden 512, 2 blocks, GQA 8/2 heads."""
+    config = transformers.LlamaConfig(
+        hidden_size=512, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, vocab_size=1024
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    return model.train(), section_of(config, "llama")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("seq_len", [256, 1024])
+def test_activations_match_saved_tensors(seq_len: int, checkpointing: bool, precision: str) -> None:
+    """The saved-for-backward item within 15 % of the bytes autograd saves (deduplicated by storage)."""
+    model, section = wide_llama(precision)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    measured = saved_bytes(model, seq_len)
+    estimate = estimate_memory(setting(section, seq_len, precision, checkpointing))
+    assert abs(estimate["activations_saved"] - measured) <= 0.15 * measured, (estimate["activations_saved"], measured)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_lora_activations_match_saved_tensors(dropout: float, precision: str) -> None:
+    """LoRA on every linear: a frozen base keeps less, each adapter keeps its fp32 input (and dropout's)."""
+    import peft
+
+    model, section = wide_llama(precision)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear")).train()
+    measured = saved_bytes(model, 512)
+    lora = dataclasses.replace(MethodSection().lora, r=16, dropout=dropout)
+    estimate = estimate_memory(dataclasses.replace(setting(section, 512, precision, False), method=MethodSection(name="lora", lora=lora)))
     assert abs(estimate["activations_saved"] - measured) <= 0.15 * measured, (estimate["activations_saved"], measured)
 
 

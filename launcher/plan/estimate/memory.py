@@ -77,17 +77,18 @@ def block_saved_bytes(s: Setting, counts: ParamCounts, mode: str) -> float:
     heads = s.model.num_attention_heads or 1
     if mode == "full":
         return c * h  # the block's input, kept by the checkpoint
-    if fam.layer_norm:  # input, two statistics, output (the next linear's input)
-        norms = 2 * (2 * c * h + 8)
-    else:  # RMSNorm in fp32: the fp32 input, rsqrt, the normalised value, the weighted output
-        norms = 2 * (4 * h + 4 + 2 * c * h)
+    frozen = s.method.name in ("lora", "qlora")  # a frozen base saves nothing for its own weight gradients
+    if fam.layer_norm:  # input and two statistics; the output too when the next linear trains
+        norms = 2 * (c * h + 8 + (0 if frozen else c * h))
+    else:  # RMSNorm in fp32: the fp32 input and rsqrt; with a trained weight also the normalised value and output
+        norms = 2 * (4 * h + 4 + (0 if frozen else 2 * c * h))
     core = c * q + 4 * heads  # attention output and logsumexp
     if attention_kind(s) == "eager":
         core += heads * s.seq_len * (4 + c)  # fp32 softmax and its cast, per query token
-    saved = norms + c * (q + 2 * kv) + fam.mlp_saved * c * inter + core
-    if s.method.name in ("lora", "qlora"):
-        dropout = 1 + c if s.method.lora.dropout > 0 else 0  # the mask and the dropped input, per LoRA module
-        saved += sum(dropout * i + c * s.method.lora.r for i, _ in counts.lora_modules)
+    mlp = (fam.mlp_saved - (1 if frozen else 0)) * c * inter  # frozen: the down projection's input is not kept
+    saved: float = norms + c * (q + 2 * kv) + mlp + core
+    if frozen:
+        saved = saved + lora_saved_bytes(s, counts, c)
     if mode == "selective":
         # torchtitan's op-level selective checkpointing: the block's input, attention's output and
         # logsumexp, and every second matmul's output (the count runs on across blocks, so each
@@ -97,14 +98,34 @@ def block_saved_bytes(s: Setting, counts: ParamCounts, mode: str) -> float:
     return saved
 
 
+def lora_saved_bytes(s: Setting, counts: ParamCounts, c: int) -> float:
+    """What peft's LoRA layers keep per token: each adapter's fp32 input (its own cast copy when the
+    compute dtype is not fp32; with dropout, the dropped copy and its mask) and lora_A's output."""
+    adapter = 4  # peft keeps LoRA weights in fp32 and casts the input to them
+    r = s.method.lora.r
+    if s.method.lora.dropout > 0:
+        mask = 1 if s.cuda else adapter  # CUDA's fused dropout keeps a bool mask, the CPU one a scaled noise tensor
+        return sum((adapter + mask) * i + adapter * r for i, _, _ in counts.lora_modules)
+    if c != adapter:
+        return sum(adapter * i + adapter * r for i, _, _ in counts.lora_modules)
+    # fp32 compute without dropout: the adapters read the block's own tensors, each saved once;
+    # the attention output is saved by attention already
+    inputs = {source: i for i, _, source in counts.lora_modules if source != "attention"}
+    return c * sum(inputs.values()) + adapter * r * len(counts.lora_modules)
+
+
 def activation_bytes(s: Setting, counts: ParamCounts) -> dict[str, float]:
     """Saved-for-backward bytes of one micro-batch, and its peak with the configured checkpointing."""
     h, layers, _, _, _, _ = shapes(s.model)
     c = BYTES[s.train.precision]
     tokens = (s.train.micro_batch_size or 1) * s.seq_len
     fam = family_of(s.model)
-    outside = 8 * (2 if fam.learned_positions else 1)  # token (and position) ids
-    outside += (2 * c * h + 8) if fam.layer_norm else (4 * h + 4 + 2 * c * h)  # final norm, the head's input
+    frozen = s.method.name in ("lora", "qlora")  # frozen embeddings, final norm and head: less to keep
+    outside = 0 if frozen else 8 * (2 if fam.learned_positions else 1)  # token (and position) ids
+    if fam.layer_norm:  # final norm: input and statistics, and the head's input
+        outside += c * h + 8 + (0 if frozen else c * h)
+    else:
+        outside += 4 * h + 4 + (0 if frozen else 2 * c * h)
     mode = "full" if s.train.activation_checkpointing else "none"
     per_block = {m: block_saved_bytes(s, counts, m) * tokens for m in ("none", "selective", "full")}
     saved = layers * per_block[mode] + outside * tokens
@@ -130,7 +151,7 @@ def logits_bytes(s: Setting) -> float:
 
 
 def block_shapes(s: Setting) -> list[tuple[int, int]]:
-    return [pair for pairs in block_linears(s.model).values() for pair in pairs]
+    return [(i, o) for pairs in block_linears(s.model).values() for i, o, _ in pairs]
 
 
 def estimate_memory(s: Setting) -> dict[str, float]:

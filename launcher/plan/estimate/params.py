@@ -55,7 +55,7 @@ class ParamCounts:
     head: int  # the LM head's own weight: 0 when tied or for an encoder / classifier
     final_norm: int  # final norm (+ BERT's embedding norm and pooler)
     lora: int  # adapter parameters for the configured targets, all layers
-    lora_modules: tuple[tuple[int, int], ...]  # (in, out) of each LoRA-wrapped linear in one block
+    lora_modules: tuple[tuple[int, int, str], ...]  # (in, out, input) of each LoRA-wrapped linear in one block
 
     @property
     def linear(self) -> int:
@@ -94,25 +94,28 @@ def learned_positions(model: ModelSection) -> int:
     return DEFAULT_POSITIONS.get(model.architecture, 1024)
 
 
-def block_linears(model: ModelSection) -> dict[str, list[tuple[int, int]]]:
-    """Module name -> (in, out) of the linears in one block, as peft names them (GPT-2's c_proj twice)."""
+def block_linears(model: ModelSection) -> dict[str, list[tuple[int, int, str]]]:
+    """Module name -> (in, out, input) of the linears in one block, as peft names them (GPT-2's c_proj
+    twice); `input` names the tensor they read: norm1, attention (its output), norm2, mlp (the activation)."""
     h, _, inter, _, q, kv = shapes(model)
     fam = family_of(model)
     if model.architecture == "gpt2":
-        return {"c_attn": [(h, q + 2 * kv)], "c_proj": [(q, h), (inter, h)], "c_fc": [(h, inter)]}
+        return {"c_attn": [(h, q + 2 * kv, "norm1")], "c_proj": [(q, h, "attention"), (inter, h, "mlp")], "c_fc": [(h, inter, "norm2")]}
     if fam.encoder:
-        return {"query": [(h, q)], "key": [(h, kv)], "value": [(h, kv)], "dense": [(q, h), (h, inter), (inter, h)]}
-    mlp = {"gate_proj": [(h, inter)], "up_proj": [(h, inter)], "down_proj": [(inter, h)]}
+        attention = {"query": [(h, q, "norm1")], "key": [(h, kv, "norm1")], "value": [(h, kv, "norm1")]}
+        return {**attention, "dense": [(q, h, "attention"), (h, inter, "norm2"), (inter, h, "mlp")]}
+    mlp = {"gate_proj": [(h, inter, "norm2")], "up_proj": [(h, inter, "norm2")], "down_proj": [(inter, h, "mlp")]}
     if not fam.gated_mlp:
-        mlp = {"up_proj": [(h, inter)], "down_proj": [(inter, h)]}
-    return {"q_proj": [(h, q)], "k_proj": [(h, kv)], "v_proj": [(h, kv)], "o_proj": [(q, h)], **mlp}
+        mlp = {"up_proj": [(h, inter, "norm2")], "down_proj": [(inter, h, "mlp")]}
+    attention = {"q_proj": [(h, q, "norm1")], "k_proj": [(h, kv, "norm1")], "v_proj": [(h, kv, "norm1")], "o_proj": [(q, h, "attention")]}
+    return {**attention, **mlp}
 
 
 def count_params(model: ModelSection, method: MethodSection, task: str = "causal_lm", positions: int | None = None) -> ParamCounts:
     h, layers, inter, vocab, q, kv = shapes(model)
     fam = family_of(model)
     linears = block_linears(model)
-    layer_linear = sum(i * o for pairs in linears.values() for i, o in pairs)
+    layer_linear = sum(i * o for pairs in linears.values() for i, o, _ in pairs)
     biases = {"none": 0, "qkv": q + 2 * kv, "all": q + 2 * kv + h + inter + h}[fam.biases]
     norm = 2 * h if fam.layer_norm else h
     per_layer = layer_linear + biases + 2 * norm
@@ -122,7 +125,7 @@ def count_params(model: ModelSection, method: MethodSection, task: str = "causal
     head = 0 if (model.tie_word_embeddings or fam.encoder or task != "causal_lm") else vocab * h
     wanted = set(linears) if "all-linear" in method.lora.target_modules else set(method.lora.target_modules) & set(linears)
     lora_modules = tuple(pair for name in sorted(wanted) for pair in linears[name])
-    lora = layers * sum(method.lora.r * (i + o) for i, o in lora_modules)
+    lora = layers * sum(method.lora.r * (i + o) for i, o, _ in lora_modules)
     total = layers * per_layer + embeddings + final_norm + head
     return ParamCounts(total, layers, per_layer, layer_linear, embeddings, head, final_norm, lora, lora_modules)
 
