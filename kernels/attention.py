@@ -8,11 +8,12 @@ forward takes, for every implementation:
   flattened to one row [1, T] without the documents that carry no target (padding), with position
   ids and the explicit varlen kwargs transformers' attention functions take (`cu_seq_lens_q/k`,
   `max_length_q/k`). FlashAttention consumes them directly at any micro-batch size (position ids
-  alone mean packing to transformers only at batch 1); `launcher_sdpa` attends per document;
+  alone mean packing to transformers only at batch 1); `launcher_sdpa` attends per document
+  (causal, sliding-window or bidirectional, as the module asks);
 - plain `sdpa` (a model built outside the launcher): the same flattened row; transformers builds a
   block-diagonal mask from the position ids (exact, dense);
-- eager: the rows as they are; transformers builds each row's block-diagonal causal mask (with the
-  model's sliding window, if any) from the position ids: the reference path, dense, CPU-sized;
+- eager (causal LMs): the rows as they are; transformers builds each row's block-diagonal causal
+  mask (with the model's sliding window, if any) from the position ids: the reference path, dense;
 - `flatten=False` (prompt tuning: peft prepends virtual tokens, rows hold one document each): rows
   as they are, nothing but the input ids; plain causal attention is exact there.
 

@@ -194,6 +194,10 @@ class ParallelSection:
 @dataclass(frozen=True)
 class KernelsSection:
     attention: Attention = "auto"
+    # LM head + cross-entropy: auto = Liger's fused kernel on CUDA when installed, else our chunked
+    # one (full logits never exist); plain = full logits (models that post-process logits get it).
+    loss: Literal["auto", "liger", "chunked", "plain"] = "auto"
+    liger: bool = False  # Liger's RMSNorm / SwiGLU / RoPE kernels (CUDA, pip install launcher[liger])
 
 
 @dataclass(frozen=True)

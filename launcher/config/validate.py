@@ -261,6 +261,10 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
         yield Problem("kernels.loss", "liger needs CUDA but cluster.accelerator is cpu", "use auto or chunked")
     if cpu and cfg.kernels.liger:
         yield Problem("kernels.liger", "Liger's kernels need CUDA but cluster.accelerator is cpu", "set kernels.liger: false")
+    if cpu and cfg.kernels.loss == "liger":
+        yield Problem("kernels.loss", "liger needs CUDA but cluster.accelerator is cpu", "use auto or chunked")
+    if cpu and cfg.kernels.liger:
+        yield Problem("kernels.liger", "Liger's kernels need CUDA but cluster.accelerator is cpu", "set kernels.liger: false")
     if par.backend == "deepspeed" and par.zero_stage == 3 and cfg.train.compile:
         yield Problem("train.compile", "is not supported with ZeRO-3 here", "set train.compile: false")
 

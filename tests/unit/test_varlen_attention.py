@@ -221,3 +221,21 @@ def test_prompt_tuning_rows_pass_nothing_but_ids(models) -> None:
     with torch.no_grad():
         logits = peft_model(**kwargs).logits
     assert logits.shape == (2, WIDTH, VOCAB) and targets.shape == (2 * WIDTH,)
+
+
+@torch.no_grad()
+def test_sdpa_varlen_bidirectional_encoder_per_document() -> None:
+    """An encoder (BERT: is_causal False) on the same contract: each document sees all of itself only."""
+    from transformers import BertConfig, BertModel
+
+    attn_implementation("sdpa", "cpu")
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model = BertModel(config, add_pooling_layer=False).eval()
+    docs, ids, labels, positions = packed_batch(ROWS[2])
+    model.config._attn_implementation = "launcher_sdpa"
+    kwargs, _ = model_inputs(ids, labels, positions, "launcher_sdpa")
+    kwargs.pop("use_cache")
+    packed = model(**kwargs).last_hidden_state[0]
+    model.config._attn_implementation = "eager"
+    alone = torch.cat([model(input_ids=d[None]).last_hidden_state[0] for d in _learning(docs)])
+    assert (packed - alone).abs().max().item() <= 1e-5
