@@ -63,8 +63,11 @@ def deepspeed_engine(model: nn.Module, plan: Plan, cfg: RunConfig) -> Any:
     import deepspeed
 
     assert plan.deepspeed is not None
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=plan.deepspeed, dist_init_required=False)
+    from launcher.runtime.optim import parameter_groups
+
+    # The torch backends' groups (no decay on 1-D parameters); each group's weight_decay overrides the config's.
+    groups = parameter_groups(model, cfg.optim.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=plan.deepspeed, dist_init_required=False)
     return engine
 
 

@@ -39,13 +39,11 @@ def lr_at(step: int, optim: OptimSection, max_steps: int) -> float:
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on 1-D parameters (norms, biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, foreach=True)
+    """AdamW; no weight decay on 1-D parameters (norms, biases): the groups every backend uses."""
+    from launcher.runtime.optim import parameter_groups
+
+    groups = parameter_groups(model, optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, foreach=True)
 
 
 @dataclass
