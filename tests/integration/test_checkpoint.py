@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import psutil
@@ -165,10 +164,9 @@ def test_truncated_or_unmarked_checkpoints_are_skipped(straight: Path, tmp_path:
     with pytest.warns(UserWarning, match="step-00000020.*truncated"):
         assert ckpt.find_resume(root, "auto") == ckpt.step_dir(root, 15)
     (ckpt.step_dir(root, 15) / ckpt.COMPLETE).unlink()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert ckpt.find_resume(root, "auto") is None
-    assert any("step-00000015: no COMPLETE marker" in str(w.message) for w in caught)
+    # Folders but none complete: an error, not a silent restart from step 0.
+    with pytest.raises(ckpt.CheckpointError, match="none of the 2 checkpoint folder"):
+        ckpt.find_resume(root, "auto")
     with pytest.raises(ckpt.CheckpointError, match="no COMPLETE"):
         ckpt.find_resume(root, str(ckpt.step_dir(root, 15)))
 
