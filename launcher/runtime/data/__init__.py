@@ -65,5 +65,5 @@ def tokenize(record: dict[str, Any], data: DataSection, tokenizer: Any, task: st
         from launcher.runtime.data.templates import chat_template
 
         settings["chat_template"] = chat_template(data.chat_template, tokenizer, "the tokenizer")
-    out = tokenize_batch({k: [v] for k, v in record.items()}, template, tokenizer, settings)
+    out = tokenize_batch({k: [v] for k, v in record.items()}, template, tokenizer, settings).to_pydict()
     return Example(list(out["input_ids"][0]), list(out["labels"][0]))

@@ -152,7 +152,7 @@ class _Context:
             "chat_template": self.chat,
         }
         kwargs = {"template": source.template, "tokenizer": self.tokenizer, "settings": settings}
-        drop = [c for c in roles.column_names if c != "label" or source.template != "classification"]
+        drop = list(roles.column_names)
         tokens = self.map(roles, tokenize_batch, kwargs, tokenize_features(source.template), f"{tag}-tokens", drop)
         overlong = np.asarray(tokens.data.column("overlong").to_numpy(zero_copy_only=False), dtype=bool)
         targets = np.asarray(tokens.data.column("targets").to_numpy())

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -62,24 +63,60 @@ def prompt_parts(template: str, batch: dict[str, list[Any]], i: int) -> tuple[st
     return instruction_prompt(batch["prompt"][i]), batch["response"][i]
 
 
-def render_chat(messages: list[dict[str, str]], tokenizer: Any, template: str) -> tuple[str, list[int]]:
-    """The rendered conversation and the char boundaries [start, end, start, end, ...] of assistant turns."""
+class ChatRenderer:
+    """Renders conversations as text with a chat template. transformers' apply_chat_template costs
+    ~250 µs a call in argument handling; the compiled template (the same one it caches) renders in a
+    fraction of that. The first renders are compared with apply_chat_template itself, and any
+    difference falls back to it for good, so the fast path can never change the text."""
 
-    def render(msgs: list[dict[str, str]], generation_prompt: bool = False) -> str:
-        return str(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template))
+    CHECKS = 8
 
+    def __init__(self, tokenizer: Any, template: str) -> None:
+        self.tokenizer, self.template, self.checks = tokenizer, template, 0
+        self.compiled: Any = None
+        try:  # a private helper: if it moves, the public path still works
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            self.compiled = _compile_jinja_template(template)
+        except Exception:
+            self.compiled = None
+        self.extra = dict(getattr(tokenizer, "special_tokens_map", {}))
+
+    def slow(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt, chat_template=self.template
+            )
+        )
+
+    def __call__(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        if self.compiled is None:
+            return self.slow(messages, generation_prompt)
+        text = str(self.compiled.render(messages=messages, add_generation_prompt=generation_prompt, **self.extra))
+        if self.checks < self.CHECKS:
+            self.checks += 1
+            reference = self.slow(messages, generation_prompt)
+            if reference != text:
+                self.compiled = None
+                return reference
+        return text
+
+
+def render_chat(messages: list[dict[str, str]], render: ChatRenderer) -> tuple[str, list[int]]:
+    """The rendered conversation and the char boundaries [start, end, start, end, ...] of assistant
+    turns. Rendered only around assistant turns (and once whole): each render must extend the last."""
     bounds: list[int] = []
     done = ""
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
             header = render(messages[:i], generation_prompt=True)
             _check_prefix(done, header)
-            bounds.append(len(header))
-            done = header
-        full = render(messages[: i + 1])
+            done = render(messages[: i + 1])
+            _check_prefix(header, done)
+            bounds += [len(header), len(done)]
+    if not messages or messages[-1]["role"] != "assistant":
+        full = render(messages)
         _check_prefix(done, full)
-        if message["role"] == "assistant":
-            bounds.append(len(full))
         done = full
     return done, bounds
 
@@ -92,51 +129,80 @@ def _check_prefix(prefix: str, full: str) -> None:
         )
 
 
-def tokenize_batch(batch: dict[str, list[Any]], template: str, tokenizer: Any, settings: dict[str, Any]) -> dict[str, list[Any]]:
-    """Batched map: role columns → input_ids, labels, length, targets (labels after the first), overlong."""
+def encode(tokenizer: Any, texts: list[str], offsets: bool = False) -> tuple[list[list[int]], list[Any] | None]:
+    """Token ids (and char offsets) without special tokens: the Rust tokenizer directly when it can
+    be (the Python wrapper's per-row conversion costs as much as the tokenising)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        encoded = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encoded], ([e.offsets for e in encoded] if offsets else None)
+    out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+    return out["input_ids"], (out["offset_mapping"] if offsets else None)
+
+
+def _flat(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    return np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum())), lengths
+
+
+def tokenize_batch(batch: dict[str, list[Any]], template: str, tokenizer: Any, settings: dict[str, Any]) -> Any:
+    """Batched map: role columns → an Arrow table of input_ids, labels, length, targets (labels at
+    index >= 1: the loss's shift rule), overlong. Per-token work is numpy over the flat batch."""
+    import pyarrow as pa
+
     max_len, drop, on_prompt = settings["max_seq_len"], settings["drop_longer"], settings["train_on_prompt"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id]
-    ids: list[list[int]] = []
-    labels: list[list[int]] = []
-    if template == "classification":
-        for tokens in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
-            ids.append(bos + tokens)
-            labels.append([IGNORE_INDEX] * len(ids[-1]))
-    elif template == "text":
-        for tokens in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
-            ids.append(bos + tokens + eos)
-            labels.append(list(ids[-1]))
+    prompt_len: np.ndarray | None = None
+    chat_labels: list[np.ndarray] = []
+    if template in ("classification", "text"):
+        tail = eos if template == "text" else []
+        rows = [bos + tokens + tail for tokens in encode(tokenizer, batch["text"])[0]]
     elif template == "chat":
-        rendered = [render_chat(m, tokenizer, settings["chat_template"]) for m in batch["messages"]]
-        encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-        for tokens, offsets, (_, bounds) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered, strict=True):
-            starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
+        render = ChatRenderer(tokenizer, settings["chat_template"])
+        rendered = [render_chat(m, render) for m in batch["messages"]]
+        rows, offsets = encode(tokenizer, [text for text, _ in rendered], offsets=True)
+        for tokens, spans, (_, bounds) in zip(rows, offsets or [], rendered, strict=True):
+            starts = np.fromiter(chain.from_iterable(spans), dtype=np.int64, count=2 * len(spans))[::2]
             trained = np.searchsorted(np.asarray(bounds, dtype=np.int64), starts, side="right") % 2 == 1
-            ids.append(list(tokens))
-            labels.append(list(tokens) if on_prompt else np.where(trained, tokens, IGNORE_INDEX).tolist())
+            chat_labels.append(np.where(trained, np.asarray(tokens, dtype=np.int64), IGNORE_INDEX))
     else:
         parts = [prompt_parts(template, batch, i) for i in range(len(next(iter(batch.values()))))]
-        prompts = tokenizer([p for p, _ in parts], add_special_tokens=False)["input_ids"]
-        answers = tokenizer([a for _, a in parts], add_special_tokens=False)["input_ids"]
-        for prompt, answer in zip(prompts, answers, strict=True):
-            head, tail = bos + prompt, answer + eos
-            ids.append(head + tail)
-            labels.append(ids[-1] if on_prompt else [IGNORE_INDEX] * len(head) + tail)
-    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "targets": [], "overlong": []}
-    for row_ids, row_labels in zip(ids, labels, strict=True):
-        overlong = len(row_ids) > max_len
-        if overlong and (drop and template != "classification"):
-            row_ids, row_labels = [], []  # dropped later; keep no tokens for it
-        elif overlong:
-            row_ids, row_labels = row_ids[:max_len], row_labels[:max_len]
-        out["input_ids"].append(row_ids)
-        out["labels"].append(row_labels)
-        out["length"].append(len(row_ids))
-        # The loss's shift rule: a document's first label is never a target.
-        out["targets"].append(1 if template == "classification" else sum(label != IGNORE_INDEX for label in row_labels[1:]))
-        out["overlong"].append(overlong)
-    return out
+        prompts = encode(tokenizer, [p for p, _ in parts])[0]
+        answers = encode(tokenizer, [a for _, a in parts])[0]
+        rows = [bos + prompt + answer + eos for prompt, answer in zip(prompts, answers, strict=True)]
+        prompt_len = np.fromiter((len(bos) + len(prompt) for prompt in prompts), dtype=np.int64, count=len(prompts))
+    ids, lengths = _flat(rows)
+    n = len(lengths)
+    starts = np.cumsum(lengths) - lengths
+    within = np.arange(len(ids), dtype=np.int64) - np.repeat(starts, lengths)  # position inside the row
+    if template == "classification":
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    elif on_prompt or template == "text":
+        labels = ids.copy()
+    elif template == "chat":
+        labels = np.concatenate(chat_labels) if chat_labels else ids.copy()
+    else:
+        assert prompt_len is not None
+        labels = np.where(within < np.repeat(prompt_len, lengths), IGNORE_INDEX, ids)
+    overlong = lengths > max_len
+    # Dropped rows keep no tokens (they leave at the next step); truncated ones keep max_len.
+    kept = np.where(overlong, 0 if drop and template != "classification" else max_len, lengths)
+    mask = within < np.repeat(kept, lengths)
+    ids, labels, row = ids[mask], labels[mask], np.repeat(np.arange(n), lengths)[mask]
+    is_target = (within[mask] >= 1) & (labels != IGNORE_INDEX)
+    targets = np.ones(n, dtype=np.int64) if template == "classification" else np.bincount(row[is_target], minlength=n)
+    bounds32 = np.concatenate([[0], np.cumsum(kept)]).astype(np.int32)
+    columns = {
+        "input_ids": pa.ListArray.from_arrays(pa.array(bounds32), pa.array(ids.astype(np.int32))),
+        "labels": pa.ListArray.from_arrays(pa.array(bounds32), pa.array(labels.astype(np.int32))),
+        "length": pa.array(kept.astype(np.int32)),
+        "targets": pa.array(targets.astype(np.int32)),
+        "overlong": pa.array(overlong),
+    }
+    if template == "classification":
+        columns["label"] = pa.array(batch["label"], type=pa.string())
+    return pa.table(columns)
 
 
 def tokenize_features(template: str) -> Any:

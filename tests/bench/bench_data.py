@@ -1,0 +1,123 @@
+"""Data preparation at scale: synthetic chat rows → `prepare_data` (roles, dedup, tokenise with
+datasets.map, pack from memory-mapped arrays), wall time and peak memory per `data.num_proc`.
+
+    flock /tmp/launcher-heavy.lock .venv/bin/python tests/bench/bench_data.py --rows 1000000 --num-proc 1 2
+
+Each case runs in a fresh process on an empty cache. Peak memory is sampled every 0.1 s over the
+whole process tree as the sum of PSS (the preparing process and datasets' worker processes, shared
+pages counted once; resident pages of the memory-mapped Arrow and .npy files count), and
+ru_maxrss gives the largest single process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_rows(path: Path, rows: int, seed: int = 0) -> int:
+    """Conversations of a system turn and two user/assistant exchanges; returns the content characters."""
+    from launcher.runtime.tiny import _WORDS
+
+    rng = random.Random(seed)
+    chars = 0
+    with path.open("w") as handle:
+        for _ in range(rows):
+
+            def say(k: int) -> str:
+                return " ".join(rng.choices(_WORDS, k=k))
+
+            turns = [("system", 6), ("user", 14), ("assistant", 14), ("user", 10), ("assistant", 12)]
+            messages = [{"role": role, "content": say(k + rng.randrange(4))} for role, k in turns]
+            chars += sum(len(m["content"]) for m in messages)
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return chars
+
+
+def child(source: str, num_proc: int, cache: str) -> None:
+    from launcher.config import load_config
+    from launcher.runtime.packing import prepare_data
+    from launcher.runtime.tiny import ensure_tiny_model
+
+    overrides = [
+        f"data.path={source}",
+        "data.template=chat",
+        f"data.num_proc={num_proc}",
+        "data.max_seq_len=1024",
+        "train.eval_exact_match=0",
+    ]
+    cfg = load_config(ROOT / "recipes" / "tiny-cpu.yaml", overrides)
+    tiny = ensure_tiny_model()
+    start = time.perf_counter()
+    folder = prepare_data(cfg.data, source, tiny, Path(cache), cfg.run.seed)
+    meta = json.loads((folder / "meta.json").read_text())
+    print(json.dumps({"seconds": time.perf_counter() - start, "train": meta["train"], "source": meta["sources"][0]}))
+
+
+def measure(source: Path, num_proc: int, cache: Path) -> dict:
+    import psutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", str(source), str(num_proc), str(cache)], stdout=subprocess.PIPE, text=True
+    )
+    peak = 0
+    parent = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [parent, *parent.children(recursive=True)]
+            peak = max(peak, sum(p.memory_full_info().pss for p in tree))  # PSS: shared pages counted once
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    out = proc.stdout.read() if proc.stdout else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"num_proc {num_proc}: preparation failed ({proc.returncode})")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_tree_mib"] = peak / 2**20
+    result["max_process_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--work", default=str(ROOT / ".cache" / "bench-data"))
+    parser.add_argument("--child", nargs=3)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), args.child[2])
+        return
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    source = work / f"chat-{args.rows}.jsonl"
+    start = time.perf_counter()
+    chars = write_rows(source, args.rows)
+    print(
+        f"wrote {args.rows} rows, {chars / 1e6:.0f} M content characters, {source.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
+    print("| num_proc | wall s | rows/s | peak PSS (tree) | largest process RSS | train rows | tokens | duplicates |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for num_proc in args.num_proc:
+        r = measure(source, num_proc, work / f"cache-{num_proc}")
+        print(
+            f"| {num_proc} | {r['seconds']:.0f} | {args.rows / r['seconds']:,.0f} | {r['peak_tree_mib']:,.0f} MiB | {r['max_process_mib']:,.0f} MiB "
+            f"| {r['train']['rows']:,} | {r['train']['tokens']:,} | {r['source']['duplicates']} |",
+            flush=True,
+        )
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
