@@ -10,9 +10,11 @@ with the holder's pid and host, before anything is written. No torch here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,7 +63,11 @@ def acquire(run_dir: str | os.PathLike[str]) -> bool:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # ENOLCK, EOPNOTSUPP: no locks on this file system
+            os.close(fd)
+            print(f"warning: {folder}: this file system has no file locks ({exc.strerror}); a second run is not kept out", file=sys.stderr)
+            return False
         os.close(fd)
         pid, host = _holder(path)
         if host == socket.gethostname() and pid in _ancestors():
