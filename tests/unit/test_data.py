@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,27 @@ def test_every_local_format_reads_the_same_records(tmp_path: Path) -> None:
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(DataError, match=r"unknown file type '\.txt'"):
         load_records(str(tmp_path / "d.txt"), "auto", "train")
+
+
+def test_prepare_prints_the_cleaning_report_and_writes_it(tmp_path: Path) -> None:
+    source = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"copy: w{i % 35}", "input": "", "output": f"w{i % 35}"} for i in range(40)]  # 5 repeats
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["tiny-cpu.yaml", f"data.path={source}", "data.template=alpaca", f"data.cache_dir={tmp_path / 'cache'}"]
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "launcher", "prepare", *common, "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "data: d.jsonl: read 40, dropped 0 empty, 5 duplicate, 0 over-long" in done.stdout
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["sources"][0]["duplicates"] == 5 and report["train"]["documents"] == report["sources"][0]["kept"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "launcher", "prepare", *common, "data.max_seq_len=16", "--out", str(tmp_path / "r2")],
+        capture_output=True,
+        text=True,
+    )
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert bad.returncode == 2 and len(lines) == 1, bad.stderr
+    assert re.match(
+        r"error: d\.jsonl: \d+ of 40 rows dropped \(\d+%: 5 duplicate, \d+ over-long\), more than data\.max_dropped_fraction=0\.5; raise",
+        lines[0],
+    )
