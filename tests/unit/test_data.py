@@ -207,3 +207,13 @@ def test_prepare_prints_the_cleaning_report_and_writes_it(tmp_path: Path) -> Non
         r"error: d\.jsonl: \d+ of 40 rows dropped \(\d+%: 5 duplicate, \d+ over-long\), more than data\.max_dropped_fraction=0\.5; raise",
         lines[0],
     )
+
+
+def test_num_proc_gives_the_same_cache(tmp_path: Path, tiny_dir: Path) -> None:
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"copy: w{i}", "response": f"w{i}"}) + "\n" for i in range(200)))
+    one, two = (prepare_data(_data(path=str(source), num_proc=n), str(source), tiny_dir, tmp_path / f"cache{n}", seed=1) for n in (1, 2))
+    assert one.name == two.name  # num_proc is not part of the data fingerprint
+    for split in ("train", "val"):
+        for name in ("input_ids", "labels", "position_ids", "offsets", "label_tokens"):
+            assert np.array_equal(np.load(one / split / f"{name}.npy"), np.load(two / split / f"{name}.npy")), (split, name)
