@@ -215,5 +215,5 @@ def test_num_proc_gives_the_same_cache(tmp_path: Path, tiny_dir: Path) -> None:
     one, two = (prepare_data(_data(path=str(source), num_proc=n), str(source), tiny_dir, tmp_path / f"cache{n}", seed=1) for n in (1, 2))
     assert one.name == two.name  # num_proc is not part of the data fingerprint
     for split in ("train", "val"):
-        for name in ("input_ids", "labels", "position_ids", "offsets", "label_tokens"):
+        for name in ("input_ids", "target_mask", "offsets", "label_tokens", "doc_lengths"):
             assert np.array_equal(np.load(one / split / f"{name}.npy"), np.load(two / split / f"{name}.npy")), (split, name)

@@ -70,5 +70,5 @@ def test_prepared_again_gives_the_same_rows(mixed: tuple[Path, Any], tmp_path: P
     folder, cfg = mixed
     again = prepare_data(cfg.data, cfg.data.path, ensure_tiny_model(), tmp_path / "cache", seed=3)
     assert again.name == folder.name  # the fingerprint a checkpoint records: resume accepts it
-    for name in ("input_ids", "labels", "position_ids", "offsets", "label_tokens", "doc_sources"):
+    for name in ("input_ids", "target_mask", "offsets", "label_tokens", "doc_lengths", "doc_sources"):
         assert np.array_equal(np.load(folder / "train" / f"{name}.npy"), np.load(again / "train" / f"{name}.npy")), name

@@ -23,6 +23,7 @@ from launcher.runtime.data.core import DataError
 from launcher.runtime.data.mixing import mix_counts, pick
 from launcher.runtime.data.report import CleanReport, check_dropped
 from launcher.runtime.data.sources import load_source, split_names
+from launcher.runtime.data.store import DocTable, write_flat, write_rows
 from launcher.runtime.data.templates import chat_template, eval_prompt, tokenize_batch, tokenize_features
 
 EVAL_PROMPTS = 1000  # held-out prompts kept for exact-match evaluation
@@ -42,8 +43,6 @@ class _Part:
 def build(data: DataSection, task: str, tokenizer_dir: Path, seed: int, out: Path, resolve: Any) -> dict[str, Any]:
     """Prepare every data set into `out` (train/, val/, eval_prompts.jsonl); returns meta.json's content."""
     from transformers import AutoTokenizer
-
-    from launcher.runtime.packing import DocTable, write_flat, write_rows
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     sources = sources_of(data, task, resolve)
