@@ -155,74 +155,19 @@ def block_shapes(s: Setting) -> list[tuple[int, int]]:
 
 
 def estimate_memory(s: Setting) -> dict[str, float]:
-    """Bytes per GPU by item (and per node on the host, per save), plus `total`."""
+    """Bytes per GPU by item (and the offloaded host bytes per node), plus `total`."""
     counts = count_params(s.model, s.method, s.task, s.positions)
-    trainable = trainable_params(counts, s.model, s.method)
-    frozen = counts.total - (trainable if s.method.name in ("full", "freeze") else 0)
-    c, store = BYTES[s.train.precision], BYTES[s.model.dtype]
-    par, method = s.parallel, s.method.name
-    group = shard_group(s)
-    adapter = method in ("lora", "qlora", "prompt_tuning")
-    out: dict[str, float] = dict.fromkeys(
-        ("parameters", "quantized_base", "gradients", "optimizer", "master_weights", "gathered", "host_offloaded"), 0.0
-    )
-    stage = {"fsdp": 3, "ddp": 0, "single": 0}.get(par.backend, par.zero_stage)
-    quantised = counts.linear if method == "qlora" else 0
-    if method == "qlora":
-        out["quantized_base"] = quantised * NF4_PACKED / group + quantised * NF4_STATE  # the absmax state is not sharded
-    base = (counts.total - quantised) * (store if adapter else 4)  # full/freeze: fp32 masters; adapters: model.dtype
-    extra = trainable * 4 if adapter else 0  # adapters are fp32
-    if par.backend == "deepspeed":
-        base = (counts.total - quantised) * (store if adapter else c)  # DeepSpeed casts the module to the compute dtype
-        extra = trainable * c if adapter else 0
-        master = 0 if s.train.precision == "fp32" else trainable * 4
-        out["master_weights"] = master / (group if stage >= 1 else 1)
-    out["parameters"] = (base + extra) / (group if stage >= 3 else 1)
-    grad_bytes = 4 if par.backend in ("fsdp", "ddp", "single") else c
-    out["gradients"] = trainable * grad_bytes / (group if stage >= 2 else 1)
-    if par.backend == "ddp":
-        out["gradients"] *= 2  # DDP's buckets are copies of the gradients (gradient_as_bucket_view is off)
-    out["optimizer"] = trainable * 8 / (group if stage >= 1 else 1)
-    if par.backend == "fsdp":
-        layer_gathered: float = counts.per_layer * c
-        if method == "qlora":
-            layer_gathered = counts.layer_linear * NF4_PACKED + (counts.per_layer - counts.layer_linear) * c
-        layer_gathered += (trainable / max(counts.layers, 1)) * c if adapter else 0
-        held = 2 if par.fsdp.reshard_after_forward else counts.layers
-        head = counts.head or counts.embeddings  # the head's weight (the embedding when tied)
-        root_trainable = head if method in ("full", "freeze") else 0
-        layer_trainable = counts.per_layer if method == "full" else trainable / max(counts.layers, 1)
-        reduce = BYTES[par.fsdp.reduce_dtype]
-        # two blocks + the root gathered; the head's unsharded gradient lives through backward, and one
-        # block's unsharded gradient is cast to the reduce dtype for its reduce-scatter
-        out["gathered"] = held * layer_gathered + counts.root * c + root_trainable * c + layer_trainable * (c + reduce)
-        if par.fsdp.defer_grad_sync:
-            # unsharded accumulators across the whole window; the window's last backward turns each
-            # unit's into its shard as it goes, so the sharded gradients never add to them
-            out["gradients"] = trainable * reduce
-        if par.fsdp.cpu_offload:
-            out["host_offloaded"] = (out["parameters"] + out["gradients"] + out["optimizer"]) * s.topology.procs_per_node
-            out["parameters"] = out["gradients"] = out["optimizer"] = 0.0
-    elif par.backend == "deepspeed":
-        bucket = (s.model.hidden_size or 0) ** 2 * c
-        if stage >= 3:
-            layer = counts.per_layer * c
-            out["gathered"] = layer + max(layer, counts.head * c) + 2 * bucket  # live blocks, prefetch, reduce buckets
-        else:
-            out["gathered"] = 3 * bucket
-        if par.offload_optimizer != "none":
-            host = (out["master_weights"] + out["optimizer"] + trainable * 4 / group) * s.topology.procs_per_node
-            out["host_offloaded"] = host
-            out["master_weights"] = out["optimizer"] = 0.0
-            if stage >= 2:
-                out["gradients"] = 0.0  # reduced straight into the host fp32 partition
-        if par.offload_params != "none" and stage >= 3:
-            out["host_offloaded"] += out["parameters"] * s.topology.procs_per_node
-            out["parameters"] = 0.0
-    elif s.train.precision != "fp32" and method in ("full", "freeze"):
-        out["gathered"] = counts.linear * c  # autocast's compute-dtype copies of the fp32 weights, saved for backward
-    elif method == "qlora":
-        out["gathered"] = max(i * o for i, o in block_shapes(s)) * c  # one linear dequantised at a time
+    trainable = float(trainable_params(counts, s.model, s.method))
+    out = state_bytes(s, counts, trainable)
+    match s.parallel.backend:
+        case "fsdp":
+            fsdp_buffers(s, counts, trainable, out)
+        case "deepspeed":
+            deepspeed_buffers(s, counts, trainable, out)
+        case _ if s.train.precision != "fp32" and s.method.name in ("full", "freeze"):
+            out["gathered"] = counts.linear * BYTES[s.train.precision]  # autocast's compute-dtype weight copies, saved for backward
+        case _ if s.method.name == "qlora":
+            out["gathered"] = max(i * o for i, o in block_shapes(s)) * BYTES[s.train.precision]  # one linear dequantised at a time
     act = activation_bytes(s, counts)
     out["activations"] = act["peak"]
     out["logits"] = logits_bytes(s)
@@ -232,9 +177,78 @@ def estimate_memory(s: Setting) -> dict[str, float]:
     out["fragmentation"] = FRAGMENTATION * device if s.cuda else 0.0
     out["total"] = sum(out[k] for k in DEVICE_ITEMS)
     out.update({f"activations_{k}": v for k, v in act.items() if k != "peak"})
-    out["params"], out["trainable_params"] = float(counts.total), float(trainable)
-    out["frozen_params"] = float(frozen)
+    out["params"], out["trainable_params"] = float(counts.total), trainable
     return out
+
+
+def state_bytes(s: Setting, counts: ParamCounts, trainable: float) -> dict[str, float]:
+    """Parameters, 4-bit base, gradients, AdamW states and masters held per rank."""
+    c, store = BYTES[s.train.precision], BYTES[s.model.dtype]
+    par, method = s.parallel, s.method.name
+    group = shard_group(s)
+    adapter = method in ("lora", "qlora", "prompt_tuning")
+    out = dict.fromkeys(("parameters", "quantized_base", "gradients", "optimizer", "master_weights", "gathered", "host_offloaded"), 0.0)
+    stage = {"fsdp": 3, "ddp": 0, "single": 0}.get(par.backend, par.zero_stage)
+    quantised = counts.linear if method == "qlora" else 0
+    if method == "qlora":
+        out["quantized_base"] = quantised * NF4_PACKED / group + quantised * NF4_STATE  # the absmax state is not sharded
+    weight = store if adapter else (c if par.backend == "deepspeed" else 4)  # DeepSpeed casts the module to the compute dtype
+    adapters = trainable * (c if par.backend == "deepspeed" else 4) if adapter else 0.0  # peft's adapters are fp32
+    out["parameters"] = ((counts.total - quantised) * weight + adapters) / (group if stage >= 3 else 1)
+    if par.backend == "deepspeed" and s.train.precision != "fp32":
+        out["master_weights"] = trainable * 4 / (group if stage >= 1 else 1)
+    grad_bytes = c if par.backend == "deepspeed" else 4
+    out["gradients"] = trainable * grad_bytes / (group if stage >= 2 else 1)
+    if par.backend == "ddp":
+        out["gradients"] *= 2  # DDP's buckets are copies of the gradients (gradient_as_bucket_view is off)
+    out["optimizer"] = trainable * 8 / (group if stage >= 1 else 1)
+    return out
+
+
+def fsdp_buffers(s: Setting, counts: ParamCounts, trainable: float, out: dict[str, float]) -> None:
+    """FSDP2: gathered units and reduce buffers; deferred sync; CPU offload."""
+    c, method, fsdp = BYTES[s.train.precision], s.method.name, s.parallel.fsdp
+    adapter = method in ("lora", "qlora", "prompt_tuning")
+    layer: float = counts.per_layer * c
+    if method == "qlora":
+        layer = counts.layer_linear * NF4_PACKED + (counts.per_layer - counts.layer_linear) * c
+    layer += (trainable / max(counts.layers, 1)) * c if adapter else 0
+    held = 2 if fsdp.reshard_after_forward else counts.layers
+    head = counts.head or counts.embeddings  # the head's weight (the embedding when tied)
+    root_trainable = head if method in ("full", "freeze") else 0
+    layer_trainable = counts.per_layer if method == "full" else trainable / max(counts.layers, 1)
+    reduce = BYTES[fsdp.reduce_dtype]
+    # two blocks + the root gathered; the head's unsharded gradient lives through backward, and one
+    # block's unsharded gradient is cast to the reduce dtype for its reduce-scatter
+    out["gathered"] = held * layer + counts.root * c + root_trainable * c + layer_trainable * (c + reduce)
+    if fsdp.defer_grad_sync:
+        # unsharded accumulators across the whole window; the window's last backward turns each
+        # unit's into its shard as it goes, so the sharded gradients never add to them
+        out["gradients"] = trainable * reduce
+    if fsdp.cpu_offload:
+        out["host_offloaded"] = (out["parameters"] + out["gradients"] + out["optimizer"]) * s.topology.procs_per_node
+        out["parameters"] = out["gradients"] = out["optimizer"] = 0.0
+
+
+def deepspeed_buffers(s: Setting, counts: ParamCounts, trainable: float, out: dict[str, float]) -> None:
+    """ZeRO: gathered parameters (stage 3) and buckets; optimizer / parameter offload to the host."""
+    c, par = BYTES[s.train.precision], s.parallel
+    bucket = (s.model.hidden_size or 0) ** 2 * c
+    if par.zero_stage >= 3:
+        layer = counts.per_layer * c
+        out["gathered"] = layer + max(layer, counts.head * c) + 2 * bucket  # live blocks, prefetch, reduce buckets
+    else:
+        out["gathered"] = 3 * bucket
+    ranks = s.topology.procs_per_node
+    if par.offload_optimizer != "none":
+        fp32_grads = trainable * 4 / shard_group(s)
+        out["host_offloaded"] = (out["master_weights"] + out["optimizer"] + fp32_grads) * ranks
+        out["master_weights"] = out["optimizer"] = 0.0
+        if par.zero_stage >= 2:
+            out["gradients"] = 0.0  # reduced straight into the host fp32 partition
+    if par.offload_params != "none" and par.zero_stage >= 3:
+        out["host_offloaded"] += out["parameters"] * ranks
+        out["parameters"] = 0.0
 
 
 DEVICE_ITEMS = (
