@@ -9,7 +9,6 @@ streamed and copied to logs/launcher.log; a failed run ends with one line naming
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from launcher.plan import Plan
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 EXIT_REQUEUE = 75
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-_PR_SET_CHILD_SUBREAPER = 36
+RUN_TOKEN = "LAUNCHER_RUN_TOKEN"
 
 
 def prepare(plan: Plan) -> int:
@@ -80,9 +79,10 @@ def run_local(plan: Plan) -> int:
 
 def _supervise(argv: list[str], log: IO[str]) -> int:
     """Run argv in its own session; pass signals on; tee its output; leave no process behind."""
-    _become_subreaper()  # ranks orphaned by a dying torchrun are re-parented here, not to init
+    # Every process of the run inherits this token: found by it, even once re-parented to init.
+    token = f"{os.getpid()}-{time.time_ns()}"
     # prepare() has fetched the model and built the data: the ranks need nothing from the Hub.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", RUN_TOKEN: token}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     lock = threading.Lock()
     pumps = [
@@ -105,7 +105,7 @@ def _supervise(argv: list[str], log: IO[str]) -> int:
             _send(proc.pid, signum)  # torchrun forwards it to every rank, once
         elif signum == signal.SIGINT:
             print("launcher: second Ctrl-C: stopping every process of the run now, without saving", file=sys.stderr, flush=True)
-            _kill_all(proc.pid)
+            _kill_all(token)
 
     previous = {signum: signal.signal(signum, on_signal) for signum in FORWARDED}
     try:
@@ -113,7 +113,7 @@ def _supervise(argv: list[str], log: IO[str]) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _kill_all(None)  # whatever outlived torchrun (it was killed, or a rank ignored it)
+        _kill_all(token)  # whatever outlived torchrun (it was killed, or a rank ignored it)
         for pump in pumps:
             pump.join(timeout=10)
     if signal.SIGINT in received[1:]:
@@ -148,35 +148,24 @@ def _send(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def _become_subreaper() -> None:
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def _descendants(root: int) -> list[int]:
-    """PIDs below root in the process tree (from /proc), deepest last."""
-    children: dict[int, list[int]] = {}
+def _run_pids(token: str) -> list[int]:
+    """PIDs of live processes whose environment carries RUN_TOKEN=token (from /proc)."""
+    marker = f"{RUN_TOKEN}={token}".encode()
+    found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            stat = (entry / "stat").read_text()
-        except OSError:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
     return found
 
 
-def _kill_all(top: int | None) -> None:
-    """SIGKILL top (if given) and everything below this process that the run started."""
-    for pid in ([top] if top else []) + _descendants(os.getpid()):
+def _kill_all(token: str) -> None:
+    """SIGKILL every process the run started."""
+    for pid in _run_pids(token):
         _send(pid, signal.SIGKILL)
 
 
