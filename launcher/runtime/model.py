@@ -133,12 +133,12 @@ def find_blocks(model: nn.Module, layer_class: str = "") -> list[nn.Module]:
 
 def head_modules(model: nn.Module, pooler: bool = True) -> list[nn.Module]:
     """What a task head is, by structure: the top-level model's children other than the backbone
-    (lm_head, score, classifier), and the backbone's pooler if it has one (not under LoRA, which
+    that hold weights (lm_head, score, classifier; not a dropout), and the backbone's pooler if it has one (not under LoRA, which
     adapts the pooler's linear layer like any other)."""
     base = unwrap(model)
     prefix = getattr(base, "base_model_prefix", "")
     backbone = getattr(base, prefix, None)
-    heads = [child for name, child in base.named_children() if name != prefix]
+    heads = [child for name, child in base.named_children() if name != prefix and next(child.parameters(), None) is not None]
     if pooler and backbone is not None and getattr(backbone, "pooler", None) is not None:
         heads.append(backbone.pooler)
     return heads
