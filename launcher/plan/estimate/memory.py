@@ -26,6 +26,7 @@ GIB = 1024**3
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
 NF4_PACKED = 0.5  # two 4-bit weights per byte
 NF4_STATE = 1 / 64 + 4 / (64 * 256)  # double-quantised absmax: a byte per 64-block, fp32 per 256 blocks
+NF4_TABLES = 4 * (16 + 256 + 1)  # per module: the NF4 code, the nested 8-bit code and its offset (fp32)
 CONTEXT_BYTES = 1.0 * GIB  # CUDA context, cuBLAS workspace, NCCL's device buffers
 FRAGMENTATION = 0.08  # caching-allocator slack, as a share of everything counted above it
 TOKEN_CHUNK, VOCAB_CHUNK = 2048, 8192  # kernels/loss.py's blocks
@@ -191,12 +192,14 @@ def state_bytes(s: Setting, counts: ParamCounts, trainable: float) -> dict[str, 
     stage = {"fsdp": 3, "ddp": 0, "single": 0}.get(par.backend, par.zero_stage)
     quantised = counts.linear if method == "qlora" else 0
     if method == "qlora":
-        out["quantized_base"] = quantised * NF4_PACKED / group + quantised * NF4_STATE  # the absmax state is not sharded
+        # the packed weights are sharded; each module's quantisation state (absmax, code tables) is not
+        modules = counts.layers * len(block_shapes(s))
+        out["quantized_base"] = quantised * NF4_PACKED / group + quantised * NF4_STATE + modules * NF4_TABLES
     weight = store if adapter else (c if par.backend == "deepspeed" else 4)  # DeepSpeed casts the module to the compute dtype
     adapters = trainable * (c if par.backend == "deepspeed" else 4) if adapter else 0.0  # peft's adapters are fp32
     out["parameters"] = ((counts.total - quantised) * weight + adapters) / (group if stage >= 3 else 1)
-    if par.backend == "deepspeed" and s.train.precision != "fp32":
-        out["master_weights"] = trainable * 4 / (group if stage >= 1 else 1)
+    if par.backend == "deepspeed" and (stage >= 1 or s.train.precision != "fp32"):
+        out["master_weights"] = trainable * 4 / (group if stage >= 1 else 1)  # ZeRO copies its fp32 partition even in fp32
     grad_bytes = c if par.backend == "deepspeed" else 4
     out["gradients"] = trainable * grad_bytes / (group if stage >= 2 else 1)
     if par.backend == "ddp":
