@@ -84,7 +84,7 @@ def _training_state(run: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
 def _reference_logits(name: str, method: str, run: Path, ids: torch.Tensor, tmp_path: Path) -> torch.Tensor:
     """The checkpoint loaded into the training model, built the way the runtime builds it."""
     from launcher.config.schema import LoraSection, MethodSection, ModelSection
-    from launcher.runtime.model import apply_method, build_on_meta, materialize
+    from launcher.runtime.model import WeightMap, apply_method, build_on_meta, load_weights, materialize
 
     task = "classification" if name == "bert" else "causal_lm"
     labels = json.loads((run / "labels.json").read_text()) if task == "classification" else None
@@ -98,13 +98,16 @@ def _reference_logits(name: str, method: str, run: Path, ids: torch.Tensor, tmp_
         model.load_state_dict(state, strict=False)
         return model.eval()(ids).logits.float()
     model = build_on_meta(path, ModelSection(name_or_path=str(path)), "sdpa", torch.float32, task, labels)
+    weights = WeightMap.of(model, task)
     lora = LoraSection(r=4, alpha=8, dropout=0.0)
     model = apply_method(model, MethodSection(name=method if method == "lora" else "full", lora=lora), "", task)  # type: ignore[arg-type]
     materialize(model, torch.device("cpu"))
-    missing, unexpected = model.load_state_dict(_training_state(run, tmp_path), strict=False)
-    assert not unexpected and all("inv_freq" in k or "embed_scale" in k or "position_ids" in k or "token_type_ids" in k for k in missing), (
-        missing
-    )
+    load_weights(model, weights, path)  # the base, as the runtime loads it (an adapter checkpoint holds no frozen weight)
+    trained = _training_state(run, tmp_path)
+    if method == "lora":
+        assert all(".lora_" in k or ".score." in k or ".classifier." in k for k in trained), "adapter checkpoints hold trainable state only"
+    _, unexpected = model.load_state_dict(trained, strict=method != "lora")
+    assert not unexpected
     return model.eval()(ids).logits
 
 
