@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -214,12 +215,15 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
             }
             if stopper is not None:
                 manifest["early_stopping"] = stopper.state()
+            save_started = time.monotonic()
             saved_to = saver.save(built.model, built.optimizer, manifest)
             if stopped:
                 saver.wait()
                 if info.is_main:
                     (run_dir / "checkpoints" / "REQUEUE").write_text(saved_to.name + "\n")
-                    reporter.print(f"launcher: saved {saved_to} after a signal; exiting with {REQUEUE_EXIT_CODE} (run again to resume)")
+                    took = time.monotonic() - save_started  # what a signal window must cover (cluster.signal_seconds)
+                    note = f"run again to resume; the save took {took:.1f} s"
+                    reporter.print(f"launcher: saved {saved_to} after a signal; exiting with {REQUEUE_EXIT_CODE} ({note})")
         raise_for_test(step, info.rank, info.world_size)  # LAUNCHER_TEST_RAISE_AT_STEP, after the save
         if early and info.is_main:
             reporter.print(
