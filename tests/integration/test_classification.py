@@ -69,6 +69,7 @@ def test_early_stopping_stops_at_patience_and_exports_the_best(tmp_path: Path, l
     overrides = [
         "train.epochs=null",
         "train.max_steps=40",
+        "train.log_every=5",
         "train.eval_strategy=steps",
         "train.eval_every=5",
         "checkpoint.save_strategy=steps",
