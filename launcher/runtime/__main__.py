@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     import socket
 
     from launcher.runtime.checkpoint import CheckpointError, write_exit_code
-
     from launcher.runtime.dist import init_distributed, quiet_warnings, teardown, write_error_file
     from launcher.runtime.signals import StopFlag
 

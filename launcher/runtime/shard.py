@@ -80,4 +80,3 @@ def loss_scale(backend: str, world_size: int) -> float:
     its engine.backward would also divide by the accumulation steps, which engine.py turns off.
     """
     return float(world_size) if backend in ("fsdp", "ddp", "deepspeed") else 1.0
-

@@ -83,7 +83,14 @@ def test_batch_arithmetic(micro, accum, total, dp, expected) -> None:
 def test_architecture_read_from_local_model_dir(tmp_path: Path) -> None:
     model = tmp_path / "m"
     model.mkdir()
-    hf = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 500}
+    hf = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "vocab_size": 500,
+    }
     (model / "config.json").write_text(json.dumps(hf))
     cfg = load_config("tiny-cpu.yaml", [f"model.name_or_path={model}"])
     assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_key_value_heads, cfg.model.vocab_size) == (64, 2, 4, 500)
