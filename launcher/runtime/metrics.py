@@ -35,15 +35,21 @@ class Reporter:
         """One optimizer step's numbers; `record` is written if it is a log step."""
         if not self.enabled:
             return
+        record = {**record, "peak_mem_gib": round(peak_memory_gib(), 3)}
         if self._bar is not None:
             self._bar.update(record["step"] - self._bar.n)
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            self._bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                mem=f"{record['peak_mem_gib']:.2f}G",
+            )
         else:
             done = record["step"] - self.start_step
             eta = (self.max_steps - record["step"]) * self.elapsed() / max(done, 1)
             self.print(
                 f"step {record['step']}/{self.max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                f"grad_norm {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:.0f}  eta {_duration(eta)}"
+                f"grad_norm {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:.0f}  mem {record['peak_mem_gib']:.2f}G  eta {_duration(eta)}"
             )
         self.write(record)
 
@@ -78,6 +84,17 @@ class Reporter:
             self._bar.close()
         if self._file is not None:
             self._file.close()
+
+
+def peak_memory_gib() -> float:
+    """This rank's peak: allocated GPU memory on CUDA, else the process's peak resident set."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
 def plot_losses(metrics: Path, out: Path) -> None:
