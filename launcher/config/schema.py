@@ -19,6 +19,8 @@ Attention = Literal["auto", "flash", "sdpa", "eager"]
 Template = Literal["instruction", "alpaca", "chat", "text"]
 DataFormat = Literal["auto", "json", "jsonl", "parquet", "csv", "saved", "hub"]
 Scheduler = Literal["cosine", "linear", "constant"]
+Task = Literal["causal_lm", "classification"]
+Strategy = Literal["steps", "epoch"]
 Gpu = Literal["", "h100-80gb", "h200", "a100-80gb", "a100-40gb", "l40s", "a10g", "l4"]
 # Usable memory per GPU in GiB (what the CUDA allocator can get), for cluster.gpu.
 GPU_MEMORY_GIB = {"h100-80gb": 80.0, "h200": 140.0, "a100-80gb": 80.0, "a100-40gb": 40.0, "l40s": 45.0, "a10g": 22.5, "l4": 22.5}
@@ -37,8 +39,9 @@ class ModelSection:
     name_or_path: str = "tiny-llama"
     dtype: DType = "bfloat16"  # storage dtype of the loaded weights
     trust_remote_code: bool = False
-    # Architecture numbers used by the planner (bucket sizes, memory estimate). Read from
-    # `name_or_path/config.json` when it is a local directory; required for a Hub id.
+    # Architecture numbers used by the planner (bucket sizes, memory estimate). Read from the
+    # model's config.json (a local directory, or a Hub id already in the local HF cache) through
+    # transformers' attribute map (config/arch.py); give them by hand only for a model not on disk.
     hidden_size: int | None = None
     num_layers: int | None = None
     intermediate_size: int | None = None
@@ -46,8 +49,11 @@ class ModelSection:
     num_key_value_heads: int | None = None
     vocab_size: int | None = None
     tie_word_embeddings: bool | None = None
-    # The decoder-layer class FSDP2 shards one unit per instance of.
-    layer_class: str = "LlamaDecoderLayer"
+    head_dim: int | None = None  # attention head width when not hidden_size / heads (Gemma)
+    architecture: str = ""  # the config's model_type (llama, gpt2, bert, ...); filled in from config.json
+    # The repeated block FSDP2 shards one unit per instance of (and activation checkpointing wraps).
+    # Empty: found from the model (`_no_split_modules`, the repeated block list); set only to override.
+    layer_class: str = ""
 
 
 @dataclass(frozen=True)
@@ -150,8 +156,17 @@ class OptimSection:
     eps: float = 1.0e-8
     scheduler: Scheduler = "cosine"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # warmup as a fraction of the run's steps (like the HF Trainer); exclusive with warmup_steps
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class EarlyStoppingSection:
+    metric: str = ""  # an evaluation metric (val_loss, accuracy, f1, ...); empty: no early stopping
+    mode: Literal["min", "max"] = "min"
+    patience: int = 3  # evaluations without improvement before the run stops
+    threshold: float = 0.0  # the smallest change that counts as an improvement
 
 
 @dataclass(frozen=True)
@@ -163,14 +178,17 @@ class TrainSection:
     auto_micro_batch: bool = False
     gradient_accumulation_steps: int | None = None
     global_batch_size: int | None = None  # sequences per optimizer step, all ranks
-    max_steps: int = 1000
+    max_steps: int | None = None  # optimizer steps; default 1000 unless train.epochs is set
+    epochs: float | None = None  # passes over the training rows (exclusive with max_steps)
     precision: Precision = "bf16"
     activation_checkpointing: bool = False
     compile: bool = False
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
+    eval_strategy: Strategy = "steps"  # epoch: evaluate at the end of every epoch (eval_every ignored)
     eval_batches: int = 8
     eval_exact_match: int = 0  # held-out prompts greedily decoded at each eval (0: none)
+    early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)
 
 
 @dataclass(frozen=True)
@@ -179,6 +197,9 @@ class FsdpSection:
     hsdp: bool = False  # shard within a node, replicate across nodes
     reduce_dtype: DType = "float32"
     cpu_offload: bool = False
+    # Keep gradients unsharded across an accumulation window and reduce-scatter once at its end:
+    # fewer collectives, but every parameter's fp32 gradient in full on every GPU until then.
+    defer_grad_sync: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,6 +224,7 @@ class KernelsSection:
 @dataclass(frozen=True)
 class CheckpointSection:
     every: int = 0  # steps between saves (0: only at the end)
+    save_strategy: Strategy = "steps"  # epoch: save at the end of every epoch (every ignored)
     keep_last: int = 2
     resume: str = "auto"  # auto | never | a checkpoint directory
     async_save: bool = False
@@ -241,6 +263,7 @@ class ClusterSection:
 @dataclass(frozen=True)
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
+    task: Task = "causal_lm"
     model: ModelSection = field(default_factory=ModelSection)
     method: MethodSection = field(default_factory=MethodSection)
     data: DataSection = field(default_factory=DataSection)
