@@ -6,7 +6,7 @@ datasets.map, pack from memory-mapped arrays), wall time and peak memory per `da
 Each case runs in a fresh process on an empty cache. Peak memory is sampled every 0.1 s over the
 whole process tree as the sum of PSS (the preparing process and datasets' worker processes, shared
 pages counted once; resident pages of the memory-mapped Arrow and .npy files count), and
-ru_maxrss gives the largest single process's peak RSS.
+ru_maxrss (of the preparing process and of its workers) gives the largest single process's peak RSS.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def child(source: str, num_proc: int, cache: str) -> None:
     start = time.perf_counter()
     folder = prepare_data(cfg.data, source, tiny, Path(cache), cfg.run.seed)
     meta = json.loads((folder / "meta.json").read_text())
-    print(json.dumps({"seconds": time.perf_counter() - start, "train": meta["train"], "source": meta["sources"][0]}))
+    seconds = time.perf_counter() - start
+    largest = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
+    print(json.dumps({"seconds": seconds, "train": meta["train"], "source": meta["sources"][0], "max_process_mib": largest}))
 
 
 def measure(source: Path, num_proc: int, cache: Path) -> dict:
@@ -84,7 +86,6 @@ def measure(source: Path, num_proc: int, cache: Path) -> dict:
         raise SystemExit(f"num_proc {num_proc}: preparation failed ({proc.returncode})")
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_tree_mib"] = peak / 2**20
-    result["max_process_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return result
 
 
