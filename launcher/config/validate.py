@@ -160,8 +160,8 @@ def check_data_sources(cfg: RunConfig) -> Iterator[Problem]:
         for role, column in columns.items():
             if role not in DATA_ROLES:
                 yield Problem(f"{key}.{role}", "is not a role", f"use one of {', '.join(DATA_ROLES)}")
-            elif not column:
-                yield Problem(f"{key}.{role}", "is empty", "name a column of the data")
+            elif not isinstance(column, str) or not column:  # OmegaConf leaves values inside list items unchecked
+                yield Problem(f"{key}.{role}", "is not a column name", "name a column of the data, as a string")
     for i, source in enumerate(data.datasets):
         if not source.path.strip():
             yield Problem(f"data.datasets[{i}].path", "is empty", "give a data file, a saved dataset directory, a Hub id or tiny-tasks")
