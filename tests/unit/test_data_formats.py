@@ -5,6 +5,7 @@ checked token by token against the tokenizer (prompt masking against its own app
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -221,3 +222,22 @@ def test_too_many_dropped_rows_is_an_error_that_says_why(tmp_path: Path, tiny_di
     folder = _prepare(tmp_path, rows, tiny_dir, "data.max_seq_len=24", "data.drop_longer=false", "data.max_dropped_fraction=1")
     (report,) = json.loads((folder / "meta.json").read_text())["sources"]
     assert (report["too_long"], report["kept"]) == (0, 20) and 0 < report["truncated"] < 20
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.columns={answer: out}", "data.columns.answer: is not a role; use one of prompt, response"),
+        ("data.val_split=train", "data.val_split: is data.split (train): validation would be the training rows"),
+        ("data.datasets=[{path: a.jsonl, weight: 0}]", "data.datasets[0].weight: 0.0 is not positive"),
+        ("data.datasets=[{path: a.jsonl, columns: {text: [x]}}]", "data.datasets[0].columns.text: is not a column name"),
+        ("data.datasets=[{path: a.jsonl, wieght: 3}]", "Did you mean: 'weight'"),
+        ("data.chat_template=chat.jinja", "data.chat_template: is set but no data set uses data.template: chat"),
+        ("data.max_dropped_fraction=2", "data.max_dropped_fraction: 2.0 is outside [0, 1]"),
+    ],
+)
+def test_data_keys_are_checked_at_load(override: str, message: str) -> None:
+    from launcher.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(ROOT / "recipes" / "tiny-cpu.yaml", [override])
