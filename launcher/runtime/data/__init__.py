@@ -1,7 +1,7 @@
 """Data: sources → columns → clean → template → tokens, in Arrow; packing and the cache are in
 `packing.py`. Modules: core (shared names), sources (reading), columns (roles, ShareGPT/OpenAI
 turns), templates (prompt masking, chat templates), mixing (several data sets), report (the
-cleaning report), prepare (the pipeline). The record-level helpers below serve small inputs
+cleaning report), store (the rows on disk, packing), prepare (the pipeline). The record-level helpers below serve small inputs
 (tests, benchmarks); preparation never turns rows into Python objects.
 """
 
