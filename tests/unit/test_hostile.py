@@ -118,10 +118,10 @@ def _cases() -> list[Case]:
         "cluster.extra_sbatch": ("[[--exclusive]]", "[{a: b}]", "[--exclusive, [x]]"),
         "cluster.env": ("{A: {b: 1}}", "{A: [1, 2]}", "{A: null}", "{A: []}", "{A: {}}"),
     }
-    for key, values in nested.items():
-        for value in values:
-            cases.append(Case(f"nested-{key}={value}", (f"{key}={value}",), names=(key,)))
-    for key, value in (
+    for key, texts in nested.items():
+        for text in texts:
+            cases.append(Case(f"nested-{key}={text}", (f"{key}={text}",), names=(key,)))
+    for key, resolver in (
         ("cluster.env", "{HF_TOKEN: '${oc.env:HF_TOKEN}'}"),
         ("cluster.env", "{A: 'x${oc.env:HOME}'}"),
         ("run.name", "${oc.env:USER}"),
@@ -129,8 +129,8 @@ def _cases() -> list[Case]:
         ("model.name_or_path", "${oc.decode:abc}"),
         ("run.output_dir", "/tmp/${oc.env:HOME}"),
     ):
-        cases.append(Case(f"resolver-{key}={value}", (f"{key}={value}",), names=(key,)))
-    for name, value in (
+        cases.append(Case(f"resolver-{key}={resolver}", (f"{key}={resolver}",), names=(key,)))
+    for name, out in (
         ("nl", "out\nb"),
         ("sbatch", "o\n#SBATCH --wrap=id"),
         ("nul", "o\x00b"),
@@ -143,11 +143,11 @@ def _cases() -> list[Case]:
         ("tab", "o\tb"),
         ("del", "o\x7fb"),
     ):
-        cases.append(Case(f"out-{name}", out=value, names=("--out",)))
+        cases.append(Case(f"out-{name}", out=out, names=("--out",)))
     cases += _file_cases()
     for key in ARCH_KEYS:
-        for value in (0, -3, "wide", True, 1.5, 2**40, [8]):
-            cases.append(Case(f"config.json-{key}={value!r}", config_json={**LLAMA, key: value}, names=("config.json", key)))
+        for bad in (0, -3, "wide", True, 1.5, 2**40, [8]):
+            cases.append(Case(f"config.json-{key}={bad!r}", config_json={**LLAMA, key: bad}, names=("config.json", key)))
     cases.append(Case("config.json-kv-heads-divide", config_json={**LLAMA, "num_key_value_heads": 3}, names=("num_key_value_heads",)))
     return cases
 
