@@ -124,6 +124,7 @@ class Saver:
         with save_errors(folder, self.rank):
             folder = self.begin(manifest["step"])
             model_sd, optim_sd = get_state_dict(model, optimizer, options=state_options(self.trainable_only))
+            model_sd = trainable_entries(model, model_sd) if self.trainable_only else model_sd
             state = {"model": model_sd, "optim": optim_sd}
             if self.async_save:
                 self._pending = dcp.async_save(state, checkpoint_id=str(folder / "model_optim"), process_group=self.group)
@@ -177,10 +178,18 @@ def state_options(trainable_only: bool) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
 
+def trainable_entries(model: torch.nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
+    """Only the trainable parameters: DCP's ignore_frozen_params still keeps a frozen weight under
+    its second name when it is tied (GPT-2's lm_head = wte), a vocabulary-sized matrix per save."""
+    trainable = {name.removeprefix("module.") for name, param in model.named_parameters(remove_duplicate=False) if param.requires_grad}
+    return {key: value for key, value in model_sd.items() if key in trainable}
+
+
 def load(folder: Path, model: torch.nn.Module, optimizer: Any, rank: int, trainable_only: bool = False) -> dict[str, Any]:
     """Load model and optimizer (resharded by DCP to this world size) and this rank's RNG state."""
     options = state_options(trainable_only)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    model_sd = trainable_entries(model, model_sd) if trainable_only else model_sd
     safe_load({"model": model_sd, "optim": optim_sd}, folder / "model_optim")  # fills in place
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
     load_rng(folder, rank)
