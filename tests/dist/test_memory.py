@@ -148,7 +148,10 @@ def test_bytes_per_rank_match_the_estimate(case: str, measured: dict[str, list[d
         print(f"{case} rank {rank}: measured {got}; estimated held {held:.0f} gradients {gradients:.0f} optimizer {optimizer:.0f}")
         report = f"{case} rank {rank}: measured {got}, estimated held {held:.0f} gradients {gradients:.0f} optimizer {optimizer:.0f}"
         assert close(got["held"], held), report
-        assert close(got["gradients"], gradients), report
+        if case.startswith("zero2"):  # one unreduced bucket sits on the rank that owns it: the estimate is that rank's
+            assert close(max(items(r)["gradients"] for r in measured[case]), gradients), report
+        else:
+            assert close(got["gradients"], gradients), report
         # deferred: the window's last backward hands the gradients to their shards; DeepSpeed's engine
         # has stepped the optimizer at the window's end
         if not case.endswith("deferred") and not deepspeed:

@@ -242,6 +242,11 @@ def deepspeed_buffers(s: Setting, counts: ParamCounts, trainable: float, out: di
         out["gathered"] = layer + max(layer, counts.head * c) + 2 * bucket  # live blocks, prefetch, reduce buckets
     else:
         out["gathered"] = 3 * bucket
+    if par.zero_stage == 2:
+        # one bucket's gradients wait unreduced between micro-batches on the rank that owns them; a
+        # tensor larger than the bucket (the embedding, the head) goes as a bucket of its own
+        largest = max([(s.model.vocab_size or 0) * (s.model.hidden_size or 0), *(i * o for i, o in block_shapes(s))])
+        out["gradients"] += max(bucket, largest * c)
     ranks = s.topology.procs_per_node
     if par.offload_optimizer != "none":
         fp32_grads = trainable * 4 / shard_group(s)
