@@ -45,7 +45,7 @@ from launcher.plan.resume import (  # noqa: F401  (the torch-free half, re-expor
     resume_candidates,
     step_dir,
 )
-from launcher.runtime.safe_state import SafeReader, load_rng, safe_load, save_rng  # noqa: F401  (re-exported)
+from launcher.runtime.safe_state import SafeReader, load_rng, refuse_foreign_pickles, safe_load, save_rng  # noqa: F401  (re-exported)
 
 
 def _fsync_write(path: Path, text: str) -> None:

@@ -21,6 +21,16 @@ from launcher.plan import Plan
 from launcher.runtime import checkpoint as ckpt
 
 TAG = "deepspeed"
+# Globals DeepSpeed's checkpoint files refer to beyond torch's weights-only set (measured on a
+# ZeRO-3 save: loss scaler, stage enum; ZeRO-1/2 also record fragment addresses). Data classes.
+DEEPSPEED_GLOBALS = frozenset(
+    {
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+)
 
 
 def _prepare_environment() -> None:
@@ -95,6 +105,8 @@ def load_deepspeed(folder: Path, engine: Any, rank: int, trainable_only: bool = 
             f"convert it first: python -m deepspeed.checkpoint.ds_to_universal --input_folder {folder / TAG} "
             f"--output_folder {folder}-universal, or resume at world size {manifest['world_size']} (FSDP2 checkpoints reshard by themselves)"
         )
+    # DeepSpeed reads its files with weights_only=False: scan them first (runtime/safe_state.py).
+    ckpt.refuse_foreign_pickles(folder / TAG, DEEPSPEED_GLOBALS)
     path, _ = engine.load_checkpoint(
         str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=not trainable_only
     )
