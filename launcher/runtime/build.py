@@ -78,6 +78,10 @@ def build_training_model(
             from launcher.runtime.adapters import init_adapters
 
             init_adapters(model, cfg.run.seed)
+    if cfg.kernels.liger:  # Liger's RMSNorm / SwiGLU / RoPE on this instance: parameters untouched, before any wrapper
+        from launcher.kernels.liger import apply_liger_patches
+
+        apply_liger_patches(model)
     if backend == "deepspeed":
         from launcher.runtime.engine import deepspeed_engine
 

@@ -84,10 +84,6 @@ def token_loss_sum(ctx: Context, batch: Batch) -> tuple[torch.Tensor, int]:
     flatten = ctx.cfg.method.name != "prompt_tuning"
     inputs, targets = model_inputs(ids, labels, positions, ctx.attn_implementation, flatten=flatten, device=ctx.info.device)
     kind = fused.choose(ctx.cfg.kernels.loss, ctx.model, ctx.info.device.type) if flatten else "plain"
-    if ctx.cfg.kernels.liger:  # once per model; belongs with the model build (kernels/liger.py)
-        from launcher.kernels.liger import apply_liger_patches
-
-        apply_liger_patches(ctx.model)
     count = int((next_token_targets(labels, positions) != IGNORE_INDEX).sum())  # counted on the host: no sync
     if kind != "plain":  # the head's forward returns the loss sum: full logits never exist (kernels/loss.py)
         with _autocast(ctx), fused.head_loss(ctx.model, targets, kind) as take:
