@@ -21,7 +21,7 @@ def test_large_models_are_sharded_with_an_index(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(export, "MAX_SHARD_BYTES", 1_000_000)  # 2 MB of bf16 weights: several shards
     written = export.write_model(iter(tensors.items()), tmp_path, torch.bfloat16)
     export._copy_side_files(base, tmp_path, torch.bfloat16)
-    export.verify(tmp_path, base)
+    export.verify(tmp_path, "causal_lm")
     assert written == len(tensors)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -40,5 +40,6 @@ def test_verify_names_a_missing_parameter(tmp_path: Path) -> None:
     tensors = load_file(base / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     export.write_model(iter(tensors.items()), tmp_path, torch.float32)
+    export._copy_side_files(base, tmp_path, torch.float32)
     with pytest.raises(export.ExportError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
-        export.verify(tmp_path, base)
+        export.verify(tmp_path, "causal_lm")
