@@ -6,11 +6,13 @@ import json
 import os
 import random
 import socket
+import sys
 import time
 import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,14 +117,22 @@ def write_error_file(logs_dir: Path, rank: int, exc: BaseException) -> Path:
 
 
 def quiet_warnings() -> None:
-    """Third-party warnings (DeepSpeed's FutureWarnings, ...): one line each, each only once per rank."""
+    """Third-party warnings (DeepSpeed's FutureWarnings, ...): one line each, each only once per rank.
+
+    Deduplicated here rather than by a "once" filter: libraries reset the filters after import."""
     warnings.simplefilter("once")
+    seen: set[tuple[str, str]] = set()
 
-    def one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    def show_once(
+        message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None
+    ) -> None:
         text = (str(message).strip().splitlines() or [""])[0]
-        return f"warning: {category.__name__}: {text} ({Path(filename).name}:{lineno})\n"
+        if (category.__name__, text) in seen:
+            return
+        seen.add((category.__name__, text))
+        print(f"warning: {category.__name__}: {text} ({Path(filename).name}:{lineno})", file=sys.stderr, flush=True)
 
-    warnings.formatwarning = one_line
+    warnings.showwarning = show_once
 
 
 def raise_for_test(step: int, rank: int, world_size: int) -> None:
