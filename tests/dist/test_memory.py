@@ -148,8 +148,12 @@ def test_bytes_per_rank_match_the_estimate(case: str, measured: dict[str, list[d
         print(f"{case} rank {rank}: measured {got}; estimated held {held:.0f} gradients {gradients:.0f} optimizer {optimizer:.0f}")
         report = f"{case} rank {rank}: measured {got}, estimated held {held:.0f} gradients {gradients:.0f} optimizer {optimizer:.0f}"
         assert close(got["held"], held), report
-        if case.startswith("zero2"):  # one unreduced bucket sits on the rank that owns it: the estimate is that rank's
-            assert close(max(items(r)["gradients"] for r in measured[case]), gradients), report
+        if case.startswith("zero2"):
+            # one bucket may wait unreduced on the rank that owns it, or may already be reduced (timing):
+            # the estimate (shards + that bucket) bounds the worst rank, the shards alone the best
+            worst = max(items(r)["gradients"] for r in measured[case])
+            shards = e["trainable_params"] * 4 / 2
+            assert shards * (1 - TOLERANCE) <= worst <= gradients * (1 + TOLERANCE), report
         else:
             assert close(got["gradients"], gradients), report
         # deferred: the window's last backward hands the gradients to their shards; DeepSpeed's engine
