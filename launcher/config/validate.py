@@ -254,13 +254,11 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
         yield Problem("train.precision", "fp16 is not supported on the CPU", "use bf16 or fp32")
     elif train.precision == "fp16" and par.backend != "deepspeed":
         # Without dynamic loss scaling, fp16 gradients underflow silently; DeepSpeed scales its loss (deepspeed.json fp16 block).
-        yield Problem("train.precision", f"fp16 on {par.backend} runs without a gradient scaler", "use bf16, or parallel.backend: deepspeed for fp16")
+        yield Problem(
+            "train.precision", f"fp16 on {par.backend} runs without a gradient scaler", "use bf16, or parallel.backend: deepspeed for fp16"
+        )
     if cpu and cfg.kernels.attention == "flash":
         yield Problem("kernels.attention", "flash needs CUDA but cluster.accelerator is cpu", "use auto or sdpa")
-    if cpu and cfg.kernels.loss == "liger":
-        yield Problem("kernels.loss", "liger needs CUDA but cluster.accelerator is cpu", "use auto or chunked")
-    if cpu and cfg.kernels.liger:
-        yield Problem("kernels.liger", "Liger's kernels need CUDA but cluster.accelerator is cpu", "set kernels.liger: false")
     if cpu and cfg.kernels.loss == "liger":
         yield Problem("kernels.loss", "liger needs CUDA but cluster.accelerator is cpu", "use auto or chunked")
     if cpu and cfg.kernels.liger:
@@ -353,7 +351,9 @@ def check_task(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
     if stopping.metric:
         known = EVAL_METRICS[cfg.task]
         if stopping.metric not in known:
-            yield Problem("train.early_stopping.metric", f"{stopping.metric!r} is not a {cfg.task} metric", f"use one of {', '.join(known)}")
+            yield Problem(
+                "train.early_stopping.metric", f"{stopping.metric!r} is not a {cfg.task} metric", f"use one of {', '.join(known)}"
+            )
         if not (train.eval_every or train.eval_strategy == "epoch"):
             yield Problem("train.early_stopping", "needs evaluations during the run", "set train.eval_every or train.eval_strategy: epoch")
         if stopping.metric == "exact_match" and not train.eval_exact_match:
