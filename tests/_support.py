@@ -29,22 +29,9 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def four_bit_tiny_base():
     """The tiny model loaded 4-bit exactly as tiny-cpu-qlora.yaml trains it (NF4, double quant, bf16)."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from launcher.runtime.adapters import keep_4bit_layout
     from launcher.runtime.tiny import ensure_tiny_model
 
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_quant_storage=torch.bfloat16,
-    )
-    model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(), quantization_config=quant, dtype=torch.bfloat16)
-    keep_4bit_layout(model)
-    return model
+    return four_bit_base(ensure_tiny_model())
 
 
 def four_bit_base(path):
