@@ -69,6 +69,20 @@ def file_checksums(folder: Path, names: list[str]) -> dict[str, int]:
     return {name: crc32(folder / name) for name in names}
 
 
+def _disk_full(folder: Path) -> str:
+    """'' unless the filesystem holding `folder` has less room than the last complete checkpoint
+    took (1 MiB when there is none yet); then a few words saying how much is free."""
+    try:
+        free = shutil.disk_usage(folder.parent).free
+    except OSError:
+        return ""
+    latest = folder.parent / "latest"
+    needed = sum(file_sizes(latest.resolve()).values()) if latest.is_symlink() and latest.resolve().is_dir() else 0
+    if free >= max(needed, 1 << 20):
+        return ""
+    return f"{free / 2**20:.1f} MiB free on {folder.parent}, the last checkpoint took {needed / 2**20:.1f} MiB"
+
+
 @contextlib.contextmanager
 def save_errors(folder: Path, rank: int) -> Iterator[None]:
     """ENOSPC, EROFS, EACCES while saving (raised here or inside DCP on any rank) → one
@@ -77,12 +91,16 @@ def save_errors(folder: Path, rank: int) -> Iterator[None]:
     try:
         yield
     except (OSError, CheckpointException) as exc:
+        full = _disk_full(folder)  # before the partial folder is removed: that frees what it took
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
         cause: BaseException = exc
         for failure in getattr(exc, "failures", {}).values():  # DCP: rank -> (exception, traceback)
             cause = failure[0] if isinstance(failure, tuple) else failure
         reason = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[0][:200]
+        if full and "No space left" not in reason:
+            # torch's zip writer reports a short write as "unexpected pos ...", not as ENOSPC
+            reason = f"No space left on device: {full}; the writer said: {reason}"
         where = getattr(cause, "filename", None) or folder
         latest = folder.parent / "latest"
         kept = (
