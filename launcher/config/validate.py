@@ -15,7 +15,7 @@ from typing import Any
 
 from launcher.config.arch import ENCODERS
 from launcher.config.errors import ConfigError, Problem
-from launcher.config.schema import RunConfig
+from launcher.config.schema import DataSection, RunConfig
 from launcher.config.values import check_run_dir, control_problem, numbers
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -322,6 +322,18 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
             "set it to 0 or use an instruction/chat template",
         )
     yield from check_task(cfg, explicit)
+    if cfg.data.datasets:
+        # split and columns are inherited by the entries; path and format are not. Their defaults
+        # (a base recipe's tiny-tasks) mean "no data chosen" and stay quiet.
+        default = DataSection()
+        for field in ("path", "format"):
+            value = getattr(cfg.data, field)
+            if value != getattr(default, field):
+                yield Problem(
+                    f"data.{field}",
+                    f"is {value!r} but data.datasets lists the data sets: it would be ignored",
+                    f"move it into each data.datasets entry ({field}: ...), or remove data.{field}",
+                )
     if cfg.train.max_steps is not None and cfg.optim.warmup_steps > cfg.train.max_steps:
         yield Problem(
             "optim.warmup_steps",

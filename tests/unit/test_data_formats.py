@@ -232,6 +232,7 @@ def test_too_many_dropped_rows_is_an_error_that_says_why(tmp_path: Path, tiny_di
         ("data.datasets=[{path: a.jsonl, weight: 0}]", "data.datasets[0].weight: 0.0 is not positive"),
         ("data.datasets=[{path: a.jsonl, columns: {text: [x]}}]", "data.datasets[0].columns.text: is not a column name"),
         ("data.datasets=[{path: a.jsonl, wieght: 3}]", "Did you mean: 'weight'"),
+        ("data.datasets=[{path: a.jsonl}] ; data.path=b.jsonl", "data.path: is 'b.jsonl' but data.datasets lists the data sets"),
         ("data.chat_template=chat.jinja", "data.chat_template: is set but no data set uses data.template: chat"),
         ("data.max_dropped_fraction=2", "data.max_dropped_fraction: 2.0 is outside [0, 1]"),
     ],
@@ -240,4 +241,4 @@ def test_data_keys_are_checked_at_load(override: str, message: str) -> None:
     from launcher.config import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(ROOT / "recipes" / "tiny-cpu.yaml", [override])
+        load_config(ROOT / "recipes" / "tiny-cpu.yaml", override.split(" ; "))
