@@ -42,8 +42,20 @@ def _prepare_environment() -> None:
     import deepspeed
     import torch.distributed as dist
 
+    if not torch.cuda.is_available():
+        # DeepSpeed compiles a shared-memory all-reduce on CPU (minutes on a fresh machine) that
+        # only its inference all-reduce uses; training collectives go through gloo either way.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
     backend = dist.get_backend() if dist.is_initialized() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def build_op(builder: str) -> None:
+    """Compile one of DeepSpeed's JIT ops for this machine's accelerator (launcher/runtime/ops.py)."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder(builder).load(verbose=False)
 
 
 _HF_DEEPSPEED: list[Any] = []  # transformers holds a weak reference; keep the object alive
