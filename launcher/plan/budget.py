@@ -1,0 +1,39 @@
+"""The save budget: does the warning SLURM sends before the time limit (cluster.signal_seconds)
+leave room to finish the step in flight and write a checkpoint? Torch-free, from the estimate."""
+
+from __future__ import annotations
+
+import math
+
+from launcher.config.schema import ClusterSection
+from launcher.plan.estimate.cost import FS_BYTES_PER_SECOND
+
+MARGIN = 1.5  # the estimate is rough, and a save that does not finish is lost whole
+
+
+def save_seconds(cluster: ClusterSection, checkpoint_bytes: float) -> float:
+    """One save at cluster.fs_bandwidth_gbps (else the assumed speed) per node, all nodes writing."""
+    per_node = cluster.fs_bandwidth_gbps * 1e9 if cluster.fs_bandwidth_gbps else FS_BYTES_PER_SECOND
+    return checkpoint_bytes / (per_node * cluster.nodes)
+
+
+def save_budget_warning(cluster: ClusterSection, estimate: dict[str, float]) -> str | None:
+    """One warning line when signal_seconds is short of a step plus a save (with MARGIN); None when it
+    covers them, or when there is no signal window (signal_seconds 0)."""
+    if not cluster.signal_seconds:
+        return None
+    save = save_seconds(cluster, estimate["checkpoint_bytes"])
+    step = estimate.get("step_seconds", 0.0)  # 0 on CPU plans: no figure for the step itself
+    needed = (save + step) * MARGIN
+    if needed <= cluster.signal_seconds:
+        return None
+    speed = f"{cluster.fs_bandwidth_gbps:g} GB/s per node" if cluster.fs_bandwidth_gbps else "an assumed 2 GB/s per node"
+    suggest = max(60, math.ceil(needed / 60) * 60)
+    fix = f"raise cluster.signal_seconds to {suggest}"
+    if not cluster.fs_bandwidth_gbps:
+        fix += ", or set cluster.fs_bandwidth_gbps to the file system's write speed"
+    return (
+        f"warning: cluster.signal_seconds: {cluster.signal_seconds} s may not cover a save before the time limit: "
+        f"a step (~{step:.0f} s) then a {estimate['checkpoint_bytes'] / 1e9:.0f} GB checkpoint at {speed} (~{save:.0f} s), "
+        f"x{MARGIN:g} for safety, is ~{needed:.0f} s; {fix}"
+    )
