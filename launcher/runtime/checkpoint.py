@@ -123,6 +123,7 @@ class Saver:
     trainable_only: bool = False  # adapter methods: the frozen base is the model's own files, not saved again
     _pending: Any = None
     _pending_finish: Any = None
+    _started: float = 0.0  # when the save in progress began: its time is printed and recorded
 
     def begin(self, step: int) -> Path:
         """A fresh step folder (an earlier, never completed attempt at this step is removed) with
@@ -141,6 +142,7 @@ class Saver:
         folder = step_dir(self.root, manifest["step"])
         with save_errors(folder, self.rank):
             folder = self.begin(manifest["step"])
+            self._started = time.monotonic()
             model_sd, optim_sd = get_state_dict(model, optimizer, options=state_options(self.trainable_only))
             model_sd = trainable_entries(model, model_sd) if self.trainable_only else model_sd
             state = {"model": model_sd, "optim": optim_sd}
@@ -178,7 +180,9 @@ class Saver:
         dist.barrier(group=self.group)  # every rank's shard is on disk
         if self.rank == 0:
             sizes = file_sizes(folder)
+            took = time.monotonic() - self._started  # what cluster.signal_seconds must cover (plan/budget.py)
             record = {**manifest, "launcher_version": __version__, "files": sizes, "checksums": file_checksums(folder, list(sizes))}
+            record["save_seconds"] = round(took, 3)
             _fsync_write(folder / MANIFEST, json.dumps(record, indent=2) + "\n")
             _fsync_write(folder / COMPLETE, "")
             link = self.root / "latest.tmp"
@@ -186,6 +190,8 @@ class Saver:
             link.symlink_to(folder.name)
             os.replace(link, self.root / "latest")
             retain(self.root, self.keep_last)
+            size = sum(sizes.values())
+            print(f"launcher: checkpoint {folder.name} written: {size / 1e6:.1f} MB in {took:.1f} s", flush=True)
         dist.barrier(group=self.group)
 
 

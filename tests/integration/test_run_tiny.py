@@ -32,6 +32,10 @@ def test_tiny_recipe_trains_end_to_end(tmp_path: Path, launcher, metrics) -> Non
     for record in train:
         assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"} <= set(record)
     manifest = json.loads((run / "checkpoints" / "latest" / "manifest.json").read_text())
+    # Every save prints and records its own time (what cluster.signal_seconds must cover).
+    written = f"launcher: checkpoint {os.readlink(run / 'checkpoints' / 'latest')} written: "
+    assert any(written in line and line.endswith(" s") for line in done.stdout.splitlines()), done.stdout[-2000:]
+    assert 0 < manifest["save_seconds"] < 60
     baseline = unigram_entropy(Path(os.environ["LAUNCHER_CACHE_DIR"]) / "data" / manifest["data_fingerprint"])
     first, last = train[0]["loss"], np.mean([r["loss"] for r in train[-3:]])
     assert first > 6.0  # about ln(vocab): an untrained model
