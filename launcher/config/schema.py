@@ -21,6 +21,10 @@ DataFormat = Literal["auto", "json", "jsonl", "parquet", "csv", "saved", "hub"]
 Scheduler = Literal["cosine", "linear", "constant"]
 Task = Literal["causal_lm", "classification"]
 Strategy = Literal["steps", "epoch"]
+# train.report_to: experiment trackers, each an extra (`pip install 'launcher[wandb]'`); the import
+# name of each is probed at plan time (validate.py) and imported on rank 0 only (runtime/trackers.py).
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 Gpu = Literal["", "h100-80gb", "h200", "a100-80gb", "a100-40gb", "l40s", "a10g", "l4"]
 # Usable memory per GPU in GiB (what the CUDA allocator can get), for cluster.gpu.
 GPU_MEMORY_GIB = {"h100-80gb": 80.0, "h200": 140.0, "a100-80gb": 80.0, "a100-40gb": 40.0, "l40s": 45.0, "a10g": 22.5, "l4": 22.5}
@@ -189,6 +193,7 @@ class TrainSection:
     eval_batches: int = 8
     eval_exact_match: int = 0  # held-out prompts greedily decoded at each eval (0: none)
     early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)
+    report_to: list[Tracker] = field(default_factory=list)  # fed the records of metrics.jsonl, e.g. [tensorboard]
 
 
 @dataclass(frozen=True)
@@ -250,9 +255,6 @@ class ClusterSection:
     cpus_per_task: int = 8  # CPUs per node task (the task runs torchrun and its workers)
     mem: str = ""  # e.g. 0 (whole node) or 480G; empty: cluster default
     signal_seconds: int = 300  # USR1 this long before the time limit: save, then requeue
-    # Write speed to the run directory per node, in GB/s (gigabytes); the plan warns when
-    # signal_seconds cannot cover a save at that speed. None: 2 GB/s is assumed.
-    fs_bandwidth_gbps: float | None = None
     requeue: bool = True
     max_requeues: int = 3
     max_failure_requeues: int = 2  # requeues after a crash that left a newer complete checkpoint

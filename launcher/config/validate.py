@@ -9,13 +9,14 @@ line naming the key and the fix; all problems are reported together.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from collections.abc import Iterator
 from typing import Any
 
 from launcher.config.arch import ENCODERS
 from launcher.config.errors import ConfigError, Problem
-from launcher.config.schema import DataSection, RunConfig
+from launcher.config.schema import TRACKER_MODULES, DataSection, RunConfig
 from launcher.config.values import check_run_dir, control_problem, numbers
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -104,6 +105,13 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
     yield from _at_least(train.eval_every, 0, "train.eval_every")
     yield from _at_least(train.eval_batches, 0, "train.eval_batches")
     yield from _at_least(train.eval_exact_match, 0, "train.eval_exact_match")
+    for i, name in enumerate(train.report_to):
+        if name in train.report_to[:i]:
+            yield Problem("train.report_to", f"lists {name} twice", "list each tracker once")
+        elif not _importable(TRACKER_MODULES[name]):  # found, not imported: planning stays instant
+            yield Problem(
+                "train.report_to", f"{name} is not installed", f"pip install 'launcher[{name}]', or remove it from train.report_to"
+            )
 
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         yield Problem("parallel.zero_stage", f"{cfg.parallel.zero_stage} is not one of 0, 1, 2, 3", "pick a ZeRO stage 0-3")
@@ -120,8 +128,6 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
     yield from _at_least(cluster.cpus_per_task, 1, "cluster.cpus_per_task")
     yield from _at_least(cluster.max_requeues, 0, "cluster.max_requeues")
     yield from _at_least(cluster.max_failure_requeues, 0, "cluster.max_failure_requeues")
-    if cluster.fs_bandwidth_gbps is not None and not 0 < cluster.fs_bandwidth_gbps <= 10_000:
-        yield Problem("cluster.fs_bandwidth_gbps", f"{cluster.fs_bandwidth_gbps} is not a write speed in GB/s", "use e.g. 2, or leave it out")
     yield from _at_least(cluster.max_restarts, 0, "cluster.max_restarts")
     if not 0 <= cluster.signal_seconds <= 65535:
         yield Problem("cluster.signal_seconds", f"{cluster.signal_seconds} is outside 0-65535", "use e.g. 300 (0 disables)")
@@ -404,6 +410,13 @@ def _minutes(time: str) -> float:
     else:  # minutes[:seconds]
         hours, (minutes, seconds) = 0, (parts + [0])[:2]
     return int(days) * 1440 + hours * 60 + minutes + seconds / 60
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install, or a module left half-imported
+        return False
 
 
 def _at_least(value: float, low: float, key: str) -> Iterator[Problem]:

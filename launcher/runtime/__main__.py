@@ -34,14 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.runtime.data import DataError
     from launcher.runtime.source import ModelError
 
-    if args.prepare_only:  # no torch here (unless a DeepSpeed op must be compiled): a warm cache answers in well under a second
+    if args.prepare_only:  # no torch on this path: a warm cache answers in well under a second
         try:
             prepare(cfg, Path(plan.run_dir))
-            from launcher.runtime.ops import prebuild_ops
-
-            built = prebuild_ops(plan.deepspeed)
-            if built:
-                print(built, flush=True)
         except (DataError, ModelError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -124,6 +119,7 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     from launcher.runtime.model import load_tokenizer, model_dir
     from launcher.runtime.packing import GlobalOrder, TokenData
     from launcher.runtime.tasks import build_task
+    from launcher.runtime.trackers import open_trackers
 
     seed_everything(cfg.run.seed)
     run_dir = Path(plan.run_dir)
@@ -171,7 +167,8 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     max_steps = cfg.train.max_steps or 0  # resolve_schedule filled it
     if info.is_main and cfg.train.epochs is not None and start_step == 0:
         print(f"launcher: {cfg.train.epochs:g} epoch(s) of {len(train_data)} rows = {max_steps} steps", flush=True)
-    reporter = Reporter(run_dir, info.is_main, max_steps, start_step)
+    trackers = open_trackers(cfg.train.report_to, run_dir, plan.config, start_step) if info.is_main and cfg.train.report_to else None
+    reporter = Reporter(run_dir, info.is_main, max_steps, start_step, trackers)
     stopping = cfg.train.early_stopping
     stopper = EarlyStopper(stopping.metric, stopping.mode, stopping.patience, stopping.threshold) if stopping.metric else None
     if stopper is not None and found is not None:

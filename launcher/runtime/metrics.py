@@ -8,12 +8,15 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from launcher.runtime.trackers import Kind, Trackers
+
 
 class Reporter:
     """Rank 0 reports; every other rank gets a Reporter that does nothing."""
 
-    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, start_step: int) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, start_step: int, trackers: Trackers | None = None) -> None:
         self.enabled = enabled
+        self.trackers = trackers  # train.report_to: fed every record written below
         self.max_steps = max_steps
         self.start = time.perf_counter()
         self.start_step = start_step
@@ -53,17 +56,19 @@ class Reporter:
             )
         self.write(record)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], kind: Kind = "train") -> None:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self.trackers is not None:
+            self.trackers.log(record, kind)
 
     def evaluation(self, metrics: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
         """An evaluation: a record in metrics.jsonl, one line on screen, and the latest one whole in
         eval.json with its predictions in eval_predictions.jsonl (so any metric can be recomputed)."""
         if not self.enabled:
             return
-        self.write({**metrics, "elapsed": self.elapsed()})
+        self.write({**metrics, "elapsed": self.elapsed()}, "eval")
         shown = {k: v for k, v in metrics.items() if not isinstance(v, list)}
         self.print("eval " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
         run_dir = self.path.parent
@@ -84,6 +89,8 @@ class Reporter:
             self._bar.close()
         if self._file is not None:
             self._file.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def peak_memory_gib() -> float:
