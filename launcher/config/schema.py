@@ -255,6 +255,9 @@ class ClusterSection:
     cpus_per_task: int = 8  # CPUs per node task (the task runs torchrun and its workers)
     mem: str = ""  # e.g. 0 (whole node) or 480G; empty: cluster default
     signal_seconds: int = 300  # USR1 this long before the time limit: save, then requeue
+    # Write speed to the run directory per node, in GB/s (gigabytes); the plan warns when
+    # signal_seconds cannot cover a save at that speed. None: 2 GB/s is assumed.
+    fs_bandwidth_gbps: float | None = None
     requeue: bool = True
     max_requeues: int = 3
     max_failure_requeues: int = 2  # requeues after a crash that left a newer complete checkpoint

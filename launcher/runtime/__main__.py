@@ -34,9 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.runtime.data import DataError
     from launcher.runtime.source import ModelError
 
-    if args.prepare_only:  # no torch on this path: a warm cache answers in well under a second
+    if args.prepare_only:  # no torch here (unless a DeepSpeed op must be compiled): a warm cache answers in well under a second
         try:
             prepare(cfg, Path(plan.run_dir))
+            from launcher.runtime.ops import prebuild_ops
+
+            built = prebuild_ops(plan.deepspeed)
+            if built:
+                print(built, flush=True)
         except (DataError, ModelError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
