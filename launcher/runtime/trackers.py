@@ -21,6 +21,8 @@ Kind = Literal["train", "eval"]
 
 
 class Tracker(Protocol):
+    where: str  # where its records go, for the one line printed at the start
+
     def log(self, values: dict[str, float], step: int) -> None: ...
 
     def close(self) -> None: ...
@@ -35,6 +37,7 @@ class TensorBoard:
         # A resumed run rewinds to its checkpoint: purge_step hides the events logged after that step
         # by the attempt before, as metrics.jsonl is cut there.
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.where = f"tensorboard --logdir {run_dir / 'tensorboard'}"
 
     def log(self, values: dict[str, float], step: int) -> None:
         for key, value in values.items():
@@ -68,6 +71,8 @@ class Wandb:
             mode=mode,
             settings=wandb.Settings(console="off", silent=True),  # our own stdout stays ours
         )
+        offline = (mode or os.environ.get("WANDB_MODE")) in ("offline", "dryrun")
+        self.where = f"wandb offline in {folder} (upload: wandb sync {folder}/offline-run-*)" if offline else f"wandb {self.run.url}"
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
@@ -90,6 +95,7 @@ class Mlflow:
 
         self._metric = Metric
         self.client = MlflowClient(tracking_uri=uri)
+        self.where = f"mlflow {uri}"
         experiment_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "launcher"
         experiment = self.client.get_experiment_by_name(experiment_name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(experiment_name)
@@ -154,6 +160,8 @@ def open_trackers(names: Sequence[str], run_dir: Path, config: dict[str, Any], s
             started[name] = TRACKERS[name](run_dir, run_name, config, start_step)
         except Exception as exc:
             warn(name, exc, "starting")
+    if started:
+        print("launcher: report_to: " + "; ".join(tracker.where for tracker in started.values()), flush=True)
     return Trackers(started)
 
 

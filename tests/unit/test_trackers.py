@@ -56,11 +56,12 @@ def test_scalars_are_the_numbers_of_a_record() -> None:
     }
 
 
-def test_tensorboard_gets_the_metrics_jsonl_records(tmp_path: Path) -> None:
+def test_tensorboard_gets_the_metrics_jsonl_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     written = feed(tmp_path, ["tensorboard"])
+    assert f"launcher: report_to: tensorboard --logdir {tmp_path / 'tensorboard'}\n" in capsys.readouterr().out
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -84,11 +85,14 @@ def test_tensorboard_resumed_run_rewinds_like_metrics_jsonl(tmp_path: Path) -> N
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]  # purge_step dropped the first run's 3, 4
 
 
-def test_wandb_is_offline_and_writes_under_the_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_is_offline_and_writes_under_the_run_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "")  # no account: offline must not ask for one
     feed(tmp_path, ["wandb"])
+    assert f"launcher: report_to: wandb offline in {tmp_path / 'wandb'} (upload: wandb sync" in capsys.readouterr().out
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     run_id = (tmp_path / "wandb" / "launcher-run-id").read_text().strip()
     assert len(runs) == 1 and runs[0].name.endswith(run_id)
@@ -111,6 +115,8 @@ def test_mlflow_file_store_under_the_run_dir(tmp_path: Path, monkeypatch: pytest
 
 
 class Broken:
+    where = "nowhere"
+
     def __init__(self) -> None:
         self.calls = 0
 
@@ -123,6 +129,8 @@ class Broken:
 
 
 class Recording:
+    where = "a list"
+
     def __init__(self) -> None:
         self.logged: list[tuple[int, dict[str, float]]] = []
         self.closed = False
