@@ -51,3 +51,36 @@ def four_bit_base(path):
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16)
     keep_4bit_layout(model)
     return model
+
+
+def kept_bytes(model, **inputs) -> int:
+    """Bytes of the storages one forward creates and leaves alive (parameters and the output's own
+    storage aside): what autograd saves plus what selective checkpointing caches, which
+    saved_tensors_hooks cannot see (torch.utils.checkpoint keeps those outputs itself)."""
+    import gc
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Created(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.storages: list[weakref.ref] = []  # not keyed by address: a freed block's address is reused
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_leaves(out):
+                if isinstance(tensor, torch.Tensor):
+                    self.storages.append(weakref.ref(tensor.untyped_storage()))  # one Python object per storage while it lives
+            return out
+
+    created = Created()
+    with created:
+        output = model(**inputs)
+    gc.collect()
+    leaves = [t for t in tree_leaves(dict(output)) if isinstance(t, torch.Tensor)]
+    skip = {t.untyped_storage().data_ptr() for t in leaves} | {p.untyped_storage().data_ptr() for p in model.parameters()}
+    alive = {storage.data_ptr(): storage.nbytes() for storage in (ref() for ref in created.storages) if storage is not None}
+    return sum(size for ptr, size in alive.items() if ptr not in skip)

@@ -286,5 +286,7 @@ def _type_fix(path: str) -> str:
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Union and any(typing.get_origin(a) is typing.Literal for a in typing.get_args(hint)):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))  # bool | Literal[...]: train.activation_checkpointing
     text = getattr(hint, "__name__", None) or str(hint)
     return text.replace("typing.", "")

@@ -21,6 +21,8 @@ DataFormat = Literal["auto", "json", "jsonl", "parquet", "csv", "saved", "hub"]
 Scheduler = Literal["cosine", "linear", "constant"]
 Task = Literal["causal_lm", "classification"]
 Strategy = Literal["steps", "epoch"]
+# train.activation_checkpointing: false | true (= full) | full | selective (op-level, matmul outputs kept)
+Checkpointing = bool | Literal["full", "selective"]
 # train.report_to: experiment trackers, each an extra (`pip install 'launcher[wandb]'`); the import
 # name of each is probed at plan time (validate.py) and imported on rank 0 only (runtime/trackers.py).
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
@@ -185,8 +187,8 @@ class TrainSection:
     max_steps: int | None = None  # optimizer steps; default 1000 unless train.epochs is set
     epochs: float | None = None  # passes over the training rows (exclusive with max_steps)
     precision: Precision = "bf16"
-    activation_checkpointing: bool = False
-    compile: bool = False
+    activation_checkpointing: Checkpointing = False
+    compile: bool = False  # torch.compile each repeated block (after checkpointing, before FSDP2 sharding)
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     eval_strategy: Strategy = "steps"  # epoch: evaluate at the end of every epoch (eval_every ignored)
@@ -194,6 +196,12 @@ class TrainSection:
     eval_exact_match: int = 0  # held-out prompts greedily decoded at each eval (0: none)
     early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)
     report_to: list[Tracker] = field(default_factory=list)  # fed the records of metrics.jsonl, e.g. [tensorboard]
+
+    @property
+    def checkpointing(self) -> Literal["none", "full", "selective"]:
+        """activation_checkpointing as one of three modes (`true` is full, for older recipes)."""
+        value = self.activation_checkpointing
+        return "full" if value is True else "none" if value is False else value
 
 
 @dataclass(frozen=True)

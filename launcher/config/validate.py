@@ -273,8 +273,10 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
         yield Problem("kernels.loss", "liger needs CUDA but cluster.accelerator is cpu", "use auto or chunked")
     if cpu and cfg.kernels.liger:
         yield Problem("kernels.liger", "Liger's kernels need CUDA but cluster.accelerator is cpu", "set kernels.liger: false")
-    if par.backend == "deepspeed" and par.zero_stage == 3 and cfg.train.compile:
-        yield Problem("train.compile", "is not supported with ZeRO-3 here", "set train.compile: false")
+    if par.backend == "deepspeed" and cfg.train.compile:  # blocks are compiled before sharding; DeepSpeed wraps and partitions them itself
+        yield Problem("train.compile", "is not supported with DeepSpeed here", "set train.compile: false, or parallel.backend: fsdp or ddp")
+    if method.name == "qlora" and cfg.train.compile:
+        yield Problem("train.compile", "does not compile bitsandbytes' 4-bit layers (method qlora)", "set train.compile: false")
 
     if method.name == "qlora":
         quant = method.quant

@@ -27,5 +27,5 @@ def build_fsdp_plan(parallel: ParallelSection, train: TrainSection, model: Model
         "reshard_root_after_forward": False,
         "mixed_precision": {"param_dtype": param_dtype, "reduce_dtype": fsdp.reduce_dtype, "master_dtype": "float32"},
         "cpu_offload": fsdp.cpu_offload,
-        "activation_checkpointing": "per_layer" if train.activation_checkpointing else "none",
+        "activation_checkpointing": {"full": "per_layer", "selective": "per_layer_selective", "none": "none"}[train.checkpointing],
     }

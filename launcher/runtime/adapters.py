@@ -189,8 +189,10 @@ def build_qlora(path: Path, cfg: RunConfig, info: DistInfo, attn_implementation:
     # autocast elsewhere; HF norms upcast their activations themselves).
     model.requires_grad_(False)
     if cfg.train.activation_checkpointing:
+        from launcher.runtime.blocks import apply_checkpointing
+
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        apply_checkpointing(model, cfg.train.checkpointing)
     adapted = wrap_with_peft(model, cfg.method)
     init_adapters(adapted, cfg.run.seed)  # the same adapters on every rank, whatever peft drew
     return adapted

@@ -13,6 +13,7 @@ from torch import nn
 from launcher.config.schema import CheckpointSection, RunConfig
 from launcher.plan import Plan
 from launcher.runtime import checkpoint as ckpt
+from launcher.runtime.blocks import apply_checkpointing, compile_blocks
 from launcher.runtime.dist import DistInfo
 from launcher.runtime.loop import build_optimizer
 from launcher.runtime.model import DTYPES, WeightMap, apply_method, build_on_meta, load_weights, materialize
@@ -50,7 +51,7 @@ def build_training_model(
     """meta → method → shard → load, for any architecture and task; `labels` names a classifier's classes."""
     backend, method, task = cfg.parallel.backend, cfg.method, cfg.task
     adapters = method.name in ("lora", "qlora", "prompt_tuning")
-    checkpointing = cfg.train.activation_checkpointing
+    checkpointing = cfg.train.checkpointing
     if method.name == "qlora":
         from launcher.runtime.adapters import build_qlora
 
@@ -61,16 +62,16 @@ def build_training_model(
 
         model = zero3_model(path, cfg, plan, attn_implementation, info.device, labels)
         model = apply_method(model, method, cfg.model.layer_class, task)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+        apply_checkpointing(model, checkpointing)
     else:
         # Trainable weights are fp32 masters; the compute dtype comes from the mixed-precision policy.
         frozen_dtype = DTYPES[cfg.model.dtype] if method.name in ("lora", "prompt_tuning") else torch.float32
         model = build_on_meta(path, cfg.model, attn_implementation, frozen_dtype, task, labels)
         weights = WeightMap.of(model, task)  # before peft and sharding: keys → modules
         model = apply_method(model, method, cfg.model.layer_class, task)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+        apply_checkpointing(model, checkpointing)
+        if cfg.train.compile:  # after checkpointing, before sharding (torchtitan's order); validate refuses DeepSpeed and QLoRA
+            compile_blocks(model, cfg.model.layer_class)
         model = shard_model(model, backend, plan.fsdp, info)
         materialize(model, info.device)
         load_weights(model, weights, path, cfg.run.seed)

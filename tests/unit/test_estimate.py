@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from _archs import SHAPES
+from _support import kept_bytes
 
 from launcher.cli import main
 from launcher.config import load_config
@@ -20,6 +21,7 @@ from launcher.plan.estimate import check_fits, estimate_plan
 from launcher.plan.estimate.memory import GIB, Setting, estimate_memory
 from launcher.plan.estimate.params import count_params
 from launcher.plan.topology import Topology, build_topology
+from launcher.runtime.blocks import apply_checkpointing
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_RECIPES = [p for p in sorted((ROOT / "recipes").glob("*.yaml")) if load_config(p).cluster.accelerator == "cuda"]
@@ -69,10 +71,11 @@ def test_lora_count_matches_peft(name: str) -> None:
     assert count_params(section, method, positions=positions).lora == expected
 
 
-def setting(model: ModelSection, seq_len: int, precision: str, checkpointing: bool, world: int = 1, **parallel: object) -> Setting:
+def setting(model: ModelSection, seq_len: int, precision: str, checkpointing: bool | str, world: int = 1, **parallel: object) -> Setting:
     topology = Topology(1, world, world, world, 2, 1, 2 * world, 2 * world * seq_len)
     train = TrainSection(micro_batch_size=2, gradient_accumulation_steps=1, global_batch_size=2 * world)
     train = dataclasses.replace(train, precision=precision, activation_checkpointing=checkpointing)  # type: ignore[arg-type]
+    parallel = {"backend": "fsdp", **parallel}  # the measured runtime shards (the default backend is auto)
     return Setting(model, MethodSection(), ParallelSection(**parallel), train, KernelsSection(), seq_len, topology, cuda=False)  # type: ignore[arg-type]
 
 
@@ -104,14 +107,17 @@ def wide_llama(precision: str) -> tuple[torch.nn.Module, ModelSection]:
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True, "selective"])
 @pytest.mark.parametrize("seq_len", [256, 1024])
-def test_activations_match_saved_tensors(seq_len: int, checkpointing: bool, precision: str) -> None:
-    """The saved-for-backward item within 15 % of the bytes autograd saves (deduplicated by storage)."""
+def test_activations_match_saved_tensors(seq_len: int, checkpointing: bool | str, precision: str) -> None:
+    """The saved-for-backward item within 15 % of the bytes autograd saves (deduplicated by storage);
+    selective: of the bytes the forward leaves alive (its cached matmul outputs bypass the hooks)."""
     model, section = wide_llama(precision)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    measured = saved_bytes(model, seq_len)
+    apply_checkpointing(model, "selective" if checkpointing == "selective" else "full" if checkpointing else "none")
+    if checkpointing == "selective":
+        measured = kept_bytes(model, input_ids=torch.randint(0, 1024, (2, seq_len)), use_cache=False)
+    else:
+        measured = saved_bytes(model, seq_len)
     estimate = estimate_memory(setting(section, seq_len, precision, checkpointing))
     assert abs(estimate["activations_saved"] - measured) <= 0.15 * measured, (estimate["activations_saved"], measured)
 

@@ -68,8 +68,8 @@ def fixes(cfg: RunConfig) -> str:
         out.append("parallel.offload_optimizer=cpu")
     if par.backend == "fsdp" and par.fsdp.defer_grad_sync:
         out.append("parallel.fsdp.defer_grad_sync=false")
-    if not t.activation_checkpointing:
-        out.append("train.activation_checkpointing=true")
+    if t.checkpointing != "full":
+        out.append("train.activation_checkpointing=true" if t.checkpointing == "none" else "train.activation_checkpointing=full")
     if (t.micro_batch_size or 1) > 1:
         out.append(f"train.micro_batch_size={(t.micro_batch_size or 2) // 2}")
     if cfg.kernels.loss == "plain" and cfg.task == "causal_lm":

@@ -51,7 +51,7 @@ def flops_per_token(s: Setting) -> float:
     attention = 2 * layers * s.seq_len * q  # QK^T and AV, causal: 2 x 2 flops x S/2 x width
     forward = 2 * matmul + attention
     backward = 2 * forward if s.method.name in ("full", "freeze") else forward + attention
-    recompute = forward if s.train.activation_checkpointing else 0
+    recompute = forward if s.train.checkpointing == "full" else 0  # selective keeps matmul and attention outputs: no FLOPs redone
     return float(forward + backward + recompute)
 
 

@@ -70,8 +70,8 @@ def attention_kind(s: Setting) -> str:
 
 
 def block_saved_bytes(s: Setting, counts: ParamCounts, mode: str) -> float:
-    """Bytes saved for backward per token by one block: mode none | selective | full (checkpointed).
-    The runtime checkpoints whole blocks or nothing; `selective` is shown for comparison."""
+    """Bytes saved for backward per token by one block: mode none | selective | full (checkpointed);
+    selective is runtime/blocks.py's op-level policy (matmul and attention outputs kept)."""
     h, _, inter, _, q, kv = shapes(s.model)
     c = BYTES[s.train.precision]
     fam = family_of(s.model)
@@ -91,11 +91,12 @@ def block_saved_bytes(s: Setting, counts: ParamCounts, mode: str) -> float:
     if frozen:
         saved = saved + lora_saved_bytes(s, counts, c)
     if mode == "selective":
-        # torchtitan's op-level selective checkpointing: the block's input, attention's output and
-        # logsumexp, and every second matmul's output (the count runs on across blocks, so each
-        # linear's output is kept half the time); the rest is recomputed
+        # the block's input (kept by the checkpoint), attention's output and logsumexp (eager:
+        # the scores' and the values' matmuls), every linear's output; the rest is recomputed
         outputs = q + 2 * kv + h + (2 if fam.gated_mlp else 1) * inter + h
-        return c * h + c * q + 4 * heads + c * outputs / 2
+        attention = c * q + (c * heads * s.seq_len if attention_kind(s) == "eager" else 4 * heads)
+        adapters = 4 * sum(s.method.lora.r + o for _, o, _ in counts.lora_modules) if frozen else 0  # fp32 lora_A, lora_B outputs
+        return c * h + attention + c * outputs + adapters
     return saved
 
 
@@ -127,10 +128,11 @@ def activation_bytes(s: Setting, counts: ParamCounts) -> dict[str, float]:
         outside += c * h + 8 + (0 if frozen else c * h)
     else:
         outside += 4 * h + 4 + (0 if frozen else 2 * c * h)
-    mode = "full" if s.train.activation_checkpointing else "none"
+    mode = s.train.checkpointing
     per_block = {m: block_saved_bytes(s, counts, m) * tokens for m in ("none", "selective", "full")}
     saved = layers * per_block[mode] + outside * tokens
-    recompute = per_block["none"] if mode == "full" else 0.0  # one block's activations, rebuilt in its backward
+    # one block's activations, rebuilt in its backward (selective: what it did not keep)
+    recompute = {"none": 0.0, "full": per_block["none"], "selective": max(0.0, per_block["none"] - per_block["selective"])}[mode]
     mask = tokens * s.seq_len * c if attention_kind(s) == "eager" else 0.0  # dense [B, 1, S, S]
     return {"saved": saved, "peak": saved + recompute, "mask": mask, **{f"block_{m}": v for m, v in per_block.items()}}
 
@@ -157,6 +159,7 @@ def block_shapes(s: Setting) -> list[tuple[int, int]]:
 
 def estimate_memory(s: Setting) -> dict[str, float]:
     """Bytes per GPU by item (and the offloaded host bytes per node), plus `total`."""
+    assert s.parallel.backend != "auto", "plan/backend.py resolve_backend() first"
     counts = count_params(s.model, s.method, s.task, s.positions)
     trainable = float(trainable_params(counts, s.model, s.method))
     out = state_bytes(s, counts, trainable)
