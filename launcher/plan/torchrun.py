@@ -24,7 +24,7 @@ def shutdown_timeout(cluster: ClusterSection) -> int:
 
 
 def build_torchrun_argv(cluster: ClusterSection, topology: Topology, plan_path: str, python: str) -> list[str]:
-    argv = [python, "-m", "torch.distributed.run"]
+    argv = [python, "-m", "launcher.agent"]  # torchrun (torch.distributed.run), without the slow exit
     if topology.nodes == 1:
         # --standalone: a private c10d store on a free local port, so two runs on a box don't clash.
         argv += ["--standalone", "--nnodes", "1"]

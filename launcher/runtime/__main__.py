@@ -251,5 +251,15 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown: with torch, transformers and datasets loaded it takes
+    2-10 s per rank (measured on 2 CPUs), after every save, log and process group is already closed."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

@@ -68,7 +68,7 @@ def _ranks(proc: subprocess.Popen, world: int = 2) -> list[psutil.Process]:
             except psutil.Error:  # a short-lived helper process that is already gone
                 continue
             seen.append(" ".join(cmdline))
-            if "launcher.runtime" in cmdline and "torch.distributed.run" not in cmdline:
+            if "launcher.runtime" in cmdline and "launcher.agent" not in cmdline:
                 workers.append(child)
         if len(workers) == world:
             return sorted(workers, key=lambda c: c.pid)
@@ -177,6 +177,14 @@ def test_retention_keeps_newest_complete(straight: Path) -> None:
     assert os.readlink(straight / "checkpoints" / "latest") == "step-00000020"
 
 
+def test_launcher_run_draws_the_plot_once_the_ranks_exit(straight: Path) -> None:
+    """train.plot (on by default): `launcher run` itself draws loss.png after the ranks are done."""
+    png = straight / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_mtime_ns >= (straight / "logs" / "state").stat().st_mtime_ns  # after the run was marked done
+    assert "loss.png" not in (straight / "logs" / "launcher.log").read_text()  # no rank drew it
+
+
 def test_export_loads_and_matches_checkpoint_logits(straight: Path, tmp_path: Path, launcher) -> None:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoModelForCausalLM
@@ -220,7 +228,10 @@ def test_async_save_writes_the_same_checkpoint(straight: Path, tmp_path: Path, l
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     run = tmp_path / "async"
-    launcher("run", "tiny-cpu.yaml", *BASE, "checkpoint.every=10", "checkpoint.async_save=true", "--out", str(run))
+    done = launcher(
+        "run", "tiny-cpu.yaml", *BASE, "checkpoint.every=10", "checkpoint.async_save=true", "train.plot=false", "--out", str(run)
+    )
+    assert not (run / "loss.png").exists() and "launcher: plot" not in done.stdout  # train.plot: false
     for step in (10, 20):
         assert ckpt.is_complete(ckpt.step_dir(run / "checkpoints", step))[0]
         dcp_to_torch_save(ckpt.step_dir(run / "checkpoints", step) / "model_optim", tmp_path / "a.pt")

@@ -108,7 +108,7 @@ def rank_processes(job_id: int) -> list[Rank]:
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             cmdline = proc.info["cmdline"] or []
-            if "launcher.runtime" not in cmdline or "torch.distributed.run" in cmdline:
+            if "launcher.runtime" not in cmdline or "launcher.agent" in cmdline:
                 continue
             env = proc.environ()
             if env.get("SLURM_JOB_ID") != str(job_id) or "RANK" not in env:
