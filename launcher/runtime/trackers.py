@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from launcher.config.errors import one_line
+
 Kind = Literal["train", "eval"]
 
 
@@ -155,6 +157,9 @@ def open_trackers(names: Sequence[str], run_dir: Path, config: dict[str, Any], s
     """Start each tracker in `names` (train.report_to); one that cannot start is left out with a warning."""
     started: dict[str, Tracker] = {}
     run_name = str(config.get("run", {}).get("name", run_dir.name))
+    cluster = config.get("cluster", {})
+    if cluster.get("env"):  # its values may be tokens (config.yaml is owner-only for that): the names go, not the values
+        config = {**config, "cluster": {**cluster, "env": sorted(cluster["env"])}}
     for name in dict.fromkeys(names):
         try:
             started[name] = TRACKERS[name](run_dir, run_name, config, start_step)
@@ -188,7 +193,7 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def warn(name: str, exc: BaseException, doing: str) -> None:
     text = " ".join(str(exc).split())[:200] or type(exc).__name__
     print(
-        f"warning: train.report_to: {name} failed while {doing} ({type(exc).__name__}: {text}); dropped, training goes on",
+        one_line(f"warning: train.report_to: {name} failed while {doing} ({type(exc).__name__}: {text}); dropped, training goes on"),
         file=sys.stderr,
         flush=True,
     )

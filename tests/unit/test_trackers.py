@@ -20,7 +20,7 @@ from launcher.runtime.trackers import Trackers, open_trackers, scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "recipes" / "tiny-cpu.yaml"
-CONFIG = {"run": {"name": "tiny"}, "optim": {"lr": 0.001, "scheduler": "constant"}, "train": {"report_to": ["x"]}}
+CONFIG = {"run": {"name": "tiny"}, "optim": {"lr": 0.001, "scheduler": "constant"}, "cluster": {"env": {"HF_TOKEN": "hf_secret"}}}
 
 
 def step_record(step: int) -> dict[str, Any]:
@@ -96,7 +96,9 @@ def test_wandb_is_offline_and_writes_under_the_run_dir(
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     run_id = (tmp_path / "wandb" / "launcher-run-id").read_text().strip()
     assert len(runs) == 1 and runs[0].name.endswith(run_id)
-    assert (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
+    logged = (runs[0] / f"run-{run_id}.wandb").read_bytes()
+    assert b"train/loss" in logged and b"constant" in logged  # the records and the config went in
+    assert b"HF_TOKEN" in logged and b"hf_secret" not in logged  # an environment variable's name, never its value
 
 
 def test_mlflow_file_store_under_the_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,6 +111,7 @@ def test_mlflow_file_store_under_the_run_dir(tmp_path: Path, monkeypatch: pytest
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
     run = client.get_run((tmp_path / "mlflow-run-id").read_text().strip())
     assert run.data.params["optim.lr"] == "0.001" and run.info.status == "FINISHED"
+    assert run.data.params["cluster.env"] == "['HF_TOKEN']"  # the name of an environment variable, never its value
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(r["step"], r["loss"]) for r in written if "loss" in r]
     assert run.data.metrics["eval/val_loss"] == 1.25
