@@ -25,7 +25,7 @@ def unigram_entropy(cache: Path) -> float:
 
 def test_tiny_recipe_trains_end_to_end(tmp_path: Path, launcher, metrics) -> None:
     run = tmp_path / "tiny"
-    done = launcher("run", "recipes/tiny-cpu.yaml", "--out", str(run), timeout=900)
+    done = launcher("run", "recipes/tiny-cpu.yaml", "train.report_to=[tensorboard]", "--out", str(run), timeout=900)
     assert "launcher: done" in done.stdout
     train, evals = metrics(run)
     assert train[0]["step"] == 1 and train[-1]["step"] == 200
@@ -56,3 +56,12 @@ def test_tiny_recipe_trains_end_to_end(tmp_path: Path, launcher, metrics) -> Non
     png = (run / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert (run / "checkpoints" / "latest" / "COMPLETE").exists()
+    # train.report_to: TensorBoard got, from rank 0, the records metrics.jsonl got, at the same steps.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in train]
+    assert [(e.step, e.value) for e in events.Scalars("eval/val_loss")] == [
+        (r["step"], pytest.approx(r["val_loss"], rel=1e-6)) for r in evals
+    ]
