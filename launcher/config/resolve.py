@@ -120,6 +120,8 @@ def resolve_model(model: ModelSection) -> ModelSection:
     else:
         config_file = model_config_file(model.name_or_path)
         arch = read_architecture(config_file) if config_file is not None else None
+        if config_file is not None and not model.local_dir and not Path(model.name_or_path).expanduser().is_dir():
+            model = dataclasses.replace(model, local_dir=str(config_file.parent))  # the cached snapshot
         if arch is None and model.architecture:
             arch = architecture_of(model.architecture)
         known = dict(arch.numbers) if arch else {}

@@ -60,6 +60,9 @@ class ModelSection:
     # The repeated block FSDP2 shards one unit per instance of (and activation checkpointing wraps).
     # Empty: found from the model (`_no_split_modules`, the repeated block list); set only to override.
     layer_class: str = ""
+    # Filled by the plan for a Hub id already in the local HF cache: its snapshot directory, which the
+    # ranks load from (they never ask the Hub which revision is current).
+    local_dir: str = ""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,9 @@ def model_dir(model: ModelSection) -> Path:
     path = Path(model.name_or_path)
     if path.is_dir():
         return path
+    snapshot = Path(model.local_dir) if model.local_dir else None
+    if snapshot is not None and (snapshot / "config.json").is_file() and next(snapshot.glob("*.safetensors"), None) is not None:
+        return snapshot  # the snapshot the plan found in the HF cache, weights there too
     try:
         from huggingface_hub import snapshot_download
 
