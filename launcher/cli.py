@@ -103,11 +103,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     """The itemised estimate of a recipe (what estimate.txt holds), without planning a run directory."""
+    from launcher.plan.backend import resolve_backend
     from launcher.plan.estimate import choose_micro_batch, estimate_plan, gpu_memory_gib, render_estimate
     from launcher.plan.estimate.memory import GIB
     from launcher.plan.topology import build_topology
 
-    cfg = _load(args)
+    cfg, choice = resolve_backend(_load(args))
     candidates: dict[int, float] = {}
     if cfg.train.auto_micro_batch:
         cfg, candidates = choose_micro_batch(cfg)
@@ -115,6 +116,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     print(
         f"{args.recipe}: {cfg.method.name} on {cfg.parallel.backend}, micro-batch {cfg.train.micro_batch_size} x {cfg.data.max_seq_len} tokens"
     )
+    if choice.requested == "auto":
+        print(f"backend: {choice.chosen} ({choice.reason})")
     print(render_estimate(estimate, candidates), end="")
     limit = gpu_memory_gib(cfg.cluster)
     if limit and estimate["total"] > limit * GIB:
@@ -130,6 +133,7 @@ def _planned(args: argparse.Namespace, data: bool = False) -> Iterator[Any]:  # 
     so that a changed data set is refused before the run directory is touched too."""
     from launcher.config.values import check_run_dir
     from launcher.plan import build_plan, default_run_dir, write_run_dir
+    from launcher.plan.backend import with_backend
     from launcher.plan.resume import check_resume
     from launcher.runlock import holding
 
@@ -142,6 +146,7 @@ def _planned(args: argparse.Namespace, data: bool = False) -> Iterator[Any]:  # 
     if problems:
         raise ConfigError(problems)
     plan = build_plan(cfg, run_dir)
+    cfg = with_backend(cfg, plan.config["parallel"]["backend"])  # auto resolved: what checkpoints record
     if check_resume(cfg, run_dir) is not None and data:
         from launcher.runtime.__main__ import prepare as prepare_data
         from launcher.runtime.data import DataError
@@ -172,7 +177,7 @@ def _summary(plan) -> str:  # plan: Plan
         ("run dir", plan.run_dir),
         ("model", f"{cfg['model']['name_or_path']} ({mem['params'] / 1e6:,.1f} M params)"),
         ("method", cfg["method"]["name"]),
-        ("backend", cfg["parallel"]["backend"] + (f" ZeRO-{cfg['parallel']['zero_stage']}" if plan.deepspeed else "")),
+        ("backend", _backend_line(plan)),
         ("ranks", f"{topo['nodes']} node(s) x {topo['procs_per_node']} = {topo['world_size']} ({cfg['cluster']['accelerator']})"),
         (
             "batch",
@@ -185,6 +190,12 @@ def _summary(plan) -> str:  # plan: Plan
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _backend_line(plan) -> str:  # plan: Plan
+    par, choice = plan.config["parallel"], plan.backend_choice
+    line = par["backend"] + (f" ZeRO-{par['zero_stage']}" if plan.deepspeed else "")
+    return line + (f" ({choice['reason']})" if choice.get("requested") == "auto" else "")
 
 
 def _memory_line(mem: dict[str, float]) -> str:

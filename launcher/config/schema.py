@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Backend = Literal["fsdp", "deepspeed", "ddp", "single"]
+# auto: the plan picks ddp when the whole training state fits on each device with margin, else fsdp
+# (plan/backend.py); the ranks only ever see the concrete backend.
+Backend = Literal["auto", "fsdp", "deepspeed", "ddp", "single"]
 MethodName = Literal["full", "lora", "qlora", "freeze", "prompt_tuning"]
 Precision = Literal["bf16", "fp16", "fp32"]
 DType = Literal["bfloat16", "float16", "float32"]
@@ -220,7 +222,7 @@ class FsdpSection:
 
 @dataclass(frozen=True)
 class ParallelSection:
-    backend: Backend = "fsdp"
+    backend: Backend = "auto"
     zero_stage: int = 3
     offload_optimizer: Offload = "none"
     offload_params: Offload = "none"

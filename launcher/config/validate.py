@@ -230,7 +230,7 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
                     f"is a DeepSpeed setting but parallel.backend is {par.backend}",
                     "remove it, or set parallel.backend: deepspeed (FSDP offload is parallel.fsdp.cpu_offload)",
                 )
-    if par.backend != "fsdp":
+    if par.backend not in ("fsdp", "auto"):  # auto: an FSDP setting makes the plan pick fsdp (plan/backend.py)
         for key in sorted(k for k in explicit if k.startswith("parallel.fsdp.")):
             name = key.rpartition(".")[2]
             if getattr(par.fsdp, name) == getattr(defaults.fsdp, name):

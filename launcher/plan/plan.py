@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import yaml
 from launcher import __version__
 from launcher.config import RunConfig, config_from_dict
 from launcher.config.errors import ConfigError, Problem
+from launcher.plan.backend import resolve_backend
 from launcher.plan.deepspeed import build_deepspeed_config
 from launcher.plan.estimate import check_fits, choose_micro_batch, estimate_plan, render_estimate
 from launcher.plan.fsdp import build_fsdp_plan
@@ -43,6 +44,8 @@ class Plan:
     estimate: dict[str, float]
     launch_script: str
     sbatch_script: str
+    # parallel.backend as the recipe asked for it, as chosen, and why: {requested, chosen, reason}
+    backend_choice: dict[str, str] = field(default_factory=dict)
 
     @property
     def run_config(self) -> RunConfig:
@@ -92,7 +95,9 @@ def plan_env(cfg: RunConfig, topology: Topology) -> dict[str, str]:
 
 def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Plan:
     """RunConfig → Plan; `run_dir` must be absolute (scripts cd into it on other machines).
-    Refuses (ConfigError) a plan whose memory estimate is over cluster.gpu_memory_gib."""
+    Refuses (ConfigError) a plan whose memory estimate is over cluster.gpu_memory_gib.
+    `parallel.backend: auto` is resolved here: the plan and the ranks see a concrete backend."""
+    cfg, choice = resolve_backend(cfg)
     candidates: dict[int, float] = {}
     if cfg.train.auto_micro_batch:
         cfg, candidates = choose_micro_batch(cfg)
@@ -120,6 +125,7 @@ def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Pl
         estimate=memory,
         launch_script=build_launch_script(topology, cfg.run.name, env, torchrun),
         sbatch_script=build_sbatch(cfg.cluster, topology, cfg.run.name, run_dir, env, torchrun),
+        backend_choice=dataclasses.asdict(choice),
     )
 
 
