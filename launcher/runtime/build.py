@@ -57,11 +57,18 @@ def build_training_model(
 
         model = build_qlora(path, cfg, info, attn_implementation)
         model = shard_model(model, backend, plan.fsdp, info)
-    elif backend == "deepspeed" and cfg.parallel.zero_stage == 3 and method.name in ("full", "freeze"):
+    elif backend == "deepspeed" and cfg.parallel.zero_stage == 3 and (method.name in ("full", "freeze") or _zero3_lora(cfg)):
         from launcher.runtime.engine import zero3_model
 
-        model = zero3_model(path, cfg, plan, attn_implementation, info.device, labels)
+        # LoRA: the frozen base in its storage dtype, partitioned as it loads; the adapters (new,
+        # small) are partitioned by deepspeed.initialize like any parameter outside zero.Init.
+        dtype = DTYPES[cfg.model.dtype] if method.name == "lora" else torch.float32
+        model = zero3_model(path, cfg, plan, attn_implementation, info.device, labels, dtype)
         model = apply_method(model, method, cfg.model.layer_class, task)
+        if method.name == "lora":
+            from launcher.runtime.adapters import init_adapters
+
+            init_adapters(model, cfg.run.seed)
         apply_checkpointing(model, checkpointing)
     else:
         # Trainable weights are fp32 masters; the compute dtype comes from the mixed-precision policy.
@@ -91,3 +98,11 @@ def build_training_model(
     if backend == "ddp":
         model = wrap_ddp(model, info)
     return Built(model=model, optimizer=build_optimizer(model, cfg.optim), trainable_only=adapters)
+
+
+def _zero3_lora(cfg: RunConfig) -> bool:
+    """LoRA under ZeRO-3 builds inside zero.Init, for a causal LM. A classifier's head is trained in
+    full as peft's modules_to_save, a copy peft makes of the head module, which a partitioned
+    parameter does not survive: that one keeps the whole-model build (its base is then partitioned
+    by deepspeed.initialize)."""
+    return cfg.method.name == "lora" and cfg.task == "causal_lm"

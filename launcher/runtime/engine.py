@@ -62,7 +62,13 @@ _HF_DEEPSPEED: list[Any] = []  # transformers holds a weak reference; keep the o
 
 
 def zero3_model(
-    path: Path, cfg: RunConfig, plan: Plan, attn_implementation: str, device: torch.device, labels: list[str] | None = None
+    path: Path,
+    cfg: RunConfig,
+    plan: Plan,
+    attn_implementation: str,
+    device: torch.device,
+    labels: list[str] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Load under ZeRO-3 partitioning: transformers builds inside zero.Init (each rank allocates only
     its partition) and fills the weights partition by partition."""
@@ -74,9 +80,15 @@ def zero3_model(
     _HF_DEEPSPEED[:] = [HfDeepSpeedConfig(plan.deepspeed)]
     config = hf_config(path, cfg.model, labels)
     model = model_class(cfg.task).from_pretrained(
-        path, config=config, attn_implementation=attn_implementation, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
+        path, config=config, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
     )
     reinit_buffers(model, device)
+    held = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"launcher: ZeRO-3: built inside zero.Init; this rank holds {held / max(total, 1):.0%} of the {total:,} parameters", flush=True
+        )
     return model
 
 
