@@ -129,7 +129,9 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
     yield from _at_least(cluster.max_requeues, 0, "cluster.max_requeues")
     yield from _at_least(cluster.max_failure_requeues, 0, "cluster.max_failure_requeues")
     if cluster.fs_bandwidth_gbps is not None and not 0 < cluster.fs_bandwidth_gbps <= 10_000:
-        yield Problem("cluster.fs_bandwidth_gbps", f"{cluster.fs_bandwidth_gbps} is not a write speed in GB/s", "use e.g. 2, or leave it out")
+        yield Problem(
+            "cluster.fs_bandwidth_gbps", f"{cluster.fs_bandwidth_gbps} is not a write speed in GB/s", "use e.g. 2, or leave it out"
+        )
     yield from _at_least(cluster.max_restarts, 0, "cluster.max_restarts")
     if not 0 <= cluster.signal_seconds <= 65535:
         yield Problem("cluster.signal_seconds", f"{cluster.signal_seconds} is outside 0-65535", "use e.g. 300 (0 disables)")
