@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. cluster.accelerator=cpu")
     cmd.set_defaults(func=cmd_doctor)
 
+    cmd = sub.add_parser("plot", help="draw a run's loss.png (loss and learning rate) from its metrics.jsonl")
+    cmd.add_argument("run_dir")
+    cmd.add_argument("--out", help="PNG file to write (default: RUN_DIR/loss.png)")
+    cmd.set_defaults(func=cmd_plot)
+
     cmd = sub.add_parser("status", help="a run's state (running, preempted, requeued, failed, done), job, step, checkpoint")
     cmd.add_argument("run_dir")
     cmd.set_defaults(func=cmd_status)
@@ -265,6 +270,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, args.overrides) if args.recipe else None
     return doctor(cfg, args.recipe or "")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from launcher.plot import plot_run
+
+    metrics = Path(args.run_dir) / "metrics.jsonl"
+    if not metrics.is_file():
+        print(f"error: {metrics}: not found; give a run directory that `launcher run` has logged steps in", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        path = plot_run(args.run_dir, args.out)
+    except ValueError as exc:
+        print(f"error: {metrics}: {exc}; plot once the run has logged a step", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        print(f"error: {args.out or args.run_dir}: cannot write the plot ({exc.strerror}); choose a writable --out", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"launcher: plot {path}")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

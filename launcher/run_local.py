@@ -23,6 +23,7 @@ from types import FrameType
 from typing import IO
 
 from launcher.plan import Plan
+from launcher.plot import plot_after_run
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 EXIT_REQUEUE = 75
@@ -67,6 +68,7 @@ def run_local(plan: Plan) -> int:
         code = int((logs / "exit_code").read_text().strip() or code)
     if code == 0:
         write_state(run_dir, "done", job="local", attempt=1)
+        plot_after_run(run_dir, plan.config["train"].get("plot", True))  # here, not on rank 0: the ranks have exited
     elif code == EXIT_REQUEUE:
         write_state(run_dir, "preempted", job="local", attempt=1)
     else:

@@ -194,6 +194,7 @@ class TrainSection:
     precision: Precision = "bf16"
     activation_checkpointing: Checkpointing = False
     compile: bool = False  # torch.compile each repeated block (after checkpointing, before FSDP2 sharding)
+    plot: bool = True  # loss.png (loss and learning rate), drawn by `launcher run` after the ranks exit
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     eval_strategy: Strategy = "steps"  # epoch: evaluate at the end of every epoch (eval_every ignored)

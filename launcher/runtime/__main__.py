@@ -120,7 +120,7 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     from launcher.runtime.build import build_training_model
     from launcher.runtime.dist import raise_for_test, seed_everything
     from launcher.runtime.loop import Context, EarlyStopper, train
-    from launcher.runtime.metrics import Reporter, plot_losses
+    from launcher.runtime.metrics import Reporter
     from launcher.runtime.model import load_tokenizer, model_dir
     from launcher.runtime.packing import GlobalOrder, TokenData
     from launcher.runtime.tasks import build_task
@@ -246,8 +246,8 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     if stopped:
         return REQUEUE_EXIT_CODE
     if info.is_main:
-        plot_losses(reporter.path, run_dir / "loss.png")
-        print(f"launcher: done. metrics {reporter.path}, plot {run_dir / 'loss.png'}, checkpoints {run_dir / 'checkpoints'}", flush=True)
+        # loss.png is drawn by `launcher run` once the ranks have exited (launcher/plot.py)
+        print(f"launcher: done. metrics {reporter.path}, checkpoints {run_dir / 'checkpoints'}", flush=True)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What a person sees: rank 0's progress line or bar, metrics.jsonl, and loss.png at the end."""
+"""What a person sees: rank 0's progress line or bar and metrics.jsonl (loss.png: launcher/plot.py)."""
 
 from __future__ import annotations
 
@@ -102,35 +102,6 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 1024**3
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
-
-
-def plot_losses(metrics: Path, out: Path) -> None:
-    """Train and validation loss against step, from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train, val = [], []
-    for line in metrics.read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            train.append((record["step"], record["loss"]))
-        if "val_loss" in record:
-            val.append((record["step"], record["val_loss"]))
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*sorted(dict(train).items())), label="train")
-    if val:
-        ax.plot(*zip(*sorted(dict(val).items())), marker="o", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
 
 
 def _duration(seconds: float) -> str:
