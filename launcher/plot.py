@@ -96,7 +96,7 @@ def plot_after_run(run_dir: str | Path, enabled: bool) -> Path | None:
     started = time.perf_counter()
     try:
         path = plot_run(run_dir)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: matplotlib removed from the environment
         print(f"launcher: warning: {PLOT_FILE} not drawn ({exc}); try `launcher plot {run_dir}`", file=sys.stderr, flush=True)
         return None
     print(f"launcher: plot {path} ({time.perf_counter() - started:.1f} s)", flush=True)
