@@ -6,11 +6,14 @@ import os
 from pathlib import Path
 
 
-def launcher_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None, check: bool = True):
-    """Run `python -m launcher ARGS` as a user would; returns the CompletedProcess."""
+def launcher_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None, check: bool = True, plot: bool = False):
+    """Run `python -m launcher ARGS` as a user would; returns the CompletedProcess. A `run` draws no
+    loss.png unless `plot` (a second or more of every run's end, CI time; tests that look at it say so)."""
     import subprocess
     import sys
 
+    if args[:1] == ("run",) and len(args) > 1 and not plot and not any(a.startswith("train.plot=") for a in args):
+        args = (*args[:2], "train.plot=false", *args[2:])
     done = subprocess.run(
         [sys.executable, "-m", "launcher", *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
     )

@@ -43,7 +43,7 @@ def straight(tmp_path_factory) -> Path:
     from _support import launcher_cli
 
     run = tmp_path_factory.mktemp("straight") / "run"
-    launcher_cli("run", "tiny-cpu.yaml", *BASE, "checkpoint.every=5", "checkpoint.keep_last=10", "--out", str(run))
+    launcher_cli("run", "tiny-cpu.yaml", *BASE, "checkpoint.every=5", "checkpoint.keep_last=10", "--out", str(run), plot=True)
     return run
 
 

@@ -25,7 +25,7 @@ def unigram_entropy(cache: Path) -> float:
 
 def test_tiny_recipe_trains_end_to_end(tmp_path: Path, launcher, metrics) -> None:
     run = tmp_path / "tiny"
-    done = launcher("run", "recipes/tiny-cpu.yaml", "train.report_to=[tensorboard]", "--out", str(run), timeout=900)
+    done = launcher("run", "recipes/tiny-cpu.yaml", "train.report_to=[tensorboard]", "--out", str(run), timeout=900, plot=True)
     assert "launcher: done" in done.stdout
     train, evals = metrics(run)
     assert train[0]["step"] == 1 and train[-1]["step"] == 200
