@@ -13,4 +13,4 @@ export TORCH_NCCL_DUMP_ON_TIMEOUT=1
 : "${LAUNCHER_RDZV_PORT:=29500}"
 : "${LAUNCHER_RDZV_ID:=llama3-70b-full-zero3-offload}"
 export LAUNCHER_HEAD_ADDR LAUNCHER_RDZV_PORT LAUNCHER_RDZV_ID
-exec /opt/venv/bin/python -m torch.distributed.run --nnodes 4 --rdzv_backend c10d --rdzv_endpoint "${LAUNCHER_HEAD_ADDR}:${LAUNCHER_RDZV_PORT}" --rdzv_id "${LAUNCHER_RDZV_ID}" --nproc_per_node 8 --max_restarts 0 --signals-to-handle SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT --shutdown-timeout 900 --log-dir /scratch/runs/llama3-70b-full-zero3-offload/logs/torchrun --tee 3 -m launcher.runtime --plan /scratch/runs/llama3-70b-full-zero3-offload/plan.json
+exec /opt/venv/bin/python -m launcher.agent --nnodes 4 --rdzv_backend c10d --rdzv_endpoint "${LAUNCHER_HEAD_ADDR}:${LAUNCHER_RDZV_PORT}" --rdzv_id "${LAUNCHER_RDZV_ID}" --nproc_per_node 8 --max_restarts 0 --signals-to-handle SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT --shutdown-timeout 900 --log-dir /scratch/runs/llama3-70b-full-zero3-offload/logs/torchrun --tee 3 -m launcher.runtime --plan /scratch/runs/llama3-70b-full-zero3-offload/plan.json
