@@ -204,7 +204,17 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
         # A signal during the last step needs no requeue: the run is finishing anyway.
         stopped = stop.agreed(info.device) and step < max_steps
         early = stopper is not None and ctx.evaluated is not None and stopper.should_stop
-        saver.poll()
+        saver.poll()  # agreed on every rank: a save still in flight here is in flight everywhere
+        pending = saver.in_flight()
+        if stopped and pending is not None:
+            # An asynchronous save began less than one save's time ago: redoing the steps since costs
+            # less than a second save inside the signal window. It counts as the signal save.
+            saver.wait()
+            if info.is_main:
+                (run_dir / "checkpoints" / "REQUEUE").write_text(pending.name + "\n")
+                note = f"the save in flight when the signal came counts; run again to resume at {pending.name}"
+                reporter.print(f"launcher: saved {pending} after a signal; exiting with {REQUEUE_EXIT_CODE} ({note})")
+            return True
         every = cfg.checkpoint.every
         # With early stopping every evaluation is saved, so the best one can be exported.
         at_eval = stopper is not None and ctx.evaluated is not None

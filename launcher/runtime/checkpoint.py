@@ -111,6 +111,19 @@ def save_errors(folder: Path, rank: int) -> Iterator[None]:
         ) from None
 
 
+class _Held:
+    """A save future that says it is still running until someone waits for it (LAUNCHER_TEST_HOLD_ASYNC_SAVE)."""
+
+    def __init__(self, future: Any) -> None:
+        self.future = future
+
+    def done(self) -> bool:
+        return False
+
+    def result(self) -> Any:
+        return self.future.result()
+
+
 @dataclass
 class Saver:
     """Saves on every rank; rank 0 finalises (manifest, COMPLETE, latest, retention)."""
@@ -148,11 +161,17 @@ class Saver:
             state = {"model": model_sd, "optim": optim_sd}
             if self.async_save:
                 self._pending = dcp.async_save(state, checkpoint_id=str(folder / "model_optim"), process_group=self.group)
+                if os.environ.get("LAUNCHER_TEST_HOLD_ASYNC_SAVE"):  # test hook: in flight until waited for
+                    self._pending = _Held(self._pending)
                 self._pending_finish = (folder, manifest)
             else:
                 dcp.save(state, checkpoint_id=str(folder / "model_optim"))
                 self._finish(folder, manifest)
         return folder
+
+    def in_flight(self) -> Path | None:
+        """The folder an asynchronous save is still writing (after poll(), the same on every rank)."""
+        return self._pending_finish[0] if self._pending is not None else None
 
     def poll(self) -> bool:
         """True when no save is in flight (finalising one that just ended on every rank)."""

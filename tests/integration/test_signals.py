@@ -39,10 +39,10 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def _start(run: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def _start(run: Path, env: dict[str, str] | None = None, extra: list[str] | None = None) -> subprocess.Popen:
     """`launcher run` in its own process group, as a shell starts a foreground job."""
     return subprocess.Popen(
-        [sys.executable, "-m", "launcher", "run", "tiny-cpu.yaml", *BASE, "--out", str(run)],
+        [sys.executable, "-m", "launcher", "run", "tiny-cpu.yaml", *BASE, *(extra or []), "train.plot=false", "--out", str(run)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -89,8 +89,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=lambda s: signal.Signals(s).name)
 def test_signal_to_launcher_run_saves_and_resumes_exactly(reference: Path, tmp_path: Path, signum: int, launcher) -> None:
+    """SIGUSR1's run saves asynchronously every 2 steps, each save held in flight until waited for: the
+    save in flight when the signal comes counts as the signal save (no second one)."""
     run = tmp_path / "run"
-    proc = _start(run)
+    usr1 = signum == signal.SIGUSR1
+    extra = ["checkpoint.every=2", "checkpoint.async_save=true"] if usr1 else []
+    proc = _start(run, {"LAUNCHER_TEST_HOLD_ASYNC_SAVE": "1"} if usr1 else None, extra)
     _wait_for_steps(proc, run, 3)
     if signum == signal.SIGINT:
         os.killpg(proc.pid, signum)  # Ctrl-C: the terminal signals the whole foreground process group
@@ -100,7 +104,11 @@ def test_signal_to_launcher_run_saves_and_resumes_exactly(reference: Path, tmp_p
     assert proc.returncode == 75, output
     assert _leftovers(run) == [], output
     stopped_at = int((run / "checkpoints" / "REQUEUE").read_text().strip().removeprefix("step-"))
-    assert 3 <= stopped_at < STEPS, output
+    if usr1:
+        assert stopped_at % 2 == 0 and 2 <= stopped_at < STEPS, output
+        assert f"exiting with 75 (the save in flight when the signal came counts; run again to resume at step-{stopped_at:08d})" in output
+    else:
+        assert 3 <= stopped_at < STEPS, output
     assert ckpt.is_complete(ckpt.step_dir(run / "checkpoints", stopped_at))[0]
     name = signal.Signals(signum).name
     assert f"launcher: received {name}; saving at the next step boundary" in output
@@ -109,7 +117,7 @@ def test_signal_to_launcher_run_saves_and_resumes_exactly(reference: Path, tmp_p
     assert "[default0]:launcher: rank 0 of 2" in log and "[default1]:launcher: rank 1 of 2" in log
     assert _status(run).splitlines()[0].startswith("state: preempted (job local, attempt 1")
 
-    done = launcher("run", "tiny-cpu.yaml", *BASE, "--out", str(run))
+    done = launcher("run", "tiny-cpu.yaml", *BASE, *extra, "--out", str(run))
     assert f"resuming from {ckpt.step_dir(run / 'checkpoints', stopped_at)} at step {stopped_at}" in done.stdout
     expected, resumed = _losses(reference), _losses(run)
     assert sorted(resumed) == list(range(1, STEPS + 1))
