@@ -151,6 +151,8 @@ def _planned(args: argparse.Namespace, data: bool = False) -> Iterator[Any]:  # 
     if problems:
         raise ConfigError(problems)
     plan = build_plan(cfg, run_dir)
+    for line in plan.warnings:
+        print(line, file=sys.stderr)
     cfg = with_backend(cfg, plan.config["parallel"]["backend"])  # auto resolved: what checkpoints record
     if check_resume(cfg, run_dir) is not None and data:
         from launcher.runtime.__main__ import prepare as prepare_data

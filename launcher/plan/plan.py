@@ -21,6 +21,7 @@ from launcher import __version__
 from launcher.config import RunConfig, config_from_dict
 from launcher.config.errors import ConfigError, Problem
 from launcher.plan.backend import resolve_backend
+from launcher.plan.budget import save_budget_warning
 from launcher.plan.deepspeed import build_deepspeed_config
 from launcher.plan.estimate import check_fits, choose_micro_batch, estimate_plan, render_estimate
 from launcher.plan.fsdp import build_fsdp_plan
@@ -46,6 +47,8 @@ class Plan:
     sbatch_script: str
     # parallel.backend as the recipe asked for it, as chosen, and why: {requested, chosen, reason}
     backend_choice: dict[str, str] = field(default_factory=dict)
+    # One line each the planner wants the user to read (memory headroom, the signal window's save budget)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def run_config(self) -> RunConfig:
@@ -111,7 +114,7 @@ def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Pl
     torchrun = build_torchrun_argv(cfg.cluster, topology, plan_path, python)
     env = plan_env(cfg, topology)
     memory = estimate_plan(cfg, topology)
-    check_fits(cfg, memory)
+    warnings = [line for line in (check_fits(cfg, memory), save_budget_warning(cfg.cluster, memory)) if line]
     memory.update({f"auto_micro_batch_{m}": total for m, total in candidates.items()})
     return Plan(
         launcher_version=__version__,
@@ -126,6 +129,7 @@ def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Pl
         launch_script=build_launch_script(topology, cfg.run.name, env, torchrun),
         sbatch_script=build_sbatch(cfg.cluster, topology, cfg.run.name, run_dir, env, torchrun),
         backend_choice=dataclasses.asdict(choice),
+        warnings=warnings,
     )
 
 

@@ -199,6 +199,12 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     topology = plan.topology
     stopped = early = False
 
+    def signal_saved(folder: Path, note: str) -> None:
+        """checkpoints/REQUEUE names the signal save (job.sbatch requeues on it), and one line says so."""
+        if info.is_main:
+            (run_dir / "checkpoints" / "REQUEUE").write_text(folder.name + "\n")
+            reporter.print(f"launcher: saved {folder} after a signal; exiting with {REQUEUE_EXIT_CODE} ({note})")
+
     def on_step_end(step: int) -> bool:
         nonlocal stopped, early
         # A signal during the last step needs no requeue: the run is finishing anyway.
@@ -210,10 +216,7 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
             # An asynchronous save began less than one save's time ago: redoing the steps since costs
             # less than a second save inside the signal window. It counts as the signal save.
             saver.wait()
-            if info.is_main:
-                (run_dir / "checkpoints" / "REQUEUE").write_text(pending.name + "\n")
-                note = f"the save in flight when the signal came counts; run again to resume at {pending.name}"
-                reporter.print(f"launcher: saved {pending} after a signal; exiting with {REQUEUE_EXIT_CODE} ({note})")
+            signal_saved(pending, f"the save in flight when the signal came counts; run again to resume at {pending.name}")
             return True
         every = cfg.checkpoint.every
         # With early stopping every evaluation is saved, so the best one can be exported.
@@ -235,11 +238,8 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
             saved_to = saver.save(built.model, built.optimizer, manifest)
             if stopped:
                 saver.wait()
-                if info.is_main:
-                    (run_dir / "checkpoints" / "REQUEUE").write_text(saved_to.name + "\n")
-                    took = time.monotonic() - save_started  # what a signal window must cover (cluster.signal_seconds)
-                    note = f"run again to resume; the save took {took:.1f} s"
-                    reporter.print(f"launcher: saved {saved_to} after a signal; exiting with {REQUEUE_EXIT_CODE} ({note})")
+                took = time.monotonic() - save_started  # what a signal window must cover (cluster.signal_seconds)
+                signal_saved(saved_to, f"run again to resume; the save took {took:.1f} s")
         raise_for_test(step, info.rank, info.world_size)  # LAUNCHER_TEST_RAISE_AT_STEP, after the save
         if early and info.is_main:
             reporter.print(

@@ -52,6 +52,9 @@ def build_training_model(
     backend, method, task = cfg.parallel.backend, cfg.method, cfg.task
     adapters = method.name in ("lora", "qlora", "prompt_tuning")
     checkpointing = cfg.train.checkpointing
+    # Trainable weights are fp32 masters (the compute dtype comes from the mixed-precision policy);
+    # an adapter method's frozen base stays in its storage dtype.
+    frozen_dtype = DTYPES[cfg.model.dtype] if method.name in ("lora", "prompt_tuning") else torch.float32
     if method.name == "qlora":
         from launcher.runtime.adapters import build_qlora
 
@@ -60,10 +63,9 @@ def build_training_model(
     elif backend == "deepspeed" and cfg.parallel.zero_stage == 3 and (method.name in ("full", "freeze") or _zero3_lora(cfg)):
         from launcher.runtime.engine import zero3_model
 
-        # LoRA: the frozen base in its storage dtype, partitioned as it loads; the adapters (new,
-        # small) are partitioned by deepspeed.initialize like any parameter outside zero.Init.
-        dtype = DTYPES[cfg.model.dtype] if method.name == "lora" else torch.float32
-        model = zero3_model(path, cfg, plan, attn_implementation, info.device, labels, dtype)
+        # LoRA: the frozen base partitioned as it loads; the adapters (new, small) are partitioned
+        # by deepspeed.initialize like any parameter outside zero.Init.
+        model = zero3_model(path, cfg, plan, attn_implementation, info.device, labels, frozen_dtype)
         model = apply_method(model, method, cfg.model.layer_class, task)
         if method.name == "lora":
             from launcher.runtime.adapters import init_adapters
@@ -71,8 +73,6 @@ def build_training_model(
             init_adapters(model, cfg.run.seed)
         apply_checkpointing(model, checkpointing)
     else:
-        # Trainable weights are fp32 masters; the compute dtype comes from the mixed-precision policy.
-        frozen_dtype = DTYPES[cfg.model.dtype] if method.name in ("lora", "prompt_tuning") else torch.float32
         model = build_on_meta(path, cfg.model, attn_implementation, frozen_dtype, task, labels)
         weights = WeightMap.of(model, task)  # before peft and sharding: keys → modules
         model = apply_method(model, method, cfg.model.layer_class, task)

@@ -77,7 +77,8 @@ def _disk_full(folder: Path) -> str:
     except OSError:
         return ""
     latest = folder.parent / "latest"
-    needed = sum(file_sizes(latest.resolve()).values()) if latest.is_symlink() and latest.resolve().is_dir() else 0
+    last = latest.resolve() if latest.is_symlink() else None
+    needed = sum(file_sizes(last).values()) if last is not None and last.is_dir() else 0
     if free >= max(needed, 1 << 20):
         return ""
     return f"{free / 2**20:.1f} MiB free on {folder.parent}, the last checkpoint took {needed / 2**20:.1f} MiB"

@@ -35,10 +35,10 @@ DEEPSPEED_GLOBALS = frozenset(
 
 def _prepare_environment() -> None:
     """Point DeepSpeed's JIT builds at the project cache and let it adopt our process group."""
-    from launcher.runtime.tiny import cache_dir
+    from launcher.runtime.ops import extensions_dir
 
-    # JIT builds (shared-memory op, CPU Adam) land in the project cache, so runs and CI reuse them.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    # JIT builds (CPU Adam) land in the project cache, where the prepare step built them (ops.py).
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     import deepspeed
     import torch.distributed as dist
 

@@ -19,7 +19,9 @@ RECIPE = ROOT / "recipes" / "llama3-8b-full-fsdp.yaml"
 def _warning(tmp_path: Path, *overrides: str) -> tuple[str | None, dict[str, float]]:
     cfg = load_config(RECIPE, list(overrides))
     plan = build_plan(cfg, str(tmp_path / "run"))
-    return save_budget_warning(cfg.cluster, plan.estimate), plan.estimate
+    line = save_budget_warning(cfg.cluster, plan.estimate)
+    assert plan.warnings == ([line] if line else []), "the plan carries the warning (the CLI prints plan.warnings)"
+    return line, plan.estimate
 
 
 def test_the_shipped_window_covers_a_save_at_the_assumed_speed(tmp_path: Path) -> None:
@@ -48,3 +50,15 @@ def test_assumed_speed_says_so_and_no_window_no_warning(tmp_path: Path) -> None:
 def test_bandwidth_is_checked(value: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"cluster.fs_bandwidth_gbps: {float(value)} is not a write speed in GB/s")):
         load_config(RECIPE, [f"cluster.fs_bandwidth_gbps={value}"])
+
+
+def test_launcher_plan_prints_the_warning(tmp_path: Path) -> None:
+    import contextlib
+    import io
+
+    from launcher.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["plan", str(RECIPE), "cluster.signal_seconds=30", "--out", str(tmp_path / "run")])
+    assert code == 0 and err.getvalue().startswith("warning: cluster.signal_seconds: 30 s may not cover a save"), err.getvalue()
