@@ -1,6 +1,7 @@
 """Parameter-efficient methods: peft LoRA and prompt tuning, QLoRA through bitsandbytes.
 
-The only module that imports peft or bitsandbytes (lazily, inside functions).
+With qlora.py (the 4-bit base), the only modules that import peft or bitsandbytes (lazily, inside
+functions).
 
 - LoRA and prompt tuning wrap a model that is still on the meta device (build.py then shards,
   materialises and loads the base weights), so `init_adapters` must fill the adapter weights
@@ -9,8 +10,8 @@ The only module that imports peft or bitsandbytes (lazily, inside functions).
   adapters, and 1-rank and 2-rank runs give the same losses.
 - Trainable adapter weights are fp32 masters whatever the frozen base's dtype; FSDP2 accepts
   parameters of several dtypes in one unit (it all-gathers in the mixed-precision param dtype).
-- QLoRA loads the 4-bit base with `from_pretrained` on the rank's device (bitsandbytes quantises
-  while loading), then adds LoRA; build.py shards it afterwards.
+- QLoRA builds its 4-bit base the same way (meta, LoRA, shard, then quantise while filling each
+  rank's shard): qlora.py.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ import torch
 from torch import nn
 
 from launcher.config.schema import LoraSection, MethodSection, RunConfig
-from launcher.runtime.dist import DistInfo
-from launcher.runtime.model import DTYPES, ModelError, copy_full_into
+from launcher.runtime.model import ModelError, copy_full_into
 
 ADAPTER_MARKERS = ("lora_", "prompt_encoder")
 
@@ -156,46 +156,6 @@ def keep_4bit_layout(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
-
-
-def build_qlora(path: Path, cfg: RunConfig, info: DistInfo, attn_implementation: str) -> nn.Module:
-    """4-bit base (bitsandbytes, quantised while loading on this rank's device) + LoRA adapters."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per rank is noise in the run log
-    quant = cfg.method.quant
-    storage = DTYPES[quant.quant_storage_dtype]
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant.quant_type,
-        bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
-        bnb_4bit_quant_storage=storage,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        quantization_config=config,
-        dtype=DTYPES[cfg.model.dtype],
-        device_map={"": info.device},
-        attn_implementation=attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
-    model.config.use_cache = False  # training: no KV cache (and packed batches need it off)
-    keep_4bit_layout(model)
-    # What peft's prepare_model_for_kbit_training does, without its fp32 upcast of every bf16
-    # weight: that is a full-size fp32 copy of the embeddings and lm_head on every GPU (about 45 GB
-    # transient at 70B), and the compute runs in the compute dtype anyway (FSDP2's param dtype,
-    # autocast elsewhere; HF norms upcast their activations themselves).
-    model.requires_grad_(False)
-    if cfg.train.activation_checkpointing:
-        from launcher.runtime.blocks import apply_checkpointing
-
-        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        apply_checkpointing(model, cfg.train.checkpointing)
-    adapted = wrap_with_peft(model, cfg.method)
-    init_adapters(adapted, cfg.run.seed)  # the same adapters on every rank, whatever peft drew
-    return adapted
 
 
 def _checkpoint_name(name: str) -> str:

@@ -56,10 +56,11 @@ def build_training_model(
     # an adapter method's frozen base stays in its storage dtype.
     frozen_dtype = DTYPES[cfg.model.dtype] if method.name in ("lora", "prompt_tuning") else torch.float32
     if method.name == "qlora":
-        from launcher.runtime.adapters import build_qlora
+        from launcher.runtime.qlora import build_qlora
 
-        model = build_qlora(path, cfg, info, attn_implementation)
-        model = shard_model(model, backend, plan.fsdp, info)
+        # meta → quantised skeleton → LoRA → shard → fill: each rank quantises one tensor at a
+        # time and keeps its shard of the packed data (never the whole 4-bit base under FSDP2).
+        model = build_qlora(path, cfg, info, attn_implementation, lambda m: shard_model(m, backend, plan.fsdp, info))
     elif backend == "deepspeed" and cfg.parallel.zero_stage == 3 and (method.name in ("full", "freeze") or _zero3_lora(cfg)):
         from launcher.runtime.engine import zero3_model
 

@@ -7,13 +7,15 @@ one tensor at a time (each rank keeps its own shard). Checkpoint keys are resolv
 `WeightMap` taken from the unwrapped model before any wrapping: key → (module, attribute). Wrappers
 (peft's LoRA layers keep the original module as `base_layer`, FSDP2 keeps module objects) never
 change which module a key fills, so biases, tied embeddings, Conv1D and buffers need no rewrites.
-QLoRA loads through bitsandbytes (adapters.py: the only module that imports peft / bitsandbytes).
+QLoRA quantises through a `load_weights` hook (qlora.py; with adapters.py the only modules that
+import bitsandbytes / peft).
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,9 +206,17 @@ def materialize(model: nn.Module, device: torch.device) -> None:
             tie()
 
 
-def load_weights(module: nn.Module, weights: WeightMap, path: Path, seed: int = 0) -> None:
+def load_weights(
+    module: nn.Module,
+    weights: WeightMap,
+    path: Path,
+    seed: int = 0,
+    convert: Callable[[nn.Module, str, torch.Tensor], torch.Tensor] | None = None,
+) -> None:
     """Fill the model from the directory's safetensors, one tensor at a time (each rank keeps its
-    shard); a task head the checkpoint cannot hold is initialised as transformers would."""
+    shard); a task head the checkpoint cannot hold is initialised as transformers would.
+    `convert(owner module, attribute, full tensor)` turns a checkpoint tensor into what the target
+    holds (QLoRA: the packed 4-bit data, qlora.py) before the rank's shard is cut from it."""
     from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
@@ -219,7 +229,8 @@ def load_weights(module: nn.Module, weights: WeightMap, path: Path, seed: int = 
                 name = weights.resolve(key)
                 if name is not None:
                     target = weights.tensor(name)
-                    copy_full_into(target, handle.get_tensor(key))
+                    full = handle.get_tensor(key)
+                    copy_full_into(target, convert(*weights.targets[name], full) if convert else full)
                     filled.add(id(target))
     missing = [k for k in weights.targets if id(weights.tensor(k)) not in filled and not _buffer_computed(weights, k)]
     new_head = [k for k in missing if k in weights.head]

@@ -1,0 +1,140 @@
+"""QLoRA's 4-bit base, built like every other model: meta device → method → shard → fill.
+
+With adapters.py, the only module that imports bitsandbytes (lazily, inside functions).
+
+The skeleton is the model built on meta with transformers' own bitsandbytes replacement
+(`replace_with_bnb_linear`, the modules from_pretrained would quantise: every linear layer of the
+blocks, not the output embedding), each `Linear4bit` weight already in the packed shape and storage
+dtype that `quantize_4bit` returns. FSDP2 therefore shards the packed data exactly as it would shard
+a model from_pretrained had quantised. Filling streams the safetensors one tensor at a time
+(model.load_weights): a quantised weight is read whole (one tensor transient), cast to the model
+dtype and quantised on the rank's device as from_pretrained does, the rank keeps its shard of the
+packed data, and the module keeps the whole (small) quant state, where `Linear4bit.forward` finds
+it after FSDP2 has swapped the parameter object (bitsandbytes' fix_4bit_weight_quant_state_from_module).
+No rank ever holds more than its shard plus one tensor; the quantised bytes equal from_pretrained's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher.config.schema import QuantSection, RunConfig
+from launcher.runtime.dist import DistInfo
+from launcher.runtime.model import DTYPES
+
+BLOCKSIZE = 64  # bitsandbytes' 4-bit block size, the one from_pretrained uses (BitsAndBytesConfig has no key for it)
+
+
+def bnb_config(quant: QuantSection) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        bnb_4bit_quant_storage=DTYPES[quant.quant_storage_dtype],
+    )
+
+
+def quantize_skeleton(model: nn.Module, quant: QuantSection, dtype: torch.dtype) -> int:
+    """Swap the linear layers from_pretrained would quantise for meta `Linear4bit`s whose weight is
+    already packed (shape and dtype of quantize_4bit's output); returns how many."""
+    import bitsandbytes as bnb
+    from transformers.integrations import replace_with_bnb_linear
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    config = bnb_config(quant)
+    skip = {*get_keys_to_not_convert(model), *(getattr(model, "_keep_in_fp32_modules", None) or [])}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as inside from_pretrained: a new layer's bias in the model dtype
+    try:
+        replace_with_bnb_linear(model, modules_to_not_convert=sorted(skip), quantization_config=config)
+    finally:
+        torch.set_default_dtype(previous)
+    storage = DTYPES[quant.quant_storage_dtype]
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        full = torch.empty(module.out_features, module.in_features, dtype=dtype, device="meta")
+        # The op itself on meta: the packed shape only. (bnb.functional.quantize_4bit would cache its
+        # double-quant code map on the meta device and fail on every real tensor afterwards.)
+        packed, _ = torch.ops.bitsandbytes.quantize_4bit.default(full, BLOCKSIZE, quant.quant_type, storage)
+        module.weight = bnb.nn.Params4bit(
+            packed,
+            requires_grad=False,
+            blocksize=BLOCKSIZE,
+            compress_statistics=quant.double_quant,
+            quant_type=quant.quant_type,
+            quant_storage=storage,
+            module=module,
+            bnb_quantized=True,  # `.to(device)` must not quantise the (empty) data again
+        )
+        count += 1
+    model.is_loaded_in_4bit = True  # type: ignore[assignment]  # peft then wraps these layers with its bitsandbytes LoRA layer
+    model.config.quantization_config = config  # type: ignore[union-attr]  # as from_pretrained records it
+    return count
+
+
+def quantizer(quant: QuantSection, dtype: torch.dtype, device: torch.device) -> Callable[[nn.Module, str, torch.Tensor], torch.Tensor]:
+    """The load_weights hook: a 4-bit layer's full checkpoint weight → its packed data (what the
+    rank's shard is cut from); the layer keeps the quant state. Other tensors pass through."""
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    storage = DTYPES[quant.quant_storage_dtype]
+
+    def convert(owner: nn.Module, attr: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not isinstance(owner, bnb.nn.Linear4bit) or attr != "weight":
+            return tensor
+        weight = tensor.to(device=device, dtype=dtype)  # from_pretrained casts to the model dtype first
+        if issubclass(getattr(owner, "source_cls", nn.Linear), Conv1D):
+            weight = weight.T  # GPT-2 stores [in, out]; bitsandbytes quantises [out, in]
+        packed, state = bnb.functional.quantize_4bit(
+            weight.contiguous(),
+            blocksize=BLOCKSIZE,
+            compress_statistics=quant.double_quant,
+            quant_type=quant.quant_type,
+            quant_storage=storage,
+        )
+        owner.quant_state = state
+        weight_param = owner.weight
+        if isinstance(weight_param, bnb.nn.Params4bit):  # unsharded (DDP, single): the parameter itself carries it too
+            weight_param.quant_state = state
+        return packed
+
+    return convert
+
+
+def build_qlora(path: Path, cfg: RunConfig, info: DistInfo, attn_implementation: str, shard: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """4-bit base + LoRA adapters, never whole on a rank: meta skeleton, peft, checkpointing,
+    `shard` (FSDP2, or nothing), materialise on the rank's device, fill, then the adapters."""
+    from launcher.runtime.adapters import init_adapters, keep_4bit_layout, wrap_with_peft
+    from launcher.runtime.blocks import apply_checkpointing
+    from launcher.runtime.model import WeightMap, build_on_meta, load_weights, materialize
+
+    dtype = DTYPES[cfg.model.dtype]
+    model = build_on_meta(path, cfg.model, attn_implementation, dtype)
+    quantize_skeleton(model, cfg.method.quant, dtype)
+    weights = WeightMap.of(model, cfg.task)  # before peft and sharding: keys → modules
+    # What peft's prepare_model_for_kbit_training does, without its fp32 upcast of every bf16
+    # weight: that is a full-size fp32 copy of the embeddings and lm_head on every GPU (about 45 GB
+    # transient at 70B), and the compute runs in the compute dtype anyway (FSDP2's param dtype,
+    # autocast elsewhere; HF norms upcast their activations themselves).
+    model.requires_grad_(False)
+    if cfg.train.activation_checkpointing:
+        model.enable_input_require_grads()  # type: ignore[operator]  # checkpointed blocks need an input that requires grad
+        apply_checkpointing(model, cfg.train.checkpointing)
+    adapted = wrap_with_peft(model, cfg.method)
+    adapted = shard(adapted)
+    materialize(adapted, info.device)
+    load_weights(adapted, weights, path, cfg.run.seed, convert=quantizer(cfg.method.quant, dtype, info.device))
+    keep_4bit_layout(adapted)
+    init_adapters(adapted, cfg.run.seed)  # the same adapters on every rank, whatever peft drew
+    return adapted
