@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A throw-away SLURM cluster on this machine, for the tests: munged, slurmctld and two slurmd nodes
-# (n1, n2), every file under one state directory. Needs root and Debian's slurmctld, slurmd,
-# slurm-client and munge packages.
+# (n1, n2) in two partitions, `local` (the default) and `high` (preempts local: see slurm.conf.in),
+# every file under one state directory. Needs root and Debian's slurmctld, slurmd, slurm-client and
+# munge packages.
 #
 #   slurm/cluster.sh start  [STATE_DIR]   start (or report the running cluster); waits until both nodes are idle
 #   slurm/cluster.sh stop   [STATE_DIR]   stop what `start` started and undo its network and /etc/hosts changes
@@ -45,7 +46,7 @@ die() {
 note() { echo "cluster.sh: $*" >&2; }
 
 usage() {
-  sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+  sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
   exit 2
 }
 
@@ -72,7 +73,7 @@ node_port() { echo "$((CTLD_PORT + 1 + $1))"; }
 alive() {
   local pid stat
   pid=$(cat "$PIDS/$1.pid" 2>/dev/null) || return 1
-  [[ $pid =~ ^[0-9]+$ ]] && read -r stat <"/proc/$pid/stat" 2>/dev/null || return 1
+  [[ $pid =~ ^[0-9]+$ ]] && read -r stat 2>/dev/null <"/proc/$pid/stat" || return 1
   [[ $stat == "$pid ($2) "* && ${stat#*) } != Z* ]]
 }
 
@@ -289,6 +290,11 @@ nodes_connected() {
   done
 }
 
+# How many nodes are idle (sinfo -N lists a node once per partition it is in).
+idle_nodes() {
+  SLURM_CONF=$CONF sinfo -h -N -o '%N %T' 2>/dev/null | awk '$2 == "idle" && !seen[$1]++' | wc -l
+}
+
 # Wait until every node is idle; 1 with a reason on stderr if that does not happen in TIMEOUT s.
 wait_idle() {
   local mode=$1 deadline=$((SECONDS + TIMEOUT)) name idle
@@ -299,7 +305,7 @@ wait_idle() {
       return 1
     }
     for name in "${NODES[@]}"; do alive "slurmd-$name" slurmd || { note "slurmd $name exited"; return 1; }; done
-    idle=$(SLURM_CONF=$CONF sinfo -h -N -o '%N %T' 2>/dev/null | awk '$2 == "idle"' | wc -l)
+    idle=$(idle_nodes)
     if ((idle == ${#NODES[@]})); then
       [[ $mode != netns ]] || nodes_connected || { note "the nodes cannot reach each other over $BRIDGE"; return 1; }
       return 0
@@ -463,7 +469,7 @@ cmd_shape() {
   echo "NodeName=g[1-$count] Name=gpu File=$STATE_DIR/dev/gpu[0-$((gpus - 1))]" >"$STATE_DIR/gres.conf"
   env "$MARKER" setsid slurmctld -D -c -f "$CONF" </dev/null >>"$STATE_DIR/log/slurmctld.out" 2>&1 &
   spawned slurmctld slurmctld
-  until [[ $(SLURM_CONF=$CONF sinfo -h -N -o '%N %T' 2>/dev/null | awk '$2 == "idle"' | wc -l) == "$count" ]]; do
+  until [[ $(idle_nodes) == "$count" ]]; do
     ((SECONDS < deadline)) || die "the controller did not list $count idle nodes within ${TIMEOUT} s"
     sleep 0.2
   done

@@ -49,6 +49,7 @@ class SlurmCluster:
     conf: Path
     mode: str  # "netns" (own IP and hostname per node) or "loopback" (both nodes on 127.0.0.1)
     partition: str = "local"
+    high_partition: str = "high"  # a higher PriorityTier over the same nodes: its jobs preempt the default partition's
     nodes: tuple[str, ...] = ("n1", "n2")
 
     def run(self, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:

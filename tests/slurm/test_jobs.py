@@ -1,6 +1,7 @@
 """The training job itself on the local 2-node cluster, submitted with `launcher submit` as a user would:
-it runs one rank per node and completes; USR1 saves, requeues and resumes bit-exactly; a spent retry
-budget and a dead rank end the job FAILED; `launcher status` reports the job and its last step.
+it runs one rank per node and completes; USR1, SIGTERM and a real preemption (a job in the higher-priority
+partition) save, requeue and resume bit-exactly; a spent retry budget and a dead rank end the job FAILED;
+`launcher status` reports the job and its last step.
 """
 
 from __future__ import annotations
@@ -312,29 +313,82 @@ def status_text(run_dir: Path) -> str:
     return launcher_cli("status", str(run_dir), timeout=60)
 
 
-@pytest.mark.parametrize("to_batch", [False, True], ids=["steps", "batch"])
-def test_term_saves_requeues_and_resumes_exactly(slurm_cluster: SlurmCluster, reference: Job, tmp_path: Path, to_batch: bool) -> None:
-    """SIGTERM as a preemption sends it to the job's steps (torchrun and the ranks get it directly), or
-    to the batch shell alone (its trap passes it on): the save finishes before anything kills the
-    ranks, then the job requeues itself and resumes bit-exactly. (`--full` would also signal srun,
-    which SIGKILLs its step on TERM: see job.sbatch.)"""
+def saved_step(out: str) -> int:
+    """The step attempt 1 saved at (`launcher: saved step-N before stopping`, printed once)."""
+    saved = [line for line in out.splitlines() if line.startswith("launcher: saved step-")]
+    assert len(saved) == 1, out
+    return int(saved[0].split()[2].removeprefix("step-"))
+
+
+def test_preemption_saves_requeues_and_resumes_exactly(slurm_cluster: SlurmCluster, reference: Job, tmp_path: Path) -> None:
+    """A real preemption: a job in the `high` partition (higher PriorityTier, same nodes) needs both nodes
+    while the training job runs in the default one. slurmctld 22.05 sends SIGCONT and SIGTERM to the
+    job's steps only (torchrun and the ranks; not the batch shell, so not srun, which would SIGKILL its
+    step) and requeues the job itself after the partition's GraceTime. The ranks save at the next step
+    boundary and exit 75, the script requeues the job before GraceTime runs out, the high job runs, and
+    the next attempt resumes bit-exactly."""
     assert reference.record["JobState"] == "COMPLETED", "no reference: the uninterrupted run failed"
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
     job_id = submit(run_dir)
     wait_for_steps(slurm_cluster, job_id, run_dir, 2)
-    slurm_cluster.run("scancel", "--signal=TERM", *(["--batch"] if to_batch else []), str(job_id))
+    ctld_log = slurm_cluster.state_dir / "log" / "slurmctld.log"
+    ctld_before = ctld_log.stat().st_size
+    high_out = tmp_path / "high-%j.out"
+    argv = ["sbatch", "--parsable", f"--partition={slurm_cluster.high_partition}", "--nodes=2", "--exclusive"]
+    high_id = int(slurm_cluster.run(*argv, f"--output={high_out}", "--wrap", "sleep 2").stdout.strip().split(";")[0])
     record = slurm_cluster.wait_done(job_id, timeout=150)
     out, err = logs(run_dir, job_id)
     assert record["JobState"] == "COMPLETED" and slurm_cluster.restarts(job_id) == 1, f"{record}\n{out[-3000:]}\n{err[-3000:]}"
-    saved = [line for line in out.splitlines() if line.startswith("launcher: saved step-")]
-    assert len(saved) == 1, out
-    stopped_at = int(saved[0].split()[2].removeprefix("step-"))
+    high = slurm_cluster.wait_done(high_id, timeout=30)
+    assert high["JobState"] == "COMPLETED" and high["Partition"] == slurm_cluster.high_partition, high
+
+    # The high job ran between the two attempts: on the nodes attempt 1 gave up, before attempt 2 began.
+    assert high["NodeList"] == "n[1-2]" and high["EndTime"] <= record["StartTime"], (high, record)
+    stopped_at = saved_step(out)
     in_order(
         out,
         [
             f"launcher: job {job_id} attempt 1 on n[1-2]",
-            *(["launcher: TERM received, asking the ranks to save and stop"] if to_batch else []),
+            f"checkpoints/step-{stopped_at:08d} after a signal; exiting with 75",
+            f"launcher: saved step-{stopped_at:08d} before stopping",
+            f"launcher: requeueing job {job_id} (requeue 1 of 3)",
+            f"launcher: job {job_id} attempt 2 on n[1-2] ",
+            f"launcher: resuming from {run_dir}/checkpoints/step-{stopped_at:08d} at step {stopped_at}",
+            "launcher: done.",
+        ],
+    )
+    # What reached whom: SIGTERM to the ranks; nothing to the batch shell (no trap ran, not even the
+    # --signal=B:USR1 one) nor to srun (which would have printed "forcing job termination").
+    assert "received SIGTERM; saving at the next step boundary" in err, err[-3000:]
+    assert "received, asking the ranks to save and stop" not in out and "forcing job termination" not in err, out[-3000:] + err[-3000:]
+    # The script requeued the job inside GraceTime: slurmctld never had to requeue (or kill) it itself.
+    ctld = ctld_log.read_text(errors="replace")[ctld_before:]
+    assert f"JobId={job_id} has been requeued to reclaim resources" not in ctld and f"JobId={job_id} had to be killed" not in ctld, ctld
+    assert_same_steps(run_dir, reference.run_dir, f"preempted at step {stopped_at}")
+    assert "state: done" in status_text(run_dir)
+    print(f"\npreempted at step {stopped_at} by job {high_id}, saved, requeued, completed: {time.monotonic() - t0:.1f} s")
+
+
+def test_term_to_the_batch_shell_saves_requeues_and_resumes_exactly(slurm_cluster: SlurmCluster, reference: Job, tmp_path: Path) -> None:
+    """SIGTERM to the batch shell alone (`scancel --batch --signal=TERM`): its trap passes it on to the
+    steps, the save finishes before anything kills the ranks, the job requeues itself and resumes
+    bit-exactly. (`--full` would also signal srun, which SIGKILLs its step on TERM: see job.sbatch.)"""
+    assert reference.record["JobState"] == "COMPLETED", "no reference: the uninterrupted run failed"
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    job_id = submit(run_dir)
+    wait_for_steps(slurm_cluster, job_id, run_dir, 2)
+    slurm_cluster.signal_batch(job_id, "TERM")
+    record = slurm_cluster.wait_done(job_id, timeout=150)
+    out, err = logs(run_dir, job_id)
+    assert record["JobState"] == "COMPLETED" and slurm_cluster.restarts(job_id) == 1, f"{record}\n{out[-3000:]}\n{err[-3000:]}"
+    stopped_at = saved_step(out)
+    in_order(
+        out,
+        [
+            f"launcher: job {job_id} attempt 1 on n[1-2]",
+            "launcher: TERM received, asking the ranks to save and stop",
             f"checkpoints/step-{stopped_at:08d} after a signal; exiting with 75",
             f"launcher: requeueing job {job_id} (requeue 1 of 3)",
             f"launcher: job {job_id} attempt 2 on n[1-2] ",
