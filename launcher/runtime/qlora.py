@@ -28,6 +28,9 @@ from launcher.runtime.dist import DistInfo
 from launcher.runtime.model import DTYPES
 
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block size, the one from_pretrained uses (BitsAndBytesConfig has no key for it)
+# Elements quantised at once: bitsandbytes' CPU kernel holds about 16 bytes per element while it
+# works (fp32 copies), a transient of 16x the packed size if a whole weight went in at once.
+CHUNK = 1 << 18
 
 
 def bnb_config(quant: QuantSection) -> Any:
@@ -82,13 +85,60 @@ def quantize_skeleton(model: nn.Module, quant: QuantSection, dtype: torch.dtype)
     return count
 
 
-def quantizer(quant: QuantSection, dtype: torch.dtype, device: torch.device) -> Callable[[nn.Module, str, torch.Tensor], torch.Tensor]:
-    """The load_weights hook: a 4-bit layer's full checkpoint weight → its packed data (what the
-    rank's shard is cut from); the layer keeps the quant state. Other tensors pass through."""
+def _kept_rows(target: torch.Tensor) -> tuple[int, int]:
+    """The rows of the packed weight this rank keeps: its DTensor shard's, or all of them."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(target, DTensor):
+        return 0, target.shape[0]
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+    return offset[0], offset[0] + shape[0]
+
+
+def quantize_kept(weight: torch.Tensor, quant: QuantSection, target: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """bitsandbytes' quantize_4bit of `weight`, computed only for the rows of packed data this rank
+    keeps (`target`, a DTensor shard) and CHUNK elements at a time; the other ranks' absmax comes
+    from one all-reduce (MAX: absmax >= 0, blocks not computed here are 0), then the double
+    quantisation of the whole absmax runs on every rank as quantize_4bit runs it. Rows outside the
+    shard are left 0: copy_full_into keeps only the shard. Blocks are independent, so the bytes
+    equal quantize_4bit's (tests/dist/test_qlora_load.py); a shard boundary inside a block (not
+    at LLM shapes) quantises the whole tensor instead."""
     import bitsandbytes as bnb
-    from transformers.pytorch_utils import Conv1D
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
     storage = DTYPES[quant.quant_storage_dtype]
+    flat = weight.reshape(-1)
+    n, per_row = flat.numel(), 2 * storage.itemsize  # 4-bit codes per element of the storage dtype
+    lo, hi = _kept_rows(target)
+    start, stop = lo * per_row, min(hi * per_row, n)
+    if start % BLOCKSIZE or (stop % BLOCKSIZE and stop != n):
+        start, stop = 0, n
+    packed = torch.zeros((n + 1) // per_row, 1, dtype=storage, device=weight.device)
+    absmax = torch.zeros(-(n // -BLOCKSIZE), dtype=torch.float32, device=weight.device)
+    for begin in range(start, stop, CHUNK):
+        end = min(begin + CHUNK, stop)
+        codes, scales = torch.ops.bitsandbytes.quantize_4bit.default(flat[begin:end], BLOCKSIZE, quant.quant_type, storage)
+        packed[begin // per_row : begin // per_row + codes.shape[0]] = codes
+        absmax[begin // BLOCKSIZE : begin // BLOCKSIZE + scales.numel()] = scales
+    if isinstance(target, DTensor) and dist.is_initialized():
+        dist.all_reduce(absmax, op=dist.ReduceOp.MAX)
+    code = bnb.functional.get_4bit_type(quant.quant_type, device=weight.device)
+    common = {"shape": weight.shape, "dtype": weight.dtype, "blocksize": BLOCKSIZE, "code": code, "quant_type": quant.quant_type}
+    if not quant.double_quant:
+        return packed, bnb.functional.QuantState(absmax=absmax, **common)
+    offset = absmax.mean()
+    nested, state2 = bnb.functional.quantize_blockwise(absmax - offset, blocksize=256)
+    return packed, bnb.functional.QuantState(absmax=nested, offset=offset, state2=state2, **common)
+
+
+def quantizer(quant: QuantSection, dtype: torch.dtype, device: torch.device) -> Callable[[nn.Module, str, torch.Tensor], torch.Tensor]:
+    """The load_weights hook: a 4-bit layer's full checkpoint weight → its packed data (the rank's
+    rows filled; what its shard is cut from); the layer keeps the quant state. Other tensors pass through."""
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
 
     def convert(owner: nn.Module, attr: str, tensor: torch.Tensor) -> torch.Tensor:
         if not isinstance(owner, bnb.nn.Linear4bit) or attr != "weight":
@@ -96,17 +146,10 @@ def quantizer(quant: QuantSection, dtype: torch.dtype, device: torch.device) -> 
         weight = tensor.to(device=device, dtype=dtype)  # from_pretrained casts to the model dtype first
         if issubclass(getattr(owner, "source_cls", nn.Linear), Conv1D):
             weight = weight.T  # GPT-2 stores [in, out]; bitsandbytes quantises [out, in]
-        packed, state = bnb.functional.quantize_4bit(
-            weight.contiguous(),
-            blocksize=BLOCKSIZE,
-            compress_statistics=quant.double_quant,
-            quant_type=quant.quant_type,
-            quant_storage=storage,
-        )
+        packed, state = quantize_kept(weight.contiguous(), quant, owner.weight)
         owner.quant_state = state
-        weight_param = owner.weight
-        if isinstance(weight_param, bnb.nn.Params4bit):  # unsharded (DDP, single): the parameter itself carries it too
-            weight_param.quant_state = state
+        if isinstance(owner.weight, bnb.nn.Params4bit):  # unsharded (DDP, single): the parameter carries it too
+            owner.weight.quant_state = state
         return packed
 
     return convert
