@@ -133,13 +133,10 @@ def digest(cache: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def measure(source: Path, num_proc: int, cache: Path) -> dict:
+def peak_tree_pss(proc: subprocess.Popen) -> int:
+    """Peak bytes of PSS summed over proc's process tree, sampled until it exits (bench_data_peers.py uses it too)."""
     import psutil
 
-    shutil.rmtree(cache, ignore_errors=True)
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", str(source), str(num_proc), str(cache)], stdout=subprocess.PIPE, text=True
-    )
     peak = 0
     parent = psutil.Process(proc.pid)
     while proc.poll() is None:
@@ -149,6 +146,15 @@ def measure(source: Path, num_proc: int, cache: Path) -> dict:
         except psutil.Error:
             pass
         time.sleep(0.5)  # reading smaps costs ~10 ms of CPU per process: sample sparsely, not to slow the run
+    return peak
+
+
+def measure(source: Path, num_proc: int, cache: Path) -> dict:
+    shutil.rmtree(cache, ignore_errors=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", str(source), str(num_proc), str(cache)], stdout=subprocess.PIPE, text=True
+    )
+    peak = peak_tree_pss(proc)
     out = proc.stdout.read() if proc.stdout else ""
     if proc.returncode != 0:
         raise SystemExit(f"num_proc {num_proc}: preparation failed ({proc.returncode})")
