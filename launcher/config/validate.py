@@ -291,8 +291,14 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
                 f"set method.quant.quant_storage_dtype: {cfg.model.dtype}",
             )
         if par.backend == "deepspeed" and par.zero_stage < 2:
+            yield Problem("parallel.zero_stage", f"QLoRA runs with ZeRO-2, not ZeRO-{par.zero_stage}", "set parallel.zero_stage: 2")
+        elif par.backend == "deepspeed" and par.zero_stage == 3:
+            # bitsandbytes' 4-bit layers are not built inside zero.Init: every rank would hold the
+            # whole 4-bit base before deepspeed.initialize partitions it (FSDP2 quantises per shard).
             yield Problem(
-                "parallel.zero_stage", f"QLoRA runs with ZeRO-2 or ZeRO-3, not ZeRO-{par.zero_stage}", "set parallel.zero_stage: 2 or 3"
+                "parallel.zero_stage",
+                "QLoRA under ZeRO-3 loads the whole 4-bit base on every rank before DeepSpeed partitions it",
+                "use parallel.backend: fsdp (quantises and loads each rank's shard only), or parallel.zero_stage: 2",
             )
         if par.offload_params != "none":
             yield Problem("parallel.offload_params", "cannot offload 4-bit quantised weights", "set it to none for QLoRA")

@@ -1,5 +1,6 @@
-"""LoRA and QLoRA under DeepSpeed ZeRO-3 (2 CPU ranks): they learn, the adapter is saved non-empty
-(a known failure elsewhere), loads with peft and reproduces the checkpoint's logits."""
+"""LoRA under DeepSpeed ZeRO-3 and QLoRA under ZeRO-2 (2 CPU ranks): they learn, the adapter is
+saved non-empty (a known failure elsewhere), loads with peft and reproduces the checkpoint's
+logits. QLoRA under ZeRO-3 is refused at validation."""
 
 from __future__ import annotations
 
@@ -89,11 +90,23 @@ def test_lora_zero3_adapter_is_saved_and_loads(tmp_path: Path, launcher) -> None
     assert torch.allclose(merged, reference, atol=1e-4, rtol=0)
 
 
-def test_qlora_zero3_learns_and_exports(tmp_path: Path, launcher) -> None:
+def test_qlora_zero3_is_refused_with_the_fix(tmp_path: Path, launcher) -> None:
+    """bitsandbytes' 4-bit layers are not built inside zero.Init: ZeRO-3 would hold the whole 4-bit
+    base on every rank first. Refused at validation (one line, exit 2, nothing written)."""
+    run = tmp_path / "run"
+    done = launcher("run", "tiny-cpu-qlora.yaml", *QUICK, "--out", str(run), check=False)
+    assert done.returncode == 2, done
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: parallel.zero_stage: QLoRA under ZeRO-3 "), done.stderr
+    assert "parallel.backend: fsdp" in lines[0] and "parallel.zero_stage: 2" in lines[0]
+    assert not run.exists()
+
+
+def test_qlora_zero2_learns_and_exports(tmp_path: Path, launcher) -> None:
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
-    launcher("run", "tiny-cpu-qlora.yaml", *QUICK, "--out", str(run))
+    launcher("run", "tiny-cpu-qlora.yaml", *QUICK, "parallel.zero_stage=2", "--out", str(run))
     values = _losses(run)
     assert sum(values[-3:]) / 3 < values[0] - 0.3
     launcher("export", str(run), "--out", str(tmp_path / "adapter"))
