@@ -151,10 +151,12 @@ def test_lora_export_adapter_and_merged(lora_run: Path, tmp_path: Path, launcher
 
 def test_qlora_one_and_two_processes(tmp_path: Path, launcher) -> None:
     """4-bit NF4 base (bitsandbytes' CPU backend) + LoRA: 1 process and 2 FSDP2 ranks learn alike."""
-    steps = ["train.max_steps=20", "optim.lr=5e-3"]
+    # 12 steps: the 4-bit runs are CI's slowest; measured, they learn by more than 0.5 well within 12
+    # steps and the 1 vs 2 process comparison runs over the steps where it is tightest.
+    steps = ["train.max_steps=12", "optim.lr=5e-3"]
     two = tmp_path / "two"
     # Evaluation runs bitsandbytes' no-grad path, which once re-packed the weights and crashed.
-    launcher("run", "tiny-cpu-qlora.yaml", *QUICK, *steps, "train.eval_batches=1", "checkpoint.every=10", "--out", str(two))
+    launcher("run", "tiny-cpu-qlora.yaml", *QUICK, *steps, "train.eval_batches=1", "checkpoint.every=6", "--out", str(two))
     one = tmp_path / "one"
     launcher("run", "tiny-cpu-qlora.yaml", *QUICK, *steps, *SINGLE, "--out", str(one))
     assert_learns(losses(two), by=0.5)
@@ -163,7 +165,7 @@ def test_qlora_one_and_two_processes(tmp_path: Path, launcher) -> None:
     # steps; rounding differences then grow to a few 1e-3.
     for step, (a, b) in enumerate(zip(losses(two), losses(one)), start=1):
         assert a == pytest.approx(b, rel=2e-3 if step <= 10 else 1e-2), (step, a, b)
-    last = consolidated(two / "checkpoints" / "step-00000020", tmp_path)
+    last = consolidated(two / "checkpoints" / "step-00000012", tmp_path)
     assert set(last["optim"]["state"]) == set(last["model"]) and all(".lora_" in n for n in last["model"])  # no 4-bit base saved
 
     # The adapter exported from each run loads with peft and gives the checkpoint's logits; the
@@ -176,7 +178,7 @@ def test_qlora_one_and_two_processes(tmp_path: Path, launcher) -> None:
     for run in (one, two):
         launcher("export", str(run), "--out", str(run / "adapter"))
         launcher("export", str(run), "--merge", "--out", str(run / "merged"))
-        state = consolidated(run / "checkpoints" / "step-00000020", tmp_path)["model"]
+        state = consolidated(run / "checkpoints" / "step-00000012", tmp_path)["model"]
         reference = get_peft_model(four_bit_base(), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         trained = {k: v for k, v in state.items() if ".lora_" in k}
         assert len(trained) == 56 and set(trained) <= set(reference.state_dict())
