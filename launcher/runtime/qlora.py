@@ -1,17 +1,19 @@
 """QLoRA's 4-bit base, built like every other model: meta device → method → shard → fill.
 
-With adapters.py, the only module that imports bitsandbytes (lazily, inside functions).
+With adapters.py, the only modules that import bitsandbytes (lazily, inside functions).
 
 The skeleton is the model built on meta with transformers' own bitsandbytes replacement
 (`replace_with_bnb_linear`, the modules from_pretrained would quantise: every linear layer of the
 blocks, not the output embedding), each `Linear4bit` weight already in the packed shape and storage
 dtype that `quantize_4bit` returns. FSDP2 therefore shards the packed data exactly as it would shard
 a model from_pretrained had quantised. Filling streams the safetensors one tensor at a time
-(model.load_weights): a quantised weight is read whole (one tensor transient), cast to the model
-dtype and quantised on the rank's device as from_pretrained does, the rank keeps its shard of the
-packed data, and the module keeps the whole (small) quant state, where `Linear4bit.forward` finds
-it after FSDP2 has swapped the parameter object (bitsandbytes' fix_4bit_weight_quant_state_from_module).
-No rank ever holds more than its shard plus one tensor; the quantised bytes equal from_pretrained's.
+(model.load_weights with a hook): a quantised weight is read whole (one tensor transient), cast to
+the model dtype as from_pretrained does, and each rank quantises only the packed rows it keeps; the
+module keeps the whole (small) quant state, where `Linear4bit.forward` finds it after FSDP2 has
+swapped the parameter object (bitsandbytes' fix_4bit_weight_quant_state_from_module). A rank never
+holds more than its shard plus one tensor; the quantised bytes equal from_pretrained's
+(tests/dist/test_qlora_load.py). DDP, single and ZeRO-2 take the same path without sharding (they
+replicate the base anyway); ZeRO-3 is refused at validation (not built inside zero.Init).
 """
 
 from __future__ import annotations
