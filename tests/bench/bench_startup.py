@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -35,7 +36,19 @@ EVENTS = [
 ]
 
 
-def sample(root: psutil.Process, peaks: dict[str, float], stop: threading.Event) -> None:
+def launcher_kind(cmd: str) -> str | None:
+    """Which process of a `launcher run` tree a command line is (the root is the `launcher run` CLI)."""
+    return "worker" if "launcher.runtime" in cmd and "launcher.agent" not in cmd else "agent" if "launcher.agent" in cmd else None
+
+
+def sample(
+    root: psutil.Process,
+    peaks: dict[str, float],
+    stop: threading.Event,
+    kind_of: Callable[[str], str | None] = launcher_kind,
+    root_name: str = "launcher run",
+) -> None:
+    """Peak RSS MiB of the root (as `root_name`), each worker (`worker PID`) and the other kinds `kind_of` names."""
     while not stop.is_set():
         try:
             procs = [root, *root.children(recursive=True)]
@@ -47,9 +60,7 @@ def sample(root: psutil.Process, peaks: dict[str, float], stop: threading.Event)
                 rss = proc.memory_info().rss / 2**20
             except psutil.Error:
                 continue
-            kind = "worker" if "launcher.runtime" in cmd and "launcher.agent" not in cmd else "agent" if "launcher.agent" in cmd else None
-            if proc.pid == root.pid:
-                kind = "launcher run"
+            kind = root_name if proc.pid == root.pid else kind_of(cmd)
             if kind:
                 key = f"{kind} {proc.pid}" if kind == "worker" else kind
                 peaks[key] = max(peaks.get(key, 0.0), rss)
