@@ -169,29 +169,70 @@ cluster: {{accelerator: cpu, nodes: 1, gpus_per_node: {PROCS}, cpus_per_task: {P
 # ---- one run of each tool -------------------------------------------------------------------------
 
 
-def _watch(argv: list[str], env: dict[str, str], kind_of: Any, root_name: str) -> tuple[float, dict[str, float], list[str], float]:
-    """Run argv, stamping its output lines; (t0 wall clock, peak RSS MiB by process, lines, first step s)."""
+class Watched:
+    """One command's run: its start (wall clock), peak RSS MiB by process, the wall clock of each
+    `step N/` line, and the workers' CPU seconds (user + system, summed) sampled against the wall clock."""
+
+    def __init__(self, t0: float, peaks: dict[str, float], stamps: dict[int, float], cpu: list[tuple[float, float]]) -> None:
+        self.t0, self.peaks, self.stamps, self.cpu = t0, peaks, stamps, cpu
+
+    def cpu_at(self, when: float) -> float:
+        """The workers' CPU seconds at the last sample before `when`."""
+        return max((c for t, c in self.cpu if t <= when), default=0.0)
+
+
+def _cpu(root: Any, kind_of: Any, out: list[tuple[float, float]], stop: threading.Event) -> None:
+    import psutil
+
+    seen: dict[int, float] = {}
+    while not stop.is_set():
+        try:
+            for child in root.children(recursive=True):
+                try:
+                    if kind_of(" ".join(child.cmdline())) == "worker":
+                        times = child.cpu_times()
+                        seen[child.pid] = times.user + times.system
+                except psutil.Error:
+                    continue
+        except psutil.Error:
+            break
+        out.append((time.time(), sum(seen.values())))
+        time.sleep(0.05)
+
+
+def _watch(argv: list[str], env: dict[str, str], kind_of: Any, root_name: str) -> Watched:
+    """Run argv, stamping its `step N/` output lines, sampling RSS (bench_startup's sampler) and CPU."""
     import psutil
     from bench_startup import sample
 
     t0 = time.time()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
     peaks: dict[str, float] = {}
+    cpu: list[tuple[float, float]] = []
     stop = threading.Event()
-    sampler = threading.Thread(target=sample, args=(psutil.Process(proc.pid), peaks, stop, kind_of, root_name), daemon=True)
-    sampler.start()
-    lines, first = [], float("nan")
+    root = psutil.Process(proc.pid)
+    threads = [
+        threading.Thread(target=sample, args=(root, peaks, stop, kind_of, root_name), daemon=True),
+        threading.Thread(target=_cpu, args=(root, kind_of, cpu, stop), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    lines: list[str] = []
+    stamps: dict[int, float] = {}
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append(line)
-        if first != first and "step 1/" in line:
-            first = time.time() - t0
+        if "step " in line and "/" in line:
+            head = line.split("step ", 1)[1].split("/", 1)[0]
+            if head.isdigit():
+                stamps.setdefault(int(head), time.time())
     proc.wait()
     stop.set()
-    sampler.join()
+    for thread in threads:
+        thread.join()
     if proc.returncode != 0:
         raise SystemExit(f"{argv[0]} exited {proc.returncode}:\n{''.join(lines[-40:])}")
-    return t0, peaks, lines, first
+    return Watched(t0, peaks, stamps, cpu)
 
 
 def _memory(peaks: dict[str, float], parents: list[str]) -> dict[str, float]:
@@ -207,7 +248,7 @@ def run_launcher(assets: dict[str, Path], overrides: list[str], out: Path, steps
     env = {**os.environ}
     from bench_startup import launcher_kind
 
-    _, peaks, _, first = _watch(argv, env, launcher_kind, "launcher run")
+    watched = _watch(argv, env, launcher_kind, "launcher run")
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]
     by_step = {r["step"]: r for r in records}
@@ -216,9 +257,12 @@ def run_launcher(assets: dict[str, Path], overrides: list[str], out: Path, steps
     real = sum(r["tokens"] for r in records)
     pads = sum(r["pad_tokens"] for r in records)
     seconds = by_step[steps]["elapsed"] - by_step[skip]["elapsed"]
+    first = watched.stamps[1] - watched.t0
     result = {"tokens/s": sum(r["tokens"] for r in steady) / seconds, "first step s": first, "padding": pads / (real + pads)}
+    cpu = watched.cpu_at(watched.stamps[steps]) - watched.cpu_at(watched.stamps[skip])
+    result["tokens/cpu s"] = sum(r["tokens"] for r in steady) / max(cpu, 1e-9)
     result["loss"] = by_step[steps]["loss"]
-    return {**result, **_memory(peaks, ["launcher run", "agent"])}
+    return {**result, **_memory(watched.peaks, ["launcher run", "agent"])}
 
 
 def run_trainer(assets: dict[str, Path], collator: str, out: Path, steps: int) -> dict[str, float]:
@@ -229,17 +273,19 @@ def run_trainer(assets: dict[str, Path], collator: str, out: Path, steps: int) -
     def kind_of(cmd: str) -> str | None:
         return "worker" if "--hf-worker" in cmd else None
 
-    t0, peaks, _, _ = _watch(argv, env, kind_of, "torchrun agent")
+    watched = _watch(argv, env, kind_of, "torchrun agent")
     ranks = [json.loads((out / f"steps-{r}.json").read_text()) for r in range(PROCS)]
     skip = min(SKIP, steps - 1)
     # each rank's (end time, real, all) per step; a step ends when the slower rank ends it
     ends = [max(rk[i][0] for rk in ranks) for i in range(steps)]
     real = [sum(rk[i][1] for rk in ranks) for i in range(steps)]
     total = [sum(rk[i][2] for rk in ranks) for i in range(steps)]
-    result = {"tokens/s": sum(real[skip:]) / (ends[steps - 1] - ends[skip - 1]), "first step s": ends[0] - t0}
+    result = {"tokens/s": sum(real[skip:]) / (ends[steps - 1] - ends[skip - 1]), "first step s": ends[0] - watched.t0}
     result["padding"] = 1 - sum(real) / sum(total)
+    cpu = watched.cpu_at(ends[steps - 1]) - watched.cpu_at(ends[skip - 1])
+    result["tokens/cpu s"] = sum(real[skip:]) / max(cpu, 1e-9)
     result["loss"] = ranks[0][-1][3]
-    return {**result, **_memory(peaks, ["torchrun agent"])}
+    return {**result, **_memory(watched.peaks, ["torchrun agent"])}
 
 
 def hf_worker(args: argparse.Namespace) -> None:
@@ -313,7 +359,7 @@ def hf_worker(args: argparse.Namespace) -> None:
 
 # ---- the table --------------------------------------------------------------------------------------
 
-COLUMNS = ["tokens/s", "first step s", "padding", "rss worker (max)", "rss parents", "loss"]
+COLUMNS = ["tokens/s", "tokens/cpu s", "first step s", "padding", "rss worker (max)", "rss parents", "loss"]
 
 
 def _ratio(runs: list[dict[str, float]], base: list[dict[str, float]] | None, key: str) -> str:
@@ -324,9 +370,9 @@ def _ratio(runs: list[dict[str, float]], base: list[dict[str, float]] | None, ke
 def table(results: dict[str, list[dict[str, float]]]) -> str:
     """Medians per case, with ratios to the Trainer (padded) and to the bare Trainer (padded) of the same repeat."""
     mb = 2**20 / 1e6
-    head = "| case | steady real tokens/s | x Trainer | x bare | first step s | x Trainer | x bare | padding "
-    head += "| peak RSS MB: worker (max) / parents | loss at the end |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = "| case | steady real tokens/s | x Trainer | x bare | per worker CPU s | x Trainer | first step s | x Trainer | x bare "
+    head += "| padding | peak RSS MB: worker (max) / parents | loss at the end |"
+    lines = [head, "|---|" + "---:|" * 12]
     base, bare = results.get(BASELINE), results.get(BASELINE + ", bare")
     for name, runs in results.items():
         med = {c: statistics.median(r[c] for r in runs) for c in COLUMNS}
@@ -334,6 +380,7 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
         parents = " + ".join(f"{statistics.median(r[k] for r in runs) * mb:.0f}" for k in kinds)
         lines.append(
             f"| {name} | {med['tokens/s']:,.0f} | {_ratio(runs, base, 'tokens/s')} | {_ratio(runs, bare, 'tokens/s')} "
+            f"| {med['tokens/cpu s']:,.0f} | {_ratio(runs, base, 'tokens/cpu s')} "
             f"| {med['first step s']:.1f} | {_ratio(runs, base, 'first step s')} | {_ratio(runs, bare, 'first step s')} "
             f"| {100 * med['padding']:.1f} % | {med['rss worker (max)'] * mb:.0f} / {parents} = {med['rss parents'] * mb:.0f} "
             f"| {med['loss']:.3f} |"
