@@ -1,7 +1,10 @@
 """The rows bench_data.py prepares, through LLaMA-Factory's preprocessing as well as ours, side by side.
 Not a test and not in CI: LLaMA-Factory lives in its own virtual environment (never in .venv).
 
-    .venv/bin/python tests/bench/bench_data_peers.py --rows 200000 --num-proc 1 2 --lf-python /tmp/lfvenv/bin/python
+    TOKENIZERS_PARALLELISM=false .venv/bin/python tests/bench/bench_data_peers.py --rows 200000 --num-proc 1 2 --repeats 2
+
+(`--lf-python` names the venv's Python, /tmp/lfvenv/bin/python by default; results: RESULTS.md, "Beside
+LLaMA-Factory's preprocessing".)
 
 LLaMA-Factory's side is the data step of `llamafactory-cli train` (stage sft) with `tokenized_path`
 set. In 0.9.5 that step saves the tokenised dataset and returns, and `run_sft` goes on to load the
