@@ -8,7 +8,7 @@ LLaMA-Factory's preprocessing".)
 
 LLaMA-Factory's side is the data step of `llamafactory-cli train` (stage sft) with `tokenized_path`
 set. In 0.9.5 that step saves the tokenised dataset and returns, and `run_sft` goes on to load the
-model and train, so the child here calls the three things `run_sft` calls first, from the same YAML
+model and train, so the child here calls what `run_sft` calls before the model, from the same YAML
 settings (`get_train_args`, `load_tokenizer`, `get_template_and_fix_tokenizer`, `get_dataset`) and
 stops before `load_model`. Settings, as close to bench_data.py's as LLaMA-Factory has them: OpenAI
 `messages` (`formatting: sharegpt` with role/content tags), no `template` (so LLaMA-Factory parses
