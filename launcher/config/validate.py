@@ -318,6 +318,14 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
         yield Problem("method.freeze", "leaves nothing trainable", "raise trainable_last_layers or set train_head: true")
     if method.name == "prompt_tuning" and par.backend == "deepspeed" and par.zero_stage == 3:
         yield Problem("method.name", "prompt tuning is not supported under ZeRO-3", "use ZeRO 0-2 or FSDP")
+    if method.name == "lora" and cfg.task == "classification" and par.backend == "deepspeed" and par.zero_stage == 3:
+        # A causal LM's LoRA builds inside zero.Init (build.py); a classifier's head, trained in full
+        # beside the adapters, does not survive that build, so its base would be whole on every rank.
+        yield Problem(
+            "parallel.zero_stage",
+            "a classifier's LoRA under ZeRO-3 loads the whole base on every rank before DeepSpeed partitions it",
+            "use parallel.backend: fsdp (loads each rank's shard only), or parallel.zero_stage: 2",
+        )
 
     if cfg.data.packing:
         # Packed rows hold several documents: the attention path must keep each inside its own.

@@ -103,7 +103,6 @@ def build_training_model(
 
 def _zero3_lora(cfg: RunConfig) -> bool:
     """LoRA under ZeRO-3 builds inside zero.Init, for a causal LM. A classifier's head is trained in
-    full as peft's modules_to_save, a copy peft makes of the head module, which a partitioned
-    parameter does not survive: that one keeps the whole-model build (its base is then partitioned
-    by deepspeed.initialize)."""
+    full beside the adapters, which a partitioned parameter does not survive: validation refuses a
+    classifier's LoRA under ZeRO-3 rather than build its whole base on every rank."""
     return cfg.method.name == "lora" and cfg.task == "causal_lm"

@@ -150,3 +150,17 @@ def test_every_backend_and_method_classifies(overrides: list[str], short_fsdp: P
         assert set(state) - set(base) == {"score.weight"}  # the new head, and it is what trained
     else:  # ZeRO-3 builds the head through transformers (its own init): it trains, finitely
         assert all(r["loss"] == r["loss"] for r in train) and train[-1]["loss"] < train[0]["loss"] + 0.5
+
+
+def test_classifier_lora_under_zero3_is_refused_with_the_fix(tmp_path: Path, launcher) -> None:
+    """A classifier's LoRA cannot build inside zero.Init (its head trains in full): ZeRO-3 would hold
+    the whole base on every rank first. Refused at validation: one line, exit 2, nothing written."""
+    run = tmp_path / "run"
+    done = launcher(
+        "run", RECIPE, *SHORT, "method.name=lora", "parallel.backend=deepspeed", "parallel.zero_stage=3", "--out", str(run), check=False
+    )
+    assert done.returncode == 2, done
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: parallel.zero_stage: a classifier's LoRA under ZeRO-3 "), done.stderr
+    assert "parallel.backend: fsdp" in lines[0] and "parallel.zero_stage: 2" in lines[0]
+    assert not run.exists()
