@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
@@ -45,27 +46,39 @@ SHAPES = {
 }
 
 
-def tiny_arch(name: str) -> Path:
-    """The directory of the tiny `name` model (built once, under a file lock)."""
-    from launcher.runtime.tiny import cache_dir, ensure_tiny_model
+def model_dir_once(path: Path, version: str, fill: Callable[[Path], None]) -> Path:
+    """The model directory `path`, built once for the suite under a file lock: the tiny tokenizer
+    is copied into a temporary directory, `fill(tmp)` writes the config and weights there, then
+    COMPLETE and an atomic rename, so a killed build never leaves a half directory behind."""
+    from launcher.runtime.tiny import ensure_tiny_model
 
-    path = cache_dir() / "archs" / f"{name}-{ARCH_VERSION}"
     if (path / "COMPLETE").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if (path / "COMPLETE").exists():
             return path
-        import torch
-        import transformers
-
-        tokenizer_dir = ensure_tiny_model()
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for file in tokenizer_dir.iterdir():
+        for file in ensure_tiny_model().iterdir():
             if file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                 shutil.copy2(file, tmp / file.name)
+        fill(tmp)
+        (tmp / "COMPLETE").write_text(version + "\n")
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    return path
+
+
+def tiny_arch(name: str) -> Path:
+    """The directory of the tiny `name` model (built once, under a file lock)."""
+    from launcher.runtime.tiny import cache_dir
+
+    def fill(tmp: Path) -> None:
+        import torch
+        import transformers
+
         tokenizer = transformers.AutoTokenizer.from_pretrained(tmp)
         class_name, shape = SHAPES[name]
         ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
@@ -74,7 +87,5 @@ def tiny_arch(name: str) -> Path:
         auto = transformers.AutoModel if name == "bert" else transformers.AutoModelForCausalLM
         model = auto.from_config(config).to(torch.float32)
         model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "COMPLETE").write_text(ARCH_VERSION + "\n")
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    return path
+
+    return model_dir_once(cache_dir() / "archs" / f"{name}-{ARCH_VERSION}", ARCH_VERSION, fill)

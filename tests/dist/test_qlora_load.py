@@ -152,32 +152,16 @@ MARGIN = 8 * 2**20  # allocator and Python objects of the build (module tree, FS
 
 def big_llama() -> Path:
     """A bf16 Llama of about 100 M parameters in the cache (built once, under a file lock), with the tiny tokenizer."""
-    import shutil
+    from _archs import model_dir_once
 
-    from filelock import FileLock
-    from safetensors.torch import save_file
+    from launcher.runtime.tiny import cache_dir
 
-    from launcher.runtime.tiny import cache_dir, ensure_tiny_model
-
-    path = cache_dir() / f"qlora-load-llama-{BIG_VERSION}"
-    if (path / "COMPLETE").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if (path / "COMPLETE").exists():
-            return path
-        from transformers import LlamaConfig
-
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for file in ensure_tiny_model().iterdir():
-            if file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-                shutil.copy2(file, tmp / file.name)
-        LlamaConfig(**BIG, bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(tmp)
+    def fill(tmp: Path) -> None:
         from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, LlamaConfig
 
+        LlamaConfig(**BIG, bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(tmp)
         with init_empty_weights():
             shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(LlamaConfig(**BIG)).state_dict().items()}
         generator = torch.Generator().manual_seed(0)
@@ -186,10 +170,8 @@ def big_llama() -> Path:
             for k, shape in shapes.items()
         }
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "COMPLETE").write_text(BIG_VERSION + "\n")
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    return path
+
+    return model_dir_once(cache_dir() / f"qlora-load-llama-{BIG_VERSION}", BIG_VERSION, fill)
 
 
 def rss_anon() -> int:
