@@ -206,9 +206,7 @@ def test_usr1_saves_requeues_and_resumes_exactly(slurm_cluster: SlurmCluster, re
     assert slurm_cluster.restarts(job_id) == 1
 
     # checkpoints/REQUEUE is removed when attempt 2 starts; the log says where attempt 1 stopped.
-    saved = [line for line in out.splitlines() if line.startswith("launcher: saved step-")]
-    assert len(saved) == 1, out
-    stopped_at = int(saved[0].split()[2].removeprefix("step-"))
+    stopped_at = saved_step(out)
     assert 2 <= stopped_at < STEPS, out
     events = [
         f"launcher: job {job_id} attempt 1 on n[1-2]",
