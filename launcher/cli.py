@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, func, help_text in (
         ("plan", cmd_plan, "write the run directory: plan.json, launch.sh, job.sbatch, deepspeed.json|fsdp.json"),
         ("submit", cmd_submit, "plan, then submit job.sbatch with sbatch (prints the job id)"),
-        ("run", cmd_run, "plan, then run torchrun on this machine (GPUs, or CPU processes)"),
+        ("run", cmd_run, "plan, then run the ranks on this machine (GPUs, or CPU processes)"),
         ("prepare", cmd_prepare, "tokenise and pack the data once into the cache the ranks memory-map"),
     ):
         cmd = recipe_command(name, help_text)

@@ -1,9 +1,10 @@
 """`launcher run` / `prepare`: what happens on the machine where the command is typed.
 
-`run` starts launch.sh (torchrun) in its own session, so a Ctrl-C at the terminal reaches only this
-process, which passes exactly one signal on; torchrun forwards it to the ranks (they save at the next
-step boundary and exit 75). A second Ctrl-C kills every process the run started. The output is
-streamed and copied to logs/launcher.log; a failed run ends with one line naming the rank that failed.
+`run` starts the ranks itself (launcher/ranks.py: torchrun's one-node job without its agent), each in
+its own session, so a Ctrl-C at the terminal reaches only this process, which passes exactly one
+signal on to every rank (they save at the next step boundary and exit 75). A second Ctrl-C kills
+every process the run started. The output is streamed, prefixed as torchrun does, and copied to
+logs/launcher.log; a failed run ends with one line naming the rank that failed.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from typing import IO
 
 from launcher.plan import Plan
 from launcher.plot import plot_after_run
+from launcher.ranks import EXIT_REQUEUE, Ranks
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-EXIT_REQUEUE = 75
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 RUN_TOKEN = "LAUNCHER_RUN_TOKEN"
 
@@ -42,7 +43,7 @@ def prepare(plan: Plan) -> int:
 
 
 def run_local(plan: Plan) -> int:
-    """Prepare, then run launch.sh (torchrun) here; stream and log its output; return its exit code."""
+    """Prepare, then run the ranks here; stream and log their output; return the run's exit code."""
     if plan.topology["nodes"] != 1:
         print(
             f"error: cluster.nodes: {plan.topology['nodes']} nodes cannot run on this machine; "
@@ -59,12 +60,12 @@ def run_local(plan: Plan) -> int:
     for stale in (logs / "exit_code", logs / "failure", *(logs / "errors").glob("rank-*.json")):
         stale.unlink(missing_ok=True)
     write_state(run_dir, "running", job="local", attempt=1)
-    launch = run_dir / "launch.sh"
-    print(f"launcher: {plan.topology['world_size']} process(es): bash {launch}", flush=True)
+    world = plan.topology["world_size"]
+    print(f"launcher: {world} process(es) on this machine (the same run under torchrun: bash {run_dir / 'launch.sh'})", flush=True)
     with open(logs / "launcher.log", "a", encoding="utf-8") as log:
-        code = _supervise(["bash", str(launch)], log)
+        code = _supervise(plan, log)
     if code not in (0, EXIT_INTERRUPTED) and (logs / "exit_code").exists():
-        # torchrun turns every worker failure into 1; rank 0 recorded what it meant (2 bad input, 75 saved on a signal).
+        # The first rank to fail may be one that lost its peers; rank 0 recorded what the run meant (2 bad input, 75 saved).
         code = int((logs / "exit_code").read_text().strip() or code)
     if code == 0:
         write_state(run_dir, "done", job="local", attempt=1)
@@ -79,20 +80,22 @@ def run_local(plan: Plan) -> int:
     return code
 
 
-def _supervise(argv: list[str], log: IO[str]) -> int:
-    """Run argv in its own session; pass signals on; tee its output; leave no process behind."""
+def _supervise(plan: Plan, log: IO[str]) -> int:
+    """Start the ranks (launcher/ranks.py); pass signals on; tee their output; leave no process behind."""
     # Every process of the run inherits this token: found by it, even once re-parented to init.
     token = f"{os.getpid()}-{time.time_ns()}"
     # prepare() has fetched the model and built the data: the ranks need nothing from the Hub.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", RUN_TOKEN: token}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     lock = threading.Lock()
-    pumps = [
-        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, log, lock), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, log, lock), daemon=True),
-    ]
-    for pump in pumps:
-        pump.start()
+
+    def tee(line: str, sink: IO[str]) -> None:
+        with lock:
+            log.write(line)
+            log.flush()
+            sink.write(line)
+            sink.flush()
+
+    ranks = Ranks(plan, env, tee)
     received: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -104,45 +107,21 @@ def _supervise(argv: list[str], log: IO[str]) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            _send(proc.pid, signum)  # torchrun forwards it to every rank, once
+            ranks.send(signum)  # once, to every rank
         elif signum == signal.SIGINT:
             print("launcher: second Ctrl-C: stopping every process of the run now, without saving", file=sys.stderr, flush=True)
             _kill_all(token)
 
     previous = {signum: signal.signal(signum, on_signal) for signum in FORWARDED}
     try:
-        code = proc.wait()
+        code = ranks.run()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _kill_all(token)  # whatever outlived torchrun (it was killed, or a rank ignored it)
-        for pump in pumps:
-            pump.join(timeout=10)
+        _kill_all(token)  # whatever outlived its rank (a child it started, a rank that ignored a kill)
     if signal.SIGINT in received[1:]:
         return EXIT_INTERRUPTED
     return code
-
-
-def _pump(source: IO[str] | None, sink: IO[str], log: IO[str], lock: threading.Lock) -> None:
-    """Copy lines to the console and the log. torchrun's own traceback for the signal it passed on
-    (SignalException: the expected way it ends after a save) goes to the log only."""
-    assert source is not None
-    held: list[str] = []  # an unprefixed (torchrun's) traceback, until its last line says what it was
-    for line in source:
-        with lock:
-            log.write(line)
-            log.flush()
-            if line.startswith("Traceback (most recent call last):") or (held and line[:1].isspace()):
-                held.append(line)
-                continue
-            if held and "SignalException" not in line:
-                sink.write("".join(held))
-            if not (held and "SignalException" in line):
-                sink.write(line)
-            held = []
-            sink.flush()
-    sink.write("".join(held))
-    sink.flush()
 
 
 def _send(pid: int, signum: int) -> None:

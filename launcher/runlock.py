@@ -2,7 +2,7 @@
 
 The lock belongs to an open file, so it dies with the process that holds it (a crash or SIGKILL
 leaves nothing to clean up). `launcher run` takes it before writing the plan and keeps it while
-torchrun runs; its ranks see their ancestor as the holder and go on. Under SLURM there is no
+its ranks run; they see their ancestor as the holder and go on. Under SLURM there is no
 `launcher run`: rank 0 of the runtime takes it. A second run on the same directory is refused
 with the holder's pid and host, before anything is written. No torch here.
 """

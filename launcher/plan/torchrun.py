@@ -18,9 +18,10 @@ FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT"
 MIN_SHUTDOWN_SECONDS = 120
 
 
-def shutdown_timeout(cluster: ClusterSection) -> int:
-    """Seconds torchrun waits for the ranks after a signal: the save window SLURM gives, at least 2 min."""
-    return max(cluster.signal_seconds, MIN_SHUTDOWN_SECONDS)
+def shutdown_timeout(signal_seconds: int) -> int:
+    """Seconds torchrun (or `launcher run`) waits for the ranks after a signal: the save window
+    SLURM gives (cluster.signal_seconds), at least 2 min."""
+    return max(signal_seconds, MIN_SHUTDOWN_SECONDS)
 
 
 def build_torchrun_argv(cluster: ClusterSection, topology: Topology, plan_path: str, python: str) -> list[str]:
@@ -49,7 +50,7 @@ def build_torchrun_argv(cluster: ClusterSection, topology: Topology, plan_path: 
         "--signals-to-handle",
         FORWARDED_SIGNALS,
         "--shutdown-timeout",
-        str(shutdown_timeout(cluster)),
+        str(shutdown_timeout(cluster.signal_seconds)),
         # Every rank's output also in RUN/logs/torchrun/<attempt>/<local rank>/, and prefixed on the console.
         "--log-dir",
         str(Path(plan_path).parent / "logs" / "torchrun"),

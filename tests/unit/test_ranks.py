@@ -1,0 +1,133 @@
+"""launcher/ranks.py, torchrun's one-node job in the `launcher run` process: each rank's environment,
+the prefixed output, the first failure stopping the others, a kill named, restarts. The workers
+here are a few lines of Python standing in for `python -m launcher.runtime` (no torch); the real
+runtime under it is run by every integration test that calls `launcher run`."""
+
+from __future__ import annotations
+
+import io
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.config import load_config
+from launcher.plan import build_plan
+from launcher.ranks import Ranks, free_port, rank_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A stand-in rank: prints its environment, then acts on FAKE_<RANK>: exit N, save on SIGTERM ("hang"),
+# ignore SIGTERM ("deaf"), kill itself, fail once ("restart"), or exit N once rank 0 is ready
+# ("waitN": rank 0's SIGTERM handler is in place, so the test never races its start).
+WORKER = r"""
+import os, pathlib, signal, sys, time
+r = os.environ["RANK"]
+act = os.environ.get("FAKE_" + r, "0")
+if act == "hang":  # a real rank saves on SIGTERM and exits 75
+    signal.signal(signal.SIGTERM, lambda *a: (print("saved", r, flush=True), os._exit(75)))
+if act == "deaf":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("env", r, os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"],
+      os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["OMP_NUM_THREADS"], flush=True)
+print("to stderr", r, file=sys.stderr, flush=True)
+ready = pathlib.Path(os.environ["FAKE_DIR"], "ready-" + r)
+ready.touch()
+if act in ("hang", "deaf"):
+    time.sleep(60)
+if act == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+if act.startswith("wait"):
+    while not ready.with_name("ready-0").exists():
+        time.sleep(0.01)
+    act = act[4:]
+if act == "restart" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    sys.exit(1)
+sys.exit(int(act) if act.isdigit() else 0)
+"""
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return build_plan(load_config(ROOT / "recipes" / "tiny-cpu.yaml"), "/scratch/runs/fake")
+
+
+def _run(plan, fake: dict[str, str], tmp: Path, send: int | None = None) -> tuple[int, str, str, float]:
+    """Run the stand-in ranks; with `send`, pass that signal on once every rank has started."""
+    out, err = io.StringIO(), io.StringIO()
+    started = threading.Semaphore(0)
+
+    def tee(line: str, sink) -> None:
+        (err if sink is sys.stderr else out).write(line)
+        if ":env " in line:
+            started.release()
+
+    ranks = Ranks(plan, {"PATH": "/usr/bin:/bin", "FAKE_DIR": str(tmp), **fake}, tee, argv=[sys.executable, "-c", WORKER])
+    if send is not None:
+
+        def later() -> None:
+            for _ in range(2):
+                started.acquire()
+            time.sleep(0.2)  # both have printed; the handler was installed before the print
+            ranks.send(send)
+
+        threading.Thread(target=later, daemon=True).start()
+    start = time.monotonic()
+    code = ranks.run()
+    return code, out.getvalue(), err.getvalue(), time.monotonic() - start
+
+
+def test_each_rank_gets_torchruns_environment_and_a_prefix(plan, tmp_path):
+    code, out, err, _ = _run(plan, {}, tmp_path)
+    assert code == 0, err
+    envs = sorted(line.split(":", 1)[1].split() for line in out.splitlines() if "env" in line)
+    port = envs[0][5]
+    assert envs == [["env", "0", "0", "2", "127.0.0.1", port, "0", "1"], ["env", "1", "1", "2", "127.0.0.1", port, "0", "1"]]
+    assert "[default0]:env 0" in out and "[default1]:env 1" in out  # torchrun's prefixes, by stream
+    assert "[default0]:to stderr 0" in err and "[default1]:to stderr 1" in err
+
+
+def test_the_first_failure_sets_the_code_and_stops_the_others(plan, tmp_path):
+    # Rank 1 fails at once; rank 0 would run for 60 s but saves and exits 75 on the SIGTERM it gets.
+    code, out, err, took = _run(plan, {"FAKE_0": "hang", "FAKE_1": "wait7"}, tmp_path)
+    assert code == 7 and took < 20, (code, took, err)
+    assert "launcher: rank 1 exited with code 7; stopping the other ranks" in err
+    assert "[default0]:saved 0" in out
+
+
+def test_a_killed_rank_is_named_and_reads_128_plus_the_signal(plan, tmp_path):
+    code, _, err, _ = _run(plan, {"FAKE_0": "hang", "FAKE_1": "kill"}, tmp_path)
+    assert code == 128 + signal.SIGKILL
+    assert "launcher: rank 1 was killed by SIGKILL; stopping the other ranks" in err
+    assert "launcher: rank 1 (pid " in err and ") was killed by SIGKILL" in err
+
+
+def test_a_failed_group_is_restarted_up_to_max_restarts(tmp_path):
+    plan = build_plan(load_config(ROOT / "recipes" / "tiny-cpu.yaml", ["cluster.max_restarts=1"]), "/scratch/runs/fake")
+    code, out, err, _ = _run(plan, {"FAKE_0": "restart", "FAKE_1": "restart"}, tmp_path)
+    assert code == 0, err
+    assert "launcher: restarting the ranks (1 of cluster.max_restarts=1)" in err
+    assert sorted(line.split()[6] for line in out.splitlines() if " env " in f" {line.split(':', 1)[1]}") == ["0", "0", "1", "1"]
+
+
+def test_a_signal_reaches_every_rank_once_and_is_not_restarted(plan, tmp_path):
+    code, out, err, took = _run(plan, {"FAKE_0": "hang", "FAKE_1": "hang"}, tmp_path, send=signal.SIGTERM)
+    assert code == 75 and took < 20, (code, err)
+    assert "[default0]:saved 0" in out and "[default1]:saved 1" in out
+    assert "stopping the other ranks" not in err and "restarting" not in err
+
+
+def test_a_rank_deaf_to_sigterm_is_killed_after_the_shutdown_timeout(plan, tmp_path, monkeypatch):
+    monkeypatch.setattr("launcher.ranks.shutdown_timeout", lambda seconds: 1)
+    code, _, err, took = _run(plan, {"FAKE_0": "deaf", "FAKE_1": "wait5"}, tmp_path)
+    assert code == 5 and took < 20
+    assert "launcher: ranks outlived the shutdown timeout; killing them" in err
+
+
+def test_rank_env_is_the_plans_env_under_the_rank_variables(plan):
+    env = rank_env({"RANK": "9", "KEEP": "1"}, plan, 1, free_port(), 0)
+    assert env["RANK"] == "1" and env["KEEP"] == "1" and env["PYTHONSAFEPATH"] == "1"
+    assert env["TORCHELASTIC_MAX_RESTARTS"] == "0" and env["TORCHELASTIC_RUN_ID"] == plan.config["run"]["name"]
