@@ -10,6 +10,7 @@ micro-batch (DeepSpeed steps the optimizer at the accumulation boundary).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,7 @@ class DeepSpeedSaver(ckpt.Saver):
     def save(self, model: nn.Module, optimizer: Any, manifest: dict[str, Any]) -> Path:
         with ckpt.save_errors(ckpt.step_dir(self.root, manifest["step"]), self.rank):  # ENOSPC & co.: one line
             folder = self.begin(manifest["step"])
+            self._started = time.monotonic()  # the manifest's save_seconds (plan/budget.py) and the printed time
             self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False, exclude_frozen_parameters=self.trainable_only)
             self._finish(folder, manifest)
         return folder

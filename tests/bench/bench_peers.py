@@ -236,10 +236,13 @@ def _watch(argv: list[str], env: dict[str, str], kind_of: Any, root_name: str) -
 
 
 def _memory(peaks: dict[str, float], parents: list[str]) -> dict[str, float]:
+    """Peak RSS of the workers (the largest) and of the parents that ran (`launcher run` has had no
+    torchrun agent below it since launcher/ranks.py; a launch.sh run still has one)."""
     workers = [v for k, v in peaks.items() if k.startswith("worker")]
-    out = {f"rss {p}": peaks.get(p, 0.0) for p in parents}
+    parents = [p for p in parents if p in peaks]
+    out = {f"rss {p}": peaks[p] for p in parents}
     out["rss worker (max)"] = max(workers, default=0.0)
-    out["rss parents"] = sum(peaks.get(p, 0.0) for p in parents)
+    out["rss parents"] = sum(peaks[p] for p in parents)
     return out
 
 

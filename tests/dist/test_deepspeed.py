@@ -73,6 +73,8 @@ def test_zero_1_and_2_train(stage: int, tmp_path: Path, fsdp_run: Path, launcher
 def test_deepspeed_resume_is_exact(zero3_run: Path, tmp_path: Path, launcher) -> None:
     source = ckpt.step_dir(zero3_run / "checkpoints", 10)
     assert ckpt.is_complete(source)[0] and (source / "deepspeed").is_dir()
+    # The save's own time (what cluster.signal_seconds must cover), not the seconds since boot.
+    assert 0 < ckpt.read_manifest(source)["save_seconds"] < 60
     run = tmp_path / "resumed"
     done = launcher("run", "tiny-cpu-deepspeed.yaml", *COMMON, f"checkpoint.resume={source}", "--out", str(run))
     assert "at step 10" in done.stdout
