@@ -31,6 +31,43 @@ __all__ = ["DTYPES", "ModelError", "WeightMap", "model_dir"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def skip_unused_imports() -> None:
+    """Keep scipy out of a rank: transformers imports `scipy.optimize` as it loads, for the Hungarian
+    matching of its object-detection losses, which no launcher task uses (about 5 % of a rank's
+    import time, measured on 2 CPUs). Those loss modules are imported here with scipy reported
+    absent; everything else sees the real answer. A no-op once they are loaded (or if they move)."""
+    import sys
+
+    if "transformers.loss.loss_utils" in sys.modules:
+        return
+    import transformers.utils as hf_utils
+
+    real = hf_utils.is_scipy_available
+    hf_utils.is_scipy_available = lambda: False
+    try:
+        import transformers.loss.loss_utils  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        hf_utils.is_scipy_available = real
+
+
+class LazyTokenizer:
+    """The tokenizer, loaded at its first use (generation at the first evaluation, 0.8 s) rather
+    than before the first step; attributes pass through to it."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._tokenizer: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self._path)
+        return getattr(self._tokenizer, name)
+
+
 def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 

@@ -1,13 +1,17 @@
 """Benchmark: where the start and the end of a `launcher run` go, and each process's peak RSS. Not a test.
 
-    .venv/bin/python tests/bench/bench_startup.py [--runs 3] [overrides ...]
+    .venv/bin/python tests/bench/bench_startup.py [--runs 3] [--recipe R] [--vs TREE] [overrides ...]
 
 Runs the tiny recipe for 4 steps (warm data cache, no evaluation, one save at the end) and stamps
 every output line as it arrives: the data prepared (the `launcher run` process, no torch), the ranks
-up (torchrun agent and workers started and imported torch), the model built (attention chosen),
-the first step, done, loss.png drawn, the process gone. A sampler reads the process tree every
-0.05 s for the peak RSS of the parent processes (`launcher run`, the agent) and of each worker.
-Medians over the runs.
+up (workers started and imported torch; through a torchrun agent if `launcher run` uses one),
+transformers imported (the attention choice is printed after it), the first step (the model built
+and one optimizer step), done, loss.png drawn, the process gone. A sampler reads the process tree
+every 0.05 s for the peak RSS of `launcher run`, of an agent if there is one, and of each worker.
+Medians over the runs. `--vs TREE` (another checkout, e.g. a `git worktree` of an older commit, with
+`launcher/kernels` linked to its `kernels/`) runs that tree's `launcher run` in turn with this one's,
+A B A B, and prints the ratio of each event's time pair by pair (median): on a shared machine the
+load moves both alike.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EVENTS = [
     ("data prepared", "launcher: data prepared"),
     ("ranks up", "launcher: rank 0 of"),
-    ("model built", "launcher: attention:"),
+    ("transformers imported", "launcher: attention:"),
     ("first step", "step 1/"),
     ("done", "launcher: done."),
     ("plot drawn", "launcher: plot "),
@@ -67,11 +71,12 @@ def sample(
         time.sleep(0.05)
 
 
-def one_run(out: Path, overrides: list[str]) -> tuple[dict[str, float], dict[str, float]]:
-    argv = [sys.executable, "-m", "launcher", "run", "tiny-cpu.yaml", "train.max_steps=4", "optim.warmup_steps=1"]
+def one_run(out: Path, overrides: list[str], root: Path = ROOT, recipe: str = "tiny-cpu.yaml") -> tuple[dict[str, float], dict[str, float]]:
+    argv = [sys.executable, "-m", "launcher", "run", recipe, "train.max_steps=4", "optim.warmup_steps=1"]
     argv += ["checkpoint.every=0", "train.eval_batches=0", "train.eval_exact_match=0", *overrides, "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(root)}  # that tree's code, ranks included (they inherit it)
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root, env=env)
     peaks: dict[str, float] = {}
     stop = threading.Event()
     sampler = threading.Thread(target=sample, args=(psutil.Process(proc.pid), peaks, stop), daemon=True)
@@ -89,40 +94,57 @@ def one_run(out: Path, overrides: list[str]) -> tuple[dict[str, float], dict[str
     if proc.returncode != 0:
         raise SystemExit(f"launcher run exited {proc.returncode}")
     workers = [v for k, v in peaks.items() if k.startswith("worker")]
-    rss = {"launcher run": peaks.get("launcher run", 0.0), "agent": peaks.get("agent", 0.0), "worker (max)": max(workers, default=0.0)}
+    rss = {"launcher run": peaks.get("launcher run", 0.0), "worker (max)": max(workers, default=0.0)}
+    if "agent" in peaks:  # `launcher run` starts the ranks itself now; launch.sh still goes through torchrun
+        rss["agent"] = peaks["agent"]
     return seen, rss
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    os.environ.setdefault("LAUNCHER_CACHE_DIR", str(ROOT / ".cache" / "launcher"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    timings: list[dict[str, float]] = []
-    memory: list[dict[str, float]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        one_run(Path(tmp) / "warm", args.overrides)  # data cache and tiny model built, page cache warm
-        for i in range(args.runs):
-            seen, rss = one_run(Path(tmp) / f"r{i}", args.overrides)
-            timings.append(seen)
-            memory.append(rss)
-    print(f"load average {os.getloadavg()[0]:.2f}; medians of {args.runs} runs; seconds since `launcher run` started")
-    print("| event | at s | since the previous |")
-    print("|---|---:|---:|")
+def table(timings: list[dict[str, float]], memory: list[dict[str, float]]) -> str:
+    lines = ["| event | at s | since the previous |", "|---|---:|---:|"]
     previous = 0.0
     for name in [n for n, _ in EVENTS] + ["exited"]:
         values = [t[name] for t in timings if name in t]
         if not values:
             continue
         at = statistics.median(values)
-        print(f"| {name} | {at:.1f} | {at - previous:.1f} |")
+        lines.append(f"| {name} | {at:.1f} | {at - previous:.1f} |")
         previous = at
-    print("\n| process | peak RSS MiB |")
-    print("|---|---:|")
-    for key in memory[0]:
-        print(f"| {key} | {statistics.median(m[key] for m in memory):.0f} |")
+    lines += ["", "| process | peak RSS MiB |", "|---|---:|"]
+    lines += [f"| {key} | {statistics.median(m.get(key, 0.0) for m in memory):.0f} |" for key in memory[0]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--recipe", default="tiny-cpu.yaml", help="a shipped recipe's name or a path")
+    parser.add_argument("--vs", default="", help="another checkout to run in turn with this one (A = this tree, B = that)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    os.environ.setdefault("LAUNCHER_CACHE_DIR", str(ROOT / ".cache" / "launcher"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    trees = {"A": ROOT, **({"B": Path(args.vs).resolve()} if args.vs else {})}
+    recipe = str(Path(args.recipe).resolve()) if Path(args.recipe).is_file() else args.recipe
+    timings: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
+    memory: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, root in trees.items():  # data cache and tiny model built, page cache warm
+            one_run(Path(tmp) / f"warm-{key}", args.overrides, root, recipe)
+        for i in range(args.runs):
+            for key, root in trees.items():
+                seen, rss = one_run(Path(tmp) / f"r{i}-{key}", args.overrides, root, recipe)
+                timings[key].append(seen)
+                memory[key].append(rss)
+    print(f"load average {os.getloadavg()[0]:.2f}; medians of {args.runs} runs; seconds since `launcher run` started")
+    for key, root in trees.items():
+        print(f"\n{key}: {root}\n" + table(timings[key], memory[key]))
+    if args.vs:
+        print("\n| event | A / B (median of the pairs) |\n|---|---:|")
+        for name in [n for n, _ in EVENTS] + ["exited"]:
+            pairs = [a[name] / b[name] for a, b in zip(timings["A"], timings["B"]) if name in a and name in b and b[name] > 0]
+            if pairs:
+                print(f"| {name} | {statistics.median(pairs):.2f} |")
 
 
 if __name__ == "__main__":

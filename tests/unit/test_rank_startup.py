@@ -1,0 +1,38 @@
+"""What a rank does before its first step: no tokenizer unless text is read, no scipy for transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from launcher.runtime.model import LazyTokenizer, load_tokenizer
+from launcher.runtime.tiny import ensure_tiny_model
+
+
+def test_the_tokenizer_loads_at_its_first_use_and_answers_as_the_real_one() -> None:
+    path = ensure_tiny_model()
+    lazy = LazyTokenizer(path)
+    assert lazy._tokenizer is None  # nothing read before generation asks
+    real = load_tokenizer(path)
+    assert lazy.eos_token_id == real.eos_token_id and lazy.pad_token_id == real.pad_token_id
+    assert lazy.encode("3 + 4", add_special_tokens=False) == real.encode("3 + 4", add_special_tokens=False)
+    assert lazy._tokenizer is not None
+
+
+def test_a_rank_builds_a_model_without_importing_scipy() -> None:
+    """transformers' object-detection losses import scipy.optimize; a rank hides it from them alone."""
+    code = (
+        "import sys\n"
+        "from launcher.runtime.model import skip_unused_imports\n"
+        "skip_unused_imports()\n"
+        "from launcher.kernels.sdpa_varlen import register\n"
+        "from transformers import AutoModelForCausalLM, LlamaConfig\n"
+        "register()\n"
+        "AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,"
+        " num_attention_heads=2, vocab_size=64))\n"
+        "assert 'scipy' not in sys.modules, sorted(m for m in sys.modules if m.startswith('scipy'))[:3]\n"
+        "from transformers.utils import is_scipy_available\n"
+        "assert is_scipy_available(), 'the real answer is restored for everything else'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
