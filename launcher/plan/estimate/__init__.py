@@ -11,7 +11,7 @@ import dataclasses
 
 from launcher.config.errors import ConfigError, Problem
 from launcher.config.schema import GPU_MEMORY_GIB, ClusterSection, RunConfig
-from launcher.plan.estimate.cost import MFU, PEAK_TFLOPS, checkpoint_bytes, flops_per_token, host_bytes, step_seconds
+from launcher.plan.estimate.cost import MFU, PEAK_TFLOPS, checkpoint_bytes, flops_per_token, host_bytes, model_flops_per_token, step_seconds
 from launcher.plan.estimate.memory import GIB, Setting, estimate_memory
 from launcher.plan.estimate.params import count_params
 from launcher.plan.estimate.render import render_estimate
@@ -49,6 +49,7 @@ def estimate_plan(cfg: RunConfig, topology: Topology) -> dict[str, float]:
     out.update(host_bytes(setting, out))
     out.update(checkpoint_bytes(setting, out))
     out["flops_per_token"] = flops_per_token(setting)
+    out["model_flops_per_token"] = model_flops_per_token(setting)  # the progress line's MFU on CUDA
     out["step_seconds"] = step_seconds(setting, cfg.cluster.gpu) if setting.cuda else 0.0
     out["peak_tflops"] = PEAK_TFLOPS.get(cfg.cluster.gpu, PEAK_TFLOPS["h100-80gb"])
     out["mfu"] = MFU

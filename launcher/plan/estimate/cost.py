@@ -40,19 +40,31 @@ def checkpoint_bytes(s: Setting, memory: dict[str, float], checkpoint: Checkpoin
     return {"checkpoint_bytes": size, "checkpoint_seconds": size / (FS_BYTES_PER_SECOND * s.topology.nodes)}
 
 
-def flops_per_token(s: Setting) -> float:
-    """Training FLOPs per token: 2 per matmul weight forward, backward twice that (input and weight
-    gradients; a frozen weight needs only the input one), a second forward under checkpointing, and
-    causal attention (half of the S x S scores) at the recipe's sequence length."""
+def _forward_flops(s: Setting) -> float:
+    """One forward per token: 2 per matmul weight, and causal attention (half of the S x S scores)."""
     counts = count_params(s.model, s.method, s.task, s.positions)
     _, layers, _, vocab, q, _ = shapes(s.model)
     head = (s.model.hidden_size or 0) * vocab if s.task == "causal_lm" else 0
-    matmul = counts.linear + head
     attention = 2 * layers * s.seq_len * q  # QK^T and AV, causal: 2 x 2 flops x S/2 x width
-    forward = 2 * matmul + attention
-    backward = 2 * forward if s.method.name in ("full", "freeze") else forward + attention
-    recompute = forward if s.train.checkpointing == "full" else 0  # selective keeps matmul and attention outputs: no FLOPs redone
-    return float(forward + backward + recompute)
+    return float(2 * (counts.linear + head) + attention)
+
+
+def model_flops_per_token(s: Setting) -> float:
+    """Training FLOPs per token as MFU counts them: the forward, and a backward of twice that (input
+    and weight gradients; frozen weights need only the input one, so adapters' backward is one more
+    forward's matmuls and the attention once more)."""
+    forward = _forward_flops(s)
+    if s.method.name in ("full", "freeze"):
+        return 3 * forward
+    _, layers, _, _, q, _ = shapes(s.model)
+    return 2 * forward + 2 * layers * s.seq_len * q
+
+
+def flops_per_token(s: Setting) -> float:
+    """What the hardware does per token: the model's FLOPs plus a second forward under full
+    activation checkpointing (selective keeps matmul and attention outputs: nothing is redone)."""
+    recompute = _forward_flops(s) if s.train.checkpointing == "full" else 0.0
+    return model_flops_per_token(s) + recompute
 
 
 def step_seconds(s: Setting, gpu: str) -> float:
