@@ -126,7 +126,7 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     from launcher.runtime.build import build_training_model
     from launcher.runtime.dist import raise_for_test, seed_everything
     from launcher.runtime.loop import Context, EarlyStopper, train
-    from launcher.runtime.metrics import Reporter
+    from launcher.runtime.metrics import Reporter, mfu_per_token_s
     from launcher.runtime.model import LazyTokenizer, model_dir, skip_unused_imports
     from launcher.runtime.packing import GlobalOrder, TokenData
     from launcher.runtime.tasks import build_task
@@ -180,7 +180,8 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     if info.is_main and cfg.train.epochs is not None and start_step == 0:
         print(f"launcher: {cfg.train.epochs:g} epoch(s) of {len(train_data)} rows = {max_steps} steps", flush=True)
     trackers = open_trackers(cfg.train.report_to, run_dir, plan.config, start_step) if info.is_main and cfg.train.report_to else None
-    reporter = Reporter(run_dir, info.is_main, max_steps, start_step, trackers)
+    mfu = mfu_per_token_s(plan.estimate, info.world_size, cfg.cluster.accelerator == "cuda")
+    reporter = Reporter(run_dir, info.is_main, max_steps, start_step, trackers, mfu)
     stopping = cfg.train.early_stopping
     stopper = EarlyStopper(stopping.metric, stopping.mode, stopping.patience, stopping.threshold) if stopping.metric else None
     if stopper is not None and found is not None:

@@ -14,8 +14,11 @@ from launcher.runtime.trackers import Kind, Trackers
 class Reporter:
     """Rank 0 reports; every other rank gets a Reporter that does nothing."""
 
-    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, start_step: int, trackers: Trackers | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, enabled: bool, max_steps: int, start_step: int, trackers: Trackers | None = None, mfu_per_token_s: float = 0.0
+    ) -> None:
         self.enabled = enabled
+        self.mfu_per_token_s = mfu_per_token_s  # MFU of one token/s (model FLOPs / the GPUs' peak); 0: not shown (CPU)
         self.trackers = trackers  # train.report_to: fed every record written below
         self.max_steps = max_steps
         self.start = time.perf_counter()
@@ -39,6 +42,8 @@ class Reporter:
         if not self.enabled:
             return
         record = {**record, "peak_mem_gib": round(peak_memory_gib(), 3)}
+        if self.mfu_per_token_s:
+            record["mfu"] = round(record["tokens_per_s"] * self.mfu_per_token_s, 4)
         if self._bar is not None:
             self._bar.update(record["step"] - self._bar.n)
             self._bar.set_postfix(
@@ -46,13 +51,15 @@ class Reporter:
                 lr=f"{record['lr']:.2e}",
                 tok_s=f"{record['tokens_per_s']:.0f}",
                 mem=f"{record['peak_mem_gib']:.2f}G",
+                **({"mfu": f"{record['mfu']:.0%}"} if "mfu" in record else {}),
             )
         else:
             done = record["step"] - self.start_step
             eta = (self.max_steps - record["step"]) * self.elapsed() / max(done, 1)
+            mfu = f"  mfu {record['mfu']:.0%}" if "mfu" in record else ""
             self.print(
                 f"step {record['step']}/{self.max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                f"grad_norm {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:.0f}  mem {record['peak_mem_gib']:.2f}G  eta {_duration(eta)}"
+                f"grad_norm {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:.0f}{mfu}  mem {record['peak_mem_gib']:.2f}G  eta {_duration(eta)}"
             )
         self.write(record)
 
@@ -102,6 +109,13 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 1024**3
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+def mfu_per_token_s(estimate: dict[str, float], world_size: int, cuda: bool) -> float:
+    """MFU contributed by one token per second (of the whole job): model FLOPs per token over every
+    GPU's dense bf16 peak (cluster.gpu's, from the plan). 0 on CPU, where no peak is known."""
+    peak = estimate.get("peak_tflops", 0.0) * 1e12 * world_size
+    return estimate.get("model_flops_per_token", 0.0) / peak if cuda and peak else 0.0
 
 
 def _duration(seconds: float) -> str:

@@ -200,3 +200,25 @@ def test_a_tracker_listed_twice_is_refused() -> None:
 
 def test_default_is_no_tracker() -> None:
     assert load_config(TINY).train.report_to == []
+
+
+def test_the_progress_line_shows_mfu_on_cuda_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from launcher.config import load_config
+    from launcher.plan import build_plan
+    from launcher.runtime.metrics import mfu_per_token_s
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    gpu = build_plan(load_config(root / "llama3-8b-full-fsdp.yaml"), "/scratch/x")
+    per_token = mfu_per_token_s(gpu.estimate, gpu.topology["world_size"], cuda=True)
+    # 8B trains at about 6 x 8e9 FLOPs a token (plus attention): 9,000 tokens/s over its GPUs' peak.
+    expected = 9000.0 * gpu.estimate["model_flops_per_token"] / (gpu.topology["world_size"] * gpu.estimate["peak_tflops"] * 1e12)
+    assert 6 * 7.5e9 < gpu.estimate["model_flops_per_token"] < gpu.estimate["flops_per_token"] * 1.0001
+    assert per_token * 9000.0 == pytest.approx(expected)
+    cpu = build_plan(load_config(root / "tiny-cpu.yaml"), "/scratch/y")
+    assert mfu_per_token_s(cpu.estimate, 2, cuda=False) == 0.0
+    reporter = Reporter(tmp_path, True, 4, 0, None, per_token)
+    reporter.step(step_record(1))
+    reporter.close()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["mfu"] == pytest.approx(expected, abs=1e-4)
+    assert f"tok/s 9000  mfu {record['mfu']:.0%}  mem " in capsys.readouterr().out
