@@ -26,6 +26,7 @@ from launcher.plan import Plan
 from launcher.plan.torchrun import shutdown_timeout
 
 POLL_SECONDS = 0.05
+FAILURE_GRACE_SECONDS = 30  # after a rank failed, the others' time to leave before SIGKILL (torchrun's too)
 EXIT_REQUEUE = 75  # the ranks saved after a signal: not a failure to restart from
 Tee = Callable[[str, IO[str]], None]  # (line, console stream): write it to the console and the log
 
@@ -90,6 +91,7 @@ class RankGroup:
         self.argv = argv or worker_argv(plan)
         self.ranks: list[Rank] = []
         self.signalled = False  # a signal was passed on: the ranks are saving, not failing
+        self._deadline: float | None = None  # when whatever is still running gets SIGKILL
         self._env = env
         self._tee = tee
         self._restart = restart
@@ -122,9 +124,12 @@ class RankGroup:
         return [member for member in self.ranks if member.proc.poll() is None]
 
     def send(self, signum: int) -> None:
-        """A signal from outside (the user, the scheduler): the ranks save and stop; not a failure."""
+        """A signal from outside (the user, the scheduler): the ranks save and stop, not a failure;
+        SIGKILL for any still running after the shutdown timeout (cluster.signal_seconds, >= 2 min)."""
         self.signalled = True
         self._signal(signum)
+        if self._deadline is None:
+            self._deadline = time.monotonic() + shutdown_timeout(int(self.plan.config["cluster"]["signal_seconds"]))
 
     def _signal(self, signum: int) -> None:
         for member in self.alive():
@@ -135,22 +140,19 @@ class RankGroup:
 
     def wait(self) -> int:
         """Until every rank has exited; the exit code of the first rank that failed, else 0. After a
-        failure the others get SIGTERM (they save if they can), and SIGKILL after the shutdown
-        timeout (cluster.signal_seconds, at least 2 min), as under torchrun."""
+        failure the others get SIGTERM, and SIGKILL 30 s later, as under torchrun."""
         first: Rank | None = None
-        deadline: float | None = None
         while self.alive():
             if first is None:
                 first = next((m for m in self.ranks if m.proc.returncode not in (None, 0)), None)
-                if first is not None:
-                    if not self.signalled:
-                        self._tee(f"launcher: rank {first.rank} {ended(first.proc.returncode)}; stopping the other ranks\n", sys.stderr)
-                        self._signal(signal.SIGTERM)
-                    deadline = time.monotonic() + shutdown_timeout(int(self.plan.config["cluster"]["signal_seconds"]))
-            if deadline is not None and time.monotonic() > deadline:
-                self._tee("launcher: ranks outlived the shutdown timeout; killing them\n", sys.stderr)
+                if first is not None and not self.signalled:
+                    self._tee(f"launcher: rank {first.rank} {ended(first.proc.returncode)}; stopping the other ranks\n", sys.stderr)
+                    self._signal(signal.SIGTERM)
+                    self._deadline = time.monotonic() + FAILURE_GRACE_SECONDS
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                self._tee("launcher: ranks still running after the grace period; killing them\n", sys.stderr)
                 self._signal(signal.SIGKILL)
-                deadline = None
+                self._deadline = float("inf")
             time.sleep(POLL_SECONDS)
         for member in self.ranks:
             for pump in member.pumps:

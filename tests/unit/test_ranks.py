@@ -120,11 +120,19 @@ def test_a_signal_reaches_every_rank_once_and_is_not_restarted(plan, tmp_path):
     assert "stopping the other ranks" not in err and "restarting" not in err
 
 
-def test_a_rank_deaf_to_sigterm_is_killed_after_the_shutdown_timeout(plan, tmp_path, monkeypatch):
-    monkeypatch.setattr("launcher.ranks.shutdown_timeout", lambda seconds: 1)
+def test_a_rank_deaf_to_sigterm_is_killed_after_the_grace_period(plan, tmp_path, monkeypatch):
+    monkeypatch.setattr("launcher.ranks.FAILURE_GRACE_SECONDS", 1)  # torchrun's 30 s after a failure
     code, _, err, took = _run(plan, {"FAKE_0": "deaf", "FAKE_1": "wait5"}, tmp_path)
     assert code == 5 and took < 20
-    assert "launcher: ranks outlived the shutdown timeout; killing them" in err
+    assert "launcher: ranks still running after the grace period; killing them" in err
+
+
+def test_after_a_signal_ranks_still_running_at_the_shutdown_timeout_are_killed(plan, tmp_path, monkeypatch):
+    monkeypatch.setattr("launcher.ranks.shutdown_timeout", lambda seconds: 1)  # cluster.signal_seconds, >= 2 min
+    code, out, err, took = _run(plan, {"FAKE_0": "hang", "FAKE_1": "deaf"}, tmp_path, send=signal.SIGTERM)
+    assert "[default0]:saved 0" in out and took < 20
+    assert code == 75  # rank 0 saved first; rank 1 was then killed
+    assert "launcher: ranks still running after the grace period; killing them" in err and "stopping the other" not in err
 
 
 def test_rank_env_is_the_plans_env_under_the_rank_variables(plan):
