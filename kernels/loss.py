@@ -5,7 +5,9 @@ only a [token chunk, vocabulary chunk] block of logits exists at a time. Forward
 logsumexp over vocabulary chunks (fp32), keeping one float per token; backward: the logits are
 recomputed chunk by chunk and turned into the gradients of the hidden states and of the weight
 (fp32 accumulation). At vocab 128k x 8k tokens the plain path holds 4 GB of fp32 logits plus their
-gradient; this one holds a few chunks (tests/bench/bench_loss.py).
+gradient; this one holds a few chunks (tests/bench/bench_loss.py). When one block holds every logit
+(at most 2048 tokens x 8192 vocabulary: small models, short micro-batches) that block is computed
+once, kept for backward and run through the fused log-softmax and softmax kernels instead.
 
 `head_loss(model, targets)` runs it inside the model's own forward: the output-embedding module's
 forward is swapped for one that returns the loss sum, so FSDP2's and ZeRO-3's gather hooks on that
@@ -43,6 +45,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         vocab = weight.shape[0]
         valid = targets != IGNORE_INDEX
         safe = torch.where(valid, targets, 0)
+        ctx.chunks = (token_chunk, vocab_chunk)
+        if hidden.shape[0] <= token_chunk and vocab <= vocab_chunk:
+            # One block holds every logit: keep it for backward (no second matmul there) and use the
+            # fused log-softmax / softmax kernels (a third of the chunked loop's time on CPU).
+            logits = _logits(hidden, weight, bias, 0, vocab)
+            picked = torch.log_softmax(logits, dim=1).gather(1, safe[:, None])[:, 0]
+            ctx.save_for_backward(hidden, weight, bias, safe, valid, logits)
+            ctx.block = True
+            return -torch.where(valid, picked, 0.0).sum()
+        ctx.block = False
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for t0 in range(0, hidden.shape[0], token_chunk):
@@ -61,12 +73,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse[t0 : t0 + token_chunk] = top + torch.log(acc)
             total += torch.where(valid[t0 : t0 + token_chunk], lse[t0 : t0 + token_chunk] - picked, 0.0).sum()
         ctx.save_for_backward(hidden, weight, bias, safe, valid, lse)
-        ctx.chunks = (token_chunk, vocab_chunk)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        hidden, weight, bias, safe, valid, lse = ctx.saved_tensors
+        hidden, weight, bias, safe, valid, saved = ctx.saved_tensors  # saved: the logits (one block) or their lse
         token_chunk, vocab_chunk = ctx.chunks
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
@@ -78,9 +89,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_w_chunk = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
             for t0 in range(0, hidden.shape[0], token_chunk):
                 h = hidden[t0 : t0 + token_chunk]
-                logits = _logits(h, weight, bias, v0, vocab_chunk)
                 # d(lse - picked)/d logits = softmax - one_hot(target), zero for ignored tokens
-                grad = torch.exp(logits - lse[t0 : t0 + token_chunk, None])
+                if ctx.block:
+                    grad = torch.softmax(saved, dim=1)
+                else:
+                    grad = torch.exp(_logits(h, weight, bias, v0, vocab_chunk) - saved[t0 : t0 + token_chunk, None])
                 tgt = safe[t0 : t0 + token_chunk]
                 inside = (tgt >= v0) & (tgt < v0 + w.shape[0])
                 rows = inside.nonzero()[:, 0]
