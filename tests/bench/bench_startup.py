@@ -82,8 +82,10 @@ def one_run(out: Path, overrides: list[str], root: Path = ROOT, recipe: str = "t
     sampler = threading.Thread(target=sample, args=(psutil.Process(proc.pid), peaks, stop), daemon=True)
     sampler.start()
     seen: dict[str, float] = {}
+    tail: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
+        tail = [*tail[-20:], line]
         for name, marker in EVENTS:
             if name not in seen and marker in line:
                 seen[name] = time.monotonic() - t0
@@ -92,7 +94,7 @@ def one_run(out: Path, overrides: list[str], root: Path = ROOT, recipe: str = "t
     stop.set()
     sampler.join()
     if proc.returncode != 0:
-        raise SystemExit(f"launcher run exited {proc.returncode}")
+        raise SystemExit(f"launcher run ({root}) exited {proc.returncode}:\n" + "".join(tail))
     workers = [v for k, v in peaks.items() if k.startswith("worker")]
     rss = {"launcher run": peaks.get("launcher run", 0.0), "worker (max)": max(workers, default=0.0)}
     if "agent" in peaks:  # `launcher run` starts the ranks itself now; launch.sh still goes through torchrun
