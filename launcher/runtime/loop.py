@@ -39,11 +39,18 @@ def lr_at(step: int, optim: OptimSection, max_steps: int) -> float:
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on 1-D parameters (norms, biases): the groups every backend uses."""
+    """AdamW; no weight decay on 1-D parameters (norms, biases): the groups every backend uses.
+    Plain tensors (DDP, one process) get the fused kernel (one pass per tensor: half the foreach
+    step's time on CPU, the same update within float32 rounding); FSDP2's DTensors keep foreach."""
+    from torch.distributed.tensor import DTensor
+
     from launcher.runtime.optim import parameter_groups
 
     groups = parameter_groups(model, optim.weight_decay)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, foreach=True)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and not any(isinstance(p, DTensor) for p in params) and {p.device.type for p in params} <= {"cpu", "cuda"}
+    kind = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, **kind)
 
 
 @dataclass

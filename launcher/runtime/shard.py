@@ -47,10 +47,13 @@ def shard_model(model: nn.Module, backend: str, fsdp: dict[str, Any] | None, inf
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP without a collective before each forward: the models' buffers (rotary tables, position
+    ids) are computed alike on every rank and never change, so they are not broadcast from rank 0
+    each step; gradients are views into the all-reduce buckets (no copy into the bucket and back)."""
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ def test_groups_split_by_rank() -> None:
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))  # tied weight once
     optimizer = build_optimizer(model, OptimSection(weight_decay=0.1))
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert optimizer.defaults["fused"] and not optimizer.defaults["foreach"]  # plain tensors: the fused kernel
 
 
 def test_frozen_parameters_left_out() -> None:
