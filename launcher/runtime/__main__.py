@@ -1,7 +1,9 @@
-"""The per-rank orchestrator: `python -m launcher.runtime --plan RUN/plan.json` (torchrun runs it).
+"""The per-rank orchestrator: `python -m launcher.runtime --plan RUN/plan.json` (`launcher run` or torchrun starts it).
 
-Step order: plan → process group → seeds → tokenizer and prepared data → model (meta → method →
-shard → load) → optimizer → resume → loop (checkpoint, eval, signals) → final save → teardown.
+Step order: plan → process group → seeds → prepared data → model (meta → method → shard → load) →
+optimizer → resume → loop (checkpoint, eval, signals) → final save → teardown. The tokenizer is read
+only where text is (generation at an evaluation), at its first use; the garbage collector is off
+until the loop starts (start-up only builds objects that live for the whole run).
 Exit codes: 0 done, 2 bad input, 75 saved after a signal (run again to resume), 1 anything else.
 """
 
