@@ -9,7 +9,7 @@ constant, no weight decay, clip 1.0, fp32, prompt masked. Both tools get the sam
 labels: the Trainer's rows are the launcher's own tokenisation (`launcher.runtime.data.tokenize`),
 written to a JSON file once, so its workers do no tokenising (in its favour on the first step).
 
-Cases run A B C ... A B C, after one untimed 2-step warm-up pass (data cache, page cache,
+Cases run A B C ... B C A ... (rotated each repeat), after one untimed 2-step warm-up pass (data cache, page cache,
 DeepSpeed's shared-memory op). Per run: steady real tokens/s (non-padding input tokens, steps
 SKIP+1..40 over the wall time between the end of step SKIP and of step 40), time to first step
 (from just before the command the user types starts, `launcher run` or `torchrun`, to the end of
@@ -429,7 +429,11 @@ def main() -> None:
             once(name, work / "runs" / f"warm-{names.index(name)}", 2)
     results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     for rep in range(repeats):
-        for i, name in enumerate(names):
+        # Rotated each repeat: the case right after the Trainer measured slower whichever it was
+        # (its workers' exit and page cache), so no case keeps that seat.
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            i = names.index(name)
             r = once(name, work / "runs" / f"r{rep}-{i}", steps)
             results[name].append(r)
             print(f"repeat {rep + 1} {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in r.items()), flush=True)
