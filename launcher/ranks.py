@@ -11,6 +11,7 @@ rendezvous and SLURM's steps need its agent.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,11 +24,11 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from launcher.plan import Plan
+from launcher.plan.slurm import REQUEUE_EXIT_CODE  # the ranks saved after a signal: not a failure to restart from
 from launcher.plan.torchrun import shutdown_timeout
 
 POLL_SECONDS = 0.05
 FAILURE_GRACE_SECONDS = 30  # after a rank failed, the others' time to leave before SIGKILL (torchrun's too)
-EXIT_REQUEUE = 75  # the ranks saved after a signal: not a failure to restart from
 Tee = Callable[[str, IO[str]], None]  # (line, console stream): write it to the console and the log
 
 
@@ -70,6 +71,12 @@ def rank_env(base: dict[str, str], plan: Plan, rank: int, port: int, restart: in
 def worker_argv(plan: Plan) -> list[str]:
     """A rank's command: the interpreter the plan was made with, the per-rank runtime, the plan."""
     return [plan.torchrun[0], "-m", "launcher.runtime", "--plan", plan.plan_path]
+
+
+def send_signal(pid: int, signum: int) -> None:
+    """os.kill, for a process that may have exited meanwhile."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
 
 
 def shell_code(returncode: int) -> int:
@@ -133,10 +140,7 @@ class RankGroup:
 
     def _signal(self, signum: int) -> None:
         for member in self.alive():
-            try:
-                os.kill(member.proc.pid, signum)
-            except ProcessLookupError:
-                continue
+            send_signal(member.proc.pid, signum)
 
     def wait(self) -> int:
         """Until every rank has exited; the exit code of the first rank that failed, else 0. After a
@@ -190,7 +194,7 @@ class Ranks:
             if self._stopped is not None and not self.group.signalled:  # it came while they were starting
                 self.group.send(self._stopped)
             code = self.group.wait()
-            if code in (0, EXIT_REQUEUE) or self._stopped is not None or restart == restarts:
+            if code in (0, REQUEUE_EXIT_CODE) or self._stopped is not None or restart == restarts:
                 return code
             self._tee(f"launcher: restarting the ranks ({restart + 1} of cluster.max_restarts={restarts})\n", sys.stderr)
         return 1  # not reached: the last attempt returns above

@@ -9,7 +9,6 @@ logs/launcher.log; a failed run ends with one line naming the rank that failed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -24,8 +23,9 @@ from types import FrameType
 from typing import IO
 
 from launcher.plan import Plan
+from launcher.plan.slurm import REQUEUE_EXIT_CODE
 from launcher.plot import plot_after_run
-from launcher.ranks import EXIT_REQUEUE, Ranks
+from launcher.ranks import Ranks, send_signal
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -70,7 +70,7 @@ def run_local(plan: Plan) -> int:
     if code == 0:
         write_state(run_dir, "done", job="local", attempt=1)
         plot_after_run(run_dir, plan.config["train"].get("plot", True))  # here, not on rank 0: the ranks have exited
-    elif code == EXIT_REQUEUE:
+    elif code == REQUEUE_EXIT_CODE:
         write_state(run_dir, "preempted", job="local", attempt=1)
     else:
         line = failure_line(run_dir, code)
@@ -124,11 +124,6 @@ def _supervise(plan: Plan, log: IO[str]) -> int:
     return code
 
 
-def _send(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
-
-
 def _run_pids(token: str) -> list[int]:
     """PIDs of live processes whose environment carries RUN_TOKEN=token (from /proc)."""
     marker = f"{RUN_TOKEN}={token}".encode()
@@ -147,7 +142,7 @@ def _run_pids(token: str) -> list[int]:
 def _kill_all(token: str) -> None:
     """SIGKILL every process the run started."""
     for pid in _run_pids(token):
-        _send(pid, signal.SIGKILL)
+        send_signal(pid, signal.SIGKILL)
 
 
 # --- state and failures, shared with job.sbatch (`python -m launcher.run_local ...`) --------------
