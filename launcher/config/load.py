@@ -166,9 +166,17 @@ def nest(path: str, value: Any) -> dict[str, Any]:
     return value
 
 
+@functools.cache
+def _hints(schema: type) -> dict[str, Any]:
+    """A schema class's resolved annotations. Resolving them evaluates every string annotation
+    again (`from __future__ import annotations`): uncached, it was half of a validation, which the
+    CLI runs three times and every rank once."""
+    return typing.get_type_hints(schema)
+
+
 def _section_type(schema: type, name: str) -> type | None:
     """The dataclass type of field `name` of `schema`, or None if it is a leaf."""
-    hint = typing.get_type_hints(schema)[name]
+    hint = _hints(schema)[name]
     return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
 
 
@@ -222,7 +230,7 @@ def _shape_problem(path: str, value: Any) -> Problem | None:
     parts = path.split(".")
     for part in parts[:-1]:
         schema = _section_type(schema, part) or schema
-    hint = typing.get_type_hints(schema).get(parts[-1])
+    hint = _hints(schema).get(parts[-1])
     origin = typing.get_origin(hint)
     scalar = (str, int, float, bool)
     if origin is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
@@ -279,7 +287,7 @@ def _type_fix(path: str) -> str:
     parts = path.split(".")
     for part in parts[:-1]:
         schema = _section_type(schema, part) or schema
-    hint = typing.get_type_hints(schema).get(parts[-1])
+    hint = _hints(schema).get(parts[-1])
     return f"give a value of type {_type_name(hint)}"
 
 
