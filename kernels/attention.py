@@ -109,19 +109,22 @@ def model_inputs(
     *,
     flatten: bool = True,
     device: torch.device | None = None,
+    target_device: torch.device | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """A packed [B, S] micro-batch (CPU tensors) → (kwargs for the model's forward, targets [N]).
 
     N is the number of tokens the model returns (B * S for rows, T when flattened);
-    `device` is where the tensors go (default: where they are).
+    `device` is where the tensors go (default: where they are), `target_device` where the targets
+    go (default: `device`; the CPU when the caller reads them before moving them).
     """
     device = device or input_ids.device
+    target_device = target_device or device
     targets = next_token_targets(labels, position_ids)
     if not flatten:
-        return {"input_ids": input_ids.to(device)}, targets.reshape(-1).to(device)
+        return {"input_ids": input_ids.to(device)}, targets.reshape(-1).to(target_device)
     if implementation == "eager":  # transformers builds the per-row block-diagonal (and sliding-window) mask
         rows = {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device), "attention_mask": None, "use_cache": False}
-        return rows, targets.reshape(-1).to(device)
+        return rows, targets.reshape(-1).to(target_device)
 
     starts = position_ids == 0
     starts[:, 0] = True  # a row always starts a document
@@ -141,7 +144,7 @@ def model_inputs(
         from launcher.kernels.sdpa_varlen import plan_groups, remember
 
         remember(kwargs["cu_seq_lens_q"], plan_groups(lengths.tolist(), device))
-    return kwargs, targets.reshape(-1)[keep].to(device, non_blocking=True)
+    return kwargs, targets.reshape(-1)[keep].to(target_device, non_blocking=True)
 
 
 def attention_inputs(position_ids: torch.Tensor, implementation: str, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:

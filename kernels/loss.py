@@ -11,7 +11,8 @@ once, kept for backward and run through the fused log-softmax and softmax kernel
 
 `head_loss(model, targets)` runs it inside the model's own forward: the output-embedding module's
 forward is swapped for one that returns the loss sum, so FSDP2's and ZeRO-3's gather hooks on that
-module still fire (under both, the head's weight exists only inside its forward). Liger Kernel's
+module still fire (under both, the head's weight exists only inside its forward). Tokens without a
+target (a masked prompt, a document's last token) can be left out of the head altogether (`rows`). Liger Kernel's
 fused linear cross-entropy (kernels/liger.py) takes the place of the PyTorch one on CUDA.
 """
 
@@ -196,10 +197,24 @@ def _passed_through(logits: torch.Tensor, loss: torch.Tensor) -> bool:
     return False
 
 
+def labelled_rows(targets: torch.Tensor) -> torch.Tensor | None:
+    """The positions in `targets` (a CPU tensor) that have one, for `head_loss(rows=...)`; None when
+    every position has one (nothing to leave out) or none has (the head still runs once)."""
+    rows = (targets.reshape(-1) != IGNORE_INDEX).nonzero()[:, 0]
+    return rows if 0 < rows.numel() < targets.numel() else None
+
+
 @contextlib.contextmanager
-def head_loss(model: nn.Module, targets: torch.Tensor, kind: str = "chunked") -> Iterator[Callable[[Any], torch.Tensor]]:
+def head_loss(
+    model: nn.Module, targets: torch.Tensor, kind: str = "chunked", rows: torch.Tensor | None = None
+) -> Iterator[Callable[[Any], torch.Tensor]]:
     """Within the block, the model's forward returns the loss sum over `targets` in place of logits.
 
+    `rows` (from `labelled_rows`, on the targets' device): the head and the loss run on those
+    tokens' hidden states only. A prompt-masked chat row has no target on about half its tokens
+    (48 % in issue 15's job): their logits add nothing to the loss or its gradient, so the LM head's
+    matmuls, the softmax and its backward are computed for the other half alone. The index comes
+    from the host, so selecting the rows needs no device sync.
     Yields `take(output) -> loss sum`, which refuses an output whose logits the model changed after
     the head (the loss would then not be the model's).
     """
@@ -207,17 +222,20 @@ def head_loss(model: nn.Module, targets: torch.Tensor, kind: str = "chunked") ->
     if head is None:
         raise RuntimeError("kernels.loss: this model's LM head cannot be fused with the loss; use kernels.loss: plain")
     seen: list[torch.Tensor] = []
+    kept = targets if rows is None else targets.index_select(0, rows)
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         if flat.shape[0] != targets.shape[0]:
             raise RuntimeError(f"kernels.loss: the head got {flat.shape[0]} tokens for {targets.shape[0]} targets; use kernels.loss: plain")
+        if rows is not None:
+            flat = flat.index_select(0, rows)
         if kind == "liger":
             from launcher.kernels.liger import liger_linear_cross_entropy_sum
 
-            loss = liger_linear_cross_entropy_sum(flat, head.weight, targets, head.bias)
+            loss = liger_linear_cross_entropy_sum(flat, head.weight, kept, head.bias)
         else:
-            loss = linear_cross_entropy_sum(flat, head.weight, targets, head.bias)
+            loss = linear_cross_entropy_sum(flat, head.weight, kept, head.bias)
         seen.append(loss)
         return loss
 

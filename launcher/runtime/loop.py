@@ -89,12 +89,18 @@ def token_loss_sum(ctx: Context, batch: Batch) -> tuple[torch.Tensor, int]:
     # (its virtual tokens reach the head too, so it keeps the plain loss).
     ids, labels, positions = (torch.from_numpy(a) for a in (batch.input_ids, batch.labels, batch.position_ids))
     flatten = ctx.cfg.method.name != "prompt_tuning"
-    inputs, targets = model_inputs(ids, labels, positions, ctx.attn_implementation, flatten=flatten, device=ctx.info.device)
-    kind = fused.choose(ctx.cfg.kernels.loss, ctx.model, ctx.info.device.type) if flatten else "plain"
+    device = ctx.info.device
+    inputs, targets = model_inputs(
+        ids, labels, positions, ctx.attn_implementation, flatten=flatten, device=device, target_device=torch.device("cpu")
+    )
+    kind = fused.choose(ctx.cfg.kernels.loss, ctx.model, device.type) if flatten else "plain"
     count = int((next_token_targets(labels, positions) != IGNORE_INDEX).sum())  # counted on the host: no sync
     if kind != "plain":  # the head's forward returns the loss sum: full logits never exist (kernels/loss.py)
-        with _autocast(ctx), fused.head_loss(ctx.model, targets, kind) as take:
+        rows = fused.labelled_rows(targets)  # the head runs on the tokens with a target only
+        rows = rows.to(device, non_blocking=True) if rows is not None else None
+        with _autocast(ctx), fused.head_loss(ctx.model, targets.to(device, non_blocking=True), kind, rows) as take:
             return take(ctx.model(**inputs)), count
+    targets = targets.to(device, non_blocking=True)
     with _autocast(ctx):
         logits = ctx.model(**inputs).logits
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX, reduction="sum")

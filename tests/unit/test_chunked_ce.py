@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from launcher.kernels.loss import IGNORE_INDEX, choose, head_loss, linear_cross_entropy_sum, output_head
+from launcher.kernels.loss import IGNORE_INDEX, choose, head_loss, labelled_rows, linear_cross_entropy_sum, output_head
 from transformers import AutoModelForCausalLM
 
 VOCAB = 103
@@ -113,9 +113,27 @@ def test_swapped_head_gives_the_models_loss(arch: str) -> None:
     assert abs(fused.item() - plain.item()) <= 1e-6 * abs(plain.item())
     for g, e in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+    # The head on the labelled tokens only (6 of 40 have no target): the same loss and gradients.
+    rows = labelled_rows(targets)
+    assert rows is not None and rows.tolist() == [i for i, t in enumerate(targets.tolist()) if t != IGNORE_INDEX]
+    seen: list[int] = []
+    output_head(model).register_forward_hook(lambda _m, _a, out: seen.append(out.numel()))
+    with head_loss(model, targets, rows=rows) as take:
+        compact = take(model(input_ids=ids))
+    compact_grads = torch.autograd.grad(compact, params)
+    assert abs(compact.item() - plain.item()) <= 1e-6 * abs(plain.item())
+    for g, e in zip(compact_grads, plain_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+    assert seen == [1]  # the swapped head returned the loss sum, once
     assert "forward" not in output_head(model).__dict__  # the head is restored
     if arch == "gpt2":
         assert model.lm_head.weight is model.transformer.wte.weight  # one tensor: both uses reach its gradient
+
+
+def test_labelled_rows_leave_nothing_out_when_every_token_or_none_has_a_target() -> None:
+    assert labelled_rows(torch.tensor([3, 4, 5])) is None  # nothing to leave out
+    assert labelled_rows(torch.full((4,), IGNORE_INDEX)) is None  # the head still runs once (an empty row)
+    assert labelled_rows(torch.tensor([[IGNORE_INDEX, 7], [8, IGNORE_INDEX]])).tolist() == [1, 2]
 
 
 def test_models_that_change_logits_after_the_head_keep_the_plain_loss() -> None:
