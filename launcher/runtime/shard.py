@@ -50,10 +50,17 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     """DDP without a collective before each forward: the models' buffers (rotary tables, position
     ids) are computed alike on every rank and never change, so they are not broadcast from rank 0
     each step; gradients are views into the all-reduce buckets (no copy into the bucket and back)."""
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+    # torch 2.13 renamed the switch (and warns on every rank about the old name); older torch has only the old one.
+    per_forward = (
+        "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+    )
+    kwargs: dict[str, Any] = {per_forward: False}
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True, **kwargs)
 
 
 @contextlib.contextmanager
