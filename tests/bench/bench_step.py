@@ -100,7 +100,7 @@ def _instrument(out: Path, profile: bool) -> None:
             now: dict[str, float] = state["now"]  # type: ignore[assignment]
             now["boundary"] += time.perf_counter() - begin
             now["boundary cpu"] += time.process_time() - cpu
-            if step > SKIP:
+            if SKIP < step < ctx.cfg.train.max_steps:  # the last step's boundary holds the final save
                 for key, value in now.items():
                     spent[key].append(value)
                 spent["wall"].append(time.perf_counter() - state["end"])  # type: ignore[operator]
@@ -179,7 +179,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     load = _load()
     ms = run("run", args.overrides, args.steps, args.profile)
-    print(f"rank 0, ms per steady step (steps {SKIP + 1}-{args.steps}, mean); load average {load} before, {_load()} after")
+    print(f"rank 0, ms per steady step (steps {SKIP + 1}-{args.steps - 1}, mean; the last one ends in the final save); load average {load} before, {_load()} after")
     print(f"  {'part':<14} {'wall':>7} {'cpu':>7}")
     for part in (*PARTS, "step", "wall"):
         print(f"  {part:<14} {ms.get(part, 0.0):7.2f} {ms.get(part + ' cpu', 0.0):7.2f}")
