@@ -37,3 +37,25 @@ def launcher():
 @pytest.fixture
 def metrics():
     return read_metrics
+
+
+def export_here(*args: str) -> None:
+    """`launcher export ARGS` in the test's own process: the same main(), without a Python, torch and
+    transformers start of its own (seconds each, CI time). test_checkpoint.py keeps exporting through
+    `python -m launcher export`, as a user does."""
+    import contextlib
+    import io
+    import warnings
+
+    from launcher.cli import main
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # DCP read without a process group: expected
+        code = main(["export", *args])
+    assert code == 0, f"launcher export {' '.join(args)} exited {code}\n{stderr.getvalue()[-4000:]}"
+
+
+@pytest.fixture
+def export():
+    return export_here

@@ -15,12 +15,12 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.dist
 
 STEPS = 20
+# conftest.py's TINY_FSDP_20, whose FSDP2 run (shared with test_parity.py) the ZeRO runs are held to.
 COMMON = [
     f"train.max_steps={STEPS}",
     "train.log_every=1",
     "train.eval_batches=0",
     "train.eval_exact_match=0",
-    "optim.warmup_steps=3",
     "optim.weight_decay=0.1",  # every run here: FSDP2 and ZeRO-1/2/3 agree with decay on (matrices only, runtime/optim.py)
     "checkpoint.every=10",
 ]
@@ -32,12 +32,8 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory) -> Path:
-    from _support import launcher_cli
-
-    run = tmp_path_factory.mktemp("fsdp") / "run"
-    launcher_cli("run", "tiny-cpu.yaml", *COMMON, "--out", str(run))
-    return run
+def fsdp_run(tiny_fsdp_20: Path) -> Path:
+    return tiny_fsdp_20
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +47,8 @@ def zero3_run(tmp_path_factory) -> Path:
 
 def test_zero3_matches_fsdp2(fsdp_run: Path, zero3_run: Path) -> None:
     fsdp, zero3 = _losses(fsdp_run), _losses(zero3_run)
+    config = [json.loads((run / "plan.json").read_text())["config"] for run in (fsdp_run, zero3_run)]
+    assert config[0]["optim"] == config[1]["optim"]  # the shared FSDP2 run was trained as this one (schedule, decay)
     assert sorted(zero3) == list(range(1, STEPS + 1))
     # Same data, batch, seed, schedule and fp32 master weights; only reduction order differs.
     for step in fsdp:
@@ -100,11 +98,11 @@ def test_deepspeed_resume_at_other_world_size_says_how(zero3_run: Path, tmp_path
     assert "ds_to_universal" in done.stderr and "world size 2" in done.stderr
 
 
-def test_deepspeed_export_loads_and_matches_fsdp(zero3_run: Path, fsdp_run: Path, tmp_path: Path, launcher) -> None:
+def test_deepspeed_export_loads_and_matches_fsdp(zero3_run: Path, fsdp_run: Path, tmp_path: Path, export) -> None:
     from transformers import AutoModelForCausalLM
 
-    launcher("export", str(zero3_run), "--out", str(tmp_path / "ds"))
-    launcher("export", str(fsdp_run), "--out", str(tmp_path / "fsdp"))
+    export(str(zero3_run), "--out", str(tmp_path / "ds"))
+    export(str(fsdp_run), "--out", str(tmp_path / "fsdp"))
     ds = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").eval()
     fsdp = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp").eval()
     base = AutoModelForCausalLM.from_pretrained(Path(os.environ["LAUNCHER_CACHE_DIR"]) / "tiny-llama-v2").eval()

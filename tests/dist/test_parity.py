@@ -13,6 +13,8 @@ import pytest
 
 pytestmark = pytest.mark.dist
 
+# The FSDP2 run is conftest.py's tiny_fsdp_20 (shared with test_deepspeed.py): these overrides, but
+# saving at steps 10 and 20 too, which leaves the losses alone.
 COMMON = [
     "train.max_steps=20",
     "train.log_every=1",
@@ -23,7 +25,6 @@ COMMON = [
     "optim.weight_decay=0.1",
 ]
 RUNS = {
-    "fsdp": ["parallel.backend=fsdp"],
     "ddp": ["parallel.backend=ddp"],
     "single": ["parallel.backend=single", "cluster.gpus_per_node=1", "train.micro_batch_size=8"],
 }
@@ -34,14 +35,16 @@ CURVE = Path(__file__).with_name("golden_tiny_curve.json")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, list[dict]]:
-    """One 20-step run per backend (three runs shared by every test here)."""
+def runs(tmp_path_factory, tiny_fsdp_20: Path) -> dict[str, list[dict]]:
+    """One 20-step run per backend (three runs shared by every test here; FSDP2's is the session's)."""
     from _support import launcher_cli, read_metrics
 
     out: dict[str, list[dict]] = {}
+    dirs = {"fsdp": tiny_fsdp_20}
     for name, overrides in RUNS.items():
-        run = tmp_path_factory.mktemp(name) / "run"
-        launcher_cli("run", "tiny-cpu.yaml", *COMMON, *overrides, "--out", str(run))
+        dirs[name] = tmp_path_factory.mktemp(name) / "run"
+        launcher_cli("run", "tiny-cpu.yaml", *COMMON, *overrides, "--out", str(dirs[name]))
+    for name, run in dirs.items():
         assert json.loads((run / "plan.json").read_text())["config"]["optim"]["weight_decay"] == 0.1  # the decay asked for is the decay run
         out[name] = read_metrics(run)[0]
     return out
