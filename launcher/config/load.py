@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from launcher.config.errors import ConfigError, Problem
 from launcher.config.read import parse_override_value, parse_yaml, read_text
 from launcher.config.resolve import resolve
+from launcher.config.resolved import hints as _hints
 from launcher.config.schema import RunConfig
 from launcher.config.validate import check_combinations, check_fields
 from launcher.config.values import check_model_numbers, control_problem
@@ -164,14 +165,6 @@ def nest(path: str, value: Any) -> dict[str, Any]:
     for part in reversed(path.split(".")):
         value = {part: value}
     return value
-
-
-@functools.cache
-def _hints(schema: type) -> dict[str, Any]:
-    """A schema class's resolved annotations. Resolving them evaluates every string annotation
-    again (`from __future__ import annotations`): uncached, it was half of a validation, which the
-    CLI runs three times and every rank once."""
-    return typing.get_type_hints(schema)
 
 
 def _section_type(schema: type, name: str) -> type | None:

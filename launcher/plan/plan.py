@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from launcher import __version__
-from launcher.config import RunConfig, config_from_dict
+from launcher.config import RunConfig
 from launcher.config.errors import ConfigError, Problem
+from launcher.config.resolved import digest
 from launcher.plan.backend import resolve_backend
 from launcher.plan.budget import save_budget_warning
 from launcher.plan.deepspeed import build_deepspeed_config
@@ -49,9 +48,22 @@ class Plan:
     backend_choice: dict[str, str] = field(default_factory=dict)
     # One line each the planner wants the user to read (memory headroom, the signal window's save budget)
     warnings: list[str] = field(default_factory=list)
+    # sha256 of `config` as validated by `launcher plan` (launcher/config/resolved.py); "" in older plans
+    config_digest: str = ""
 
     @property
     def run_config(self) -> RunConfig:
+        """The config, validated: built directly when it is the one this launcher version planned
+        (its digest unchanged), else validated in full like a recipe (a plan.json edited by hand)."""
+        from launcher.config.resolved import config_from_resolved
+
+        if self.launcher_version == __version__ and self.config_digest and self.config_digest == digest(self.config):
+            try:
+                return config_from_resolved(self.config)
+            except (KeyError, TypeError):
+                pass
+        from launcher.config import config_from_dict
+
         return config_from_dict(self.config, user_written=False)
 
     @property
@@ -116,10 +128,11 @@ def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Pl
     memory = estimate_plan(cfg, topology)
     warnings = [line for line in (check_fits(cfg, memory), save_budget_warning(cfg.cluster, memory)) if line]
     memory.update({f"auto_micro_batch_{m}": total for m, total in candidates.items()})
+    config = dataclasses.asdict(cfg)
     return Plan(
         launcher_version=__version__,
         run_dir=run_dir,
-        config=dataclasses.asdict(cfg),
+        config=config,
         topology=dataclasses.asdict(topology),
         deepspeed=deepspeed,
         fsdp=fsdp,
@@ -130,11 +143,14 @@ def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Pl
         sbatch_script=build_sbatch(cfg.cluster, topology, cfg.run.name, run_dir, env, torchrun),
         backend_choice=dataclasses.asdict(choice),
         warnings=warnings,
+        config_digest=digest(config),
     )
 
 
 def render_files(plan: Plan) -> dict[str, str]:
     """File name → content, exactly what `write_run_dir` writes."""
+    import yaml  # here: a rank loads a Plan and writes none of these
+
     files = {
         "config.yaml": yaml.safe_dump(plan.config, sort_keys=False, width=120),
         PLAN_FILE: plan.to_json(),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import load_config
+from launcher.config import ConfigError, load_config
 from launcher.plan import build_plan, render_files
 from launcher.plan.torchrun import shell_join
 
@@ -50,3 +50,31 @@ def test_no_auto_left_in_deepspeed_configs() -> None:
     for recipe in SHIPPED:
         text = artifacts(recipe).get("deepspeed.json", "")
         assert '"auto"' not in text
+
+
+@pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: p.stem)
+def test_a_planned_config_reads_back_equal_without_being_validated_again(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank builds plan.json's config straight from the dict when its digest is unchanged
+    (launcher/config/resolved.py): the same RunConfig as the full validation gives."""
+    import dataclasses
+    import json
+
+    from launcher.config import config_from_dict
+    from launcher.config.resolved import digest
+    from launcher.plan import Plan
+
+    cfg = load_config(recipe)
+    back = Plan.from_json(build_plan(cfg, f"/scratch/runs/{cfg.run.name}", python="/opt/venv/bin/python").to_json())
+    assert back.config_digest == digest(back.config)
+    with monkeypatch.context() as patched:
+        patched.setattr("launcher.config.load.config_from_dict", lambda *a, **k: pytest.fail("validated again"))
+        fast = back.run_config
+    assert fast == config_from_dict(back.config, user_written=False)
+    assert fast.train is not back.run_config.train  # a new object each time, like the validation's
+    # Edited by hand: the digest no longer matches, so the full validation runs and refuses it.
+    edited = json.loads(json.dumps(back.config))
+    edited["optim"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        _ = dataclasses.replace(back, config=edited).run_config
+    # Planned by another launcher version: validated in full (and this one is still valid).
+    assert dataclasses.replace(back, launcher_version="0.0.0").run_config == fast

@@ -36,3 +36,22 @@ def test_a_rank_builds_a_model_without_importing_scipy() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_rank_reads_its_planned_config_without_omegaconf_or_yaml(tmp_path) -> None:
+    """plan.json's config, unchanged since `launcher plan` validated it, is built without the loader."""
+    from launcher.config import load_config
+    from launcher.plan import build_plan, write_run_dir
+
+    plan = build_plan(load_config("tiny-cpu.yaml"), str(tmp_path / "run"))
+    write_run_dir(plan)
+    code = (
+        "import sys\n"
+        "from launcher.plan import Plan\n"
+        f"cfg = Plan.load({plan.plan_path!r}).run_config\n"
+        "assert cfg.train.max_steps, cfg.train\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('omegaconf', 'yaml') or m == 'launcher.config.load')\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
