@@ -66,7 +66,7 @@ def _adapter_logits(adapter: Path, base: torch.nn.Module, ids: torch.Tensor) -> 
 IDS = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def test_lora_zero3_adapter_is_saved_and_loads(tmp_path: Path, launcher) -> None:
+def test_lora_zero3_adapter_is_saved_and_loads(tmp_path: Path, launcher, export) -> None:
     from transformers import AutoModelForCausalLM
 
     from launcher.runtime.tiny import ensure_tiny_model
@@ -77,8 +77,8 @@ def test_lora_zero3_adapter_is_saved_and_loads(tmp_path: Path, launcher) -> None
     assert "launcher: ZeRO-3: built inside zero.Init; this rank holds 50% of the " in done.stdout, done.stdout[-3000:]
     values = _losses(run)
     assert sum(values[-3:]) / 3 < values[0] - 0.3
-    launcher("export", str(run), "--out", str(tmp_path / "adapter"))
-    launcher("export", str(run), "--merge", "--out", str(tmp_path / "merged"))
+    export(str(run), "--out", str(tmp_path / "adapter"))
+    export(str(run), "--merge", "--out", str(tmp_path / "merged"))
 
     def base() -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(ensure_tiny_model(), dtype=torch.float32)
@@ -102,15 +102,15 @@ def test_qlora_zero3_is_refused_with_the_fix(tmp_path: Path, launcher) -> None:
     assert not run.exists()
 
 
-def test_qlora_zero2_learns_and_exports(tmp_path: Path, launcher) -> None:
+def test_qlora_zero2_learns_and_exports(tmp_path: Path, launcher, export) -> None:
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
     launcher("run", "tiny-cpu-qlora.yaml", *QUICK, "parallel.zero_stage=2", "--out", str(run))
     values = _losses(run)
     assert sum(values[-3:]) / 3 < values[0] - 0.3
-    launcher("export", str(run), "--out", str(tmp_path / "adapter"))
-    launcher("export", str(run), "--merge", "--out", str(tmp_path / "merged"))
+    export(str(run), "--out", str(tmp_path / "adapter"))
+    export(str(run), "--merge", "--out", str(tmp_path / "merged"))
 
     from _support import four_bit_tiny_base as base  # the 4-bit base the run trained on
 

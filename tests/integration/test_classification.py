@@ -61,7 +61,7 @@ def test_one_rank_evaluates_the_same_weights_identically(trained: Path, tmp_path
     assert (one / "eval_predictions.jsonl").read_text() == (trained / "eval_predictions.jsonl").read_text()
 
 
-def test_early_stopping_stops_at_patience_and_exports_the_best(tmp_path: Path, launcher, metrics) -> None:
+def test_early_stopping_stops_at_patience_and_exports_the_best(tmp_path: Path, launcher, metrics, export) -> None:
     run = tmp_path / "stop"
     # val_loss must fall by more than 100 to count: the first evaluation stays the best, and two
     # more without improvement (patience 2) end the run at step 15 of 40.
@@ -82,9 +82,9 @@ def test_early_stopping_stops_at_patience_and_exports_the_best(tmp_path: Path, l
     kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
     assert kept == ["step-00000005", "step-00000015"]  # keep_last=1, and the best is never deleted
 
-    launcher("export", str(run), "--best", "--out", str(tmp_path / "best"))
-    launcher("export", str(run), "--step", "5", "--out", str(tmp_path / "step5"))
-    launcher("export", str(run), "--out", str(tmp_path / "last"))
+    export(str(run), "--best", "--out", str(tmp_path / "best"))
+    export(str(run), "--step", "5", "--out", str(tmp_path / "step5"))
+    export(str(run), "--out", str(tmp_path / "last"))
     from transformers import AutoModelForSequenceClassification
 
     ids = torch.randint(3, 1000, (3, 12), generator=torch.Generator().manual_seed(0))

@@ -131,14 +131,14 @@ def test_lora_resumes_exactly(lora_run: Path, tmp_path: Path, launcher) -> None:
     assert losses(again) == pytest.approx(losses(lora_run)[10:], rel=1e-6)
 
 
-def test_lora_export_adapter_and_merged(lora_run: Path, tmp_path: Path, launcher) -> None:
+def test_lora_export_adapter_and_merged(lora_run: Path, tmp_path: Path, export) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from launcher.runtime.tiny import ensure_tiny_model
 
-    launcher("export", str(lora_run), "--out", str(tmp_path / "adapter"))
-    launcher("export", str(lora_run), "--merge", "--out", str(tmp_path / "merged"))
+    export(str(lora_run), "--out", str(tmp_path / "adapter"))
+    export(str(lora_run), "--merge", "--out", str(tmp_path / "merged"))
     ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()(ids).logits
@@ -149,7 +149,7 @@ def test_lora_export_adapter_and_merged(lora_run: Path, tmp_path: Path, launcher
     assert not torch.allclose(merged, plain, atol=1e-2)  # the adapter is not empty
 
 
-def test_qlora_one_and_two_processes(tmp_path: Path, launcher) -> None:
+def test_qlora_one_and_two_processes(tmp_path: Path, launcher, export) -> None:
     """4-bit NF4 base (bitsandbytes' CPU backend) + LoRA: 1 process and 2 FSDP2 ranks learn alike."""
     # 12 steps: the 4-bit runs are CI's slowest; measured, they learn by more than 0.5 well within 12
     # steps and the 1 vs 2 process comparison runs over the steps where it is tightest.
@@ -176,8 +176,8 @@ def test_qlora_one_and_two_processes(tmp_path: Path, launcher) -> None:
 
     ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     for run in (one, two):
-        launcher("export", str(run), "--out", str(run / "adapter"))
-        launcher("export", str(run), "--merge", "--out", str(run / "merged"))
+        export(str(run), "--out", str(run / "adapter"))
+        export(str(run), "--merge", "--out", str(run / "merged"))
         state = consolidated(run / "checkpoints" / "step-00000012", tmp_path)["model"]
         reference = get_peft_model(four_bit_base(), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         trained = {k: v for k, v in state.items() if ".lora_" in k}
