@@ -28,7 +28,8 @@ from launcher.plan.slurm import REQUEUE_EXIT_CODE  # the ranks saved after a sig
 from launcher.plan.torchrun import shutdown_timeout
 
 POLL_SECONDS = 0.05
-FAILURE_GRACE_SECONDS = 30  # after a rank failed, the others' time to leave before SIGKILL (torchrun's too)
+# After a rank failed, the others' time to leave before SIGKILL (torchrun's too); tests shorten it.
+FAILURE_GRACE_SECONDS = float(os.environ.get("LAUNCHER_TEST_FAILURE_GRACE_SECONDS", 30))
 Tee = Callable[[str, IO[str]], None]  # (line, console stream): write it to the console and the log
 
 

@@ -84,7 +84,7 @@ def _wait_for(condition, timeout: float = 240, what: str = "") -> None:
         time.sleep(0.2)
 
 
-def test_signal_saves_and_resume_is_exact(straight: Path, tmp_path: Path, launcher) -> None:
+def test_signal_saves_and_resume_is_exact(straight: Path, tmp_path: Path, launcher, export) -> None:
     run = tmp_path / "run"
     proc = _start(run, "checkpoint.every=0")
     _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_losses(run)) >= 6, what="6 logged steps")
@@ -108,7 +108,7 @@ def test_signal_saves_and_resume_is_exact(straight: Path, tmp_path: Path, launch
     # Final weights are bit-identical too.
     for name in ("a", "b"):
         source = straight if name == "a" else run
-        launcher("export", str(source), "--out", str(tmp_path / f"export-{name}"))
+        export(str(source), "--out", str(tmp_path / f"export-{name}"))
     from safetensors.torch import load_file
 
     a, b = load_file(tmp_path / "export-a" / "model.safetensors"), load_file(tmp_path / "export-b" / "model.safetensors")
@@ -138,12 +138,16 @@ def test_resume_at_another_world_size(straight: Path, tmp_path: Path, world: int
 
 def test_rank_killed_mid_save_keeps_previous_checkpoint(tmp_path: Path, launcher) -> None:
     run = tmp_path / "run"
-    proc = _start(run, "checkpoint.every=5", env={"LAUNCHER_TEST_PAUSE_BEFORE_COMPLETE": "10"})
+    # Rank 0 holds in the save (it leaves only by SIGKILL): 2 s of grace after rank 1's death, not 30.
+    env = {"LAUNCHER_TEST_PAUSE_BEFORE_COMPLETE": "10", "LAUNCHER_TEST_FAILURE_GRACE_SECONDS": "2"}
+    proc = _start(run, "checkpoint.every=5", env=env)
     shard_written = ckpt.step_dir(run / "checkpoints", 10) / "model_optim" / ".metadata"
     _wait_for(shard_written.exists, what="the step-10 save to be under way")
     _ranks(proc)[1].kill()  # SIGKILL, mid-save
-    proc.communicate(timeout=120)
+    output, _ = proc.communicate(timeout=120)
     assert proc.returncode not in (0, 75)
+    assert "stopping the other ranks" in output, output[-3000:]
+    assert "ranks still running after the grace period; killing them" in output, output[-3000:]
     assert not (ckpt.step_dir(run / "checkpoints", 10) / ckpt.COMPLETE).exists()
     assert os.readlink(run / "checkpoints" / "latest") == "step-00000005"
 
@@ -185,12 +189,12 @@ def test_launcher_run_draws_the_plot_once_the_ranks_exit(straight: Path) -> None
     assert "loss.png" not in (straight / "logs" / "launcher.log").read_text()  # no rank drew it
 
 
-def test_export_loads_and_matches_checkpoint_logits(straight: Path, tmp_path: Path, launcher) -> None:
+def test_export_loads_and_matches_checkpoint_logits(straight: Path, tmp_path: Path, launcher, export) -> None:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "hf"
-    launcher("export", str(straight), "--step", "15", "--out", str(out))
+    export(str(straight), "--step", "15", "--out", str(out))
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     # Reference: torch's own DCP converter, loaded into the base architecture.
     dcp_to_torch_save(ckpt.step_dir(straight / "checkpoints", 15) / "model_optim", tmp_path / "ref.pt")
