@@ -153,7 +153,7 @@ def test_no_complete_checkpoint_is_an_error_not_a_restart(reference: Path, tmp_p
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before, "nothing written"
 
 
-def test_second_run_on_a_directory_is_refused(reference: Path, tmp_path: Path, launcher) -> None:
+def test_second_run_on_a_directory_is_refused(tmp_path: Path, launcher) -> None:
     run = tmp_path / "run"
     first = subprocess.Popen(
         [sys.executable, "-m", "launcher", "run", "tiny-cpu.yaml", *BASE, "train.max_steps=40", "--out", str(run)],
