@@ -179,7 +179,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     load = _load()
     ms = run("run", args.overrides, args.steps, args.profile)
-    print(f"rank 0, ms per steady step (steps {SKIP + 1}-{args.steps - 1}, mean; the last one ends in the final save); load average {load} before, {_load()} after")
+    print(
+        f"rank 0, ms per steady step (steps {SKIP + 1}-{args.steps - 1}, mean; the last one ends in the final save); load average {load} before, {_load()} after"
+    )
     print(f"  {'part':<14} {'wall':>7} {'cpu':>7}")
     for part in (*PARTS, "step", "wall"):
         print(f"  {part:<14} {ms.get(part, 0.0):7.2f} {ms.get(part + ' cpu', 0.0):7.2f}")
