@@ -83,7 +83,7 @@ class Context:
 def token_loss_sum(ctx: Context, batch: Batch) -> tuple[torch.Tensor, int]:
     """Sum of next-token losses over the batch's labelled tokens (never across documents)."""
     from launcher.kernels import loss as fused
-    from launcher.kernels.attention import model_inputs, next_token_targets
+    from launcher.kernels.attention import model_inputs
 
     # One packing contract for every attention path (kernels/attention.py); prompt tuning runs unpacked
     # (its virtual tokens reach the head too, so it keeps the plain loss).
@@ -94,7 +94,7 @@ def token_loss_sum(ctx: Context, batch: Batch) -> tuple[torch.Tensor, int]:
         ids, labels, positions, ctx.attn_implementation, flatten=flatten, device=device, target_device=torch.device("cpu")
     )
     kind = fused.choose(ctx.cfg.kernels.loss, ctx.model, device.type) if flatten else "plain"
-    count = int((next_token_targets(labels, positions) != IGNORE_INDEX).sum())  # counted on the host: no sync
+    count = int((targets != IGNORE_INDEX).sum())  # the targets are still on the host: no sync
     if kind != "plain":  # the head's forward returns the loss sum: full logits never exist (kernels/loss.py)
         rows = fused.labelled_rows(targets)  # the head runs on the tokens with a target only
         rows = rows.to(device, non_blocking=True) if rows is not None else None
