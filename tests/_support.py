@@ -5,6 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# 20 steps of tiny-cpu.yaml under FSDP2 at 2 ranks, decay 0.1 (matrices only), a loss every step, no
+# evaluation, a checkpoint at steps 10 and 20 (the DeepSpeed tests export it; saving leaves the
+# losses alone). test_deepspeed.py's ZeRO runs use the same overrides, test_parity.py's other
+# backends the same minus the checkpoints.
+TINY_FSDP_20 = [
+    "train.max_steps=20",
+    "train.log_every=1",
+    "train.eval_batches=0",
+    "train.eval_exact_match=0",
+    "optim.weight_decay=0.1",
+    "checkpoint.every=10",
+]
+
 
 def launcher_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None, check: bool = True, plot: bool = False):
     """Run `python -m launcher ARGS` as a user would; returns the CompletedProcess. A `run` draws no

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _support import TINY_FSDP_20
 
 from launcher.runtime import checkpoint as ckpt
 
@@ -15,15 +16,8 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.dist
 
 STEPS = 20
-# conftest.py's TINY_FSDP_20, whose FSDP2 run (shared with test_parity.py) the ZeRO runs are held to.
-COMMON = [
-    f"train.max_steps={STEPS}",
-    "train.log_every=1",
-    "train.eval_batches=0",
-    "train.eval_exact_match=0",
-    "optim.weight_decay=0.1",  # every run here: FSDP2 and ZeRO-1/2/3 agree with decay on (matrices only, runtime/optim.py)
-    "checkpoint.every=10",
-]
+# The overrides of the FSDP2 run (conftest.py's tiny_fsdp_20, shared with test_parity.py) the ZeRO runs are held to.
+COMMON = TINY_FSDP_20
 
 
 def _losses(run: Path) -> dict[int, float]:
