@@ -9,7 +9,9 @@ forward takes, for every implementation:
   ids and the explicit varlen kwargs transformers' attention functions take (`cu_seq_lens_q/k`,
   `max_length_q/k`). FlashAttention consumes them directly at any micro-batch size (position ids
   alone mean packing to transformers only at batch 1); `launcher_sdpa` attends per document
-  (causal, sliding-window or bidirectional, as the module asks);
+  (causal, sliding-window or bidirectional, as the module asks), and its row is laid out for it:
+  documents sorted into buckets by length and, on CPU, padded at their ends to the bucket's
+  longest, so every layer takes each bucket as a view (`in_token_order` maps outputs back);
 - plain `sdpa` (a model built outside the launcher): the same flattened row; transformers builds a
   block-diagonal mask from the position ids (exact, dense);
 - eager (causal LMs): the rows as they are; transformers builds each row's block-diagonal causal
@@ -135,16 +137,39 @@ def model_inputs(
         has_target[0] = True  # nothing to learn from (an empty eval row): keep one document for the forward
     keep = has_target[doc]
     lengths = torch.bincount(doc[keep], minlength=docs)[has_target]
-    ids = input_ids.reshape(-1)[keep][None].to(device, non_blocking=True)
-    positions = position_ids.reshape(-1)[keep][None].to(device, non_blocking=True)
-    kwargs: dict[str, Any] = {"input_ids": ids, "position_ids": positions, "attention_mask": None, "use_cache": False}
+    ids, positions, kept = input_ids.reshape(-1)[keep], position_ids.reshape(-1)[keep], targets.reshape(-1)[keep]
+    layout = None
+    if implementation == "launcher_sdpa":  # documents sorted into padded buckets (kernels/sdpa_varlen.py)
+        from launcher.kernels.sdpa_varlen import lay_out
+
+        layout = lay_out(lengths.tolist(), device.type)
+        ids, positions, kept = layout.place(ids, 0), layout.place_positions(positions), layout.place(kept, IGNORE_INDEX)
+        lengths = torch.tensor(layout.lengths)
+    kwargs: dict[str, Any] = {
+        "input_ids": ids[None].to(device, non_blocking=True),
+        "position_ids": positions[None].to(device, non_blocking=True),
+        "attention_mask": None,
+        "use_cache": False,
+    }
     if implementation in VARLEN or implementation == "sdpa":
         kwargs.update(varlen_kwargs(lengths, device))
-    if implementation == "launcher_sdpa":
-        from launcher.kernels.sdpa_varlen import plan_groups, remember
+    if layout is not None:
+        from launcher.kernels.sdpa_varlen import remember
 
-        remember(kwargs["cu_seq_lens_q"], plan_groups(lengths.tolist(), device))
-    return kwargs, targets.reshape(-1)[keep].to(target_device, non_blocking=True)
+        remember(kwargs["cu_seq_lens_q"], layout)
+    return kwargs, kept.to(target_device, non_blocking=True)
+
+
+def in_token_order(kwargs: dict[str, Any], per_slot: torch.Tensor) -> torch.Tensor:
+    """[slots, ...] model outputs of a `model_inputs` row → [T, ...] in the row's token order,
+    without padding (the launcher_sdpa layout sorts and pads documents; the others are as is)."""
+    from launcher.kernels.sdpa_varlen import _LAST
+
+    if not _LAST or _LAST[0][0] is not kwargs.get("cu_seq_lens_q") or _LAST[0][1].source is None:
+        return per_slot
+    source = _LAST[0][1].source.to(per_slot.device)
+    real = (source >= 0).nonzero()[:, 0]
+    return per_slot[real[torch.argsort(source[real])]]
 
 
 def attention_inputs(position_ids: torch.Tensor, implementation: str, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:

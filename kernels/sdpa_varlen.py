@@ -2,10 +2,18 @@
 
 Registered in transformers' `AttentionInterface` as `launcher_sdpa`. It takes the same inputs as
 `flash_attention_2` (a flattened row [1, T] with `cu_seq_lens_q/k` and `max_length_q/k`, or
-packed position ids at batch 1) and regroups the documents into padded [documents, longest]
-batches for causal SDPA, so the work follows the documents' lengths (sum of L_i^2), not the row's
-(T^2), and no [T, T] mask exists. Documents are bucketed by length (within a factor 2 of the
-bucket's longest), so one long document cannot make every short one pay its length.
+packed position ids at batch 1) and runs causal SDPA once per run of equal-length segments of the
+row, each run viewed as a [documents, length] batch: the work follows the documents' lengths
+(sum of L_i^2), not the row's (T^2), and no [T, T] mask exists.
+
+`lay_out` arranges a micro-batch's documents for it, once per forward (kernels.attention.
+model_inputs applies it on the host): sorted by length into buckets, each document padded at its
+end to its bucket's longest (within PAD_FACTOR of it), so each bucket is one run and every layer
+takes its documents as views of the row: no gather, no scatter back, no per-layer index in
+backward. Padding sits after a document's last token, so under causal attention no real token
+sees it; an encoder (not causal) gets a key mask. On CUDA nothing is padded (PAD_FACTOR there is
+1: equal lengths only), since there a padded slot costs every layer's matmuls while an index costs
+little.
 
 The matching `AttentionMaskInterface` entry builds no mask for such a row; any other call (padded
 batches with a 2-D mask, batch > 1) gets transformers' own SDPA mask and kernel, so the function is
@@ -14,81 +22,108 @@ exact wherever it is used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 NAME = "launcher_sdpa"
+# A document joins a bucket when its length is within this factor of the bucket's longest. On CPU a
+# small model pays per operation more than per padded slot: tests/bench/RESULTS.md, varlen layout.
+PAD_FACTOR = {"cpu": 1.25}
 
 
 @dataclass(frozen=True)
-class Bucket:
-    gather: torch.Tensor  # [n * L] token index of each padded slot (clamped into the row)
-    docs: int  # n
-    longest: int  # L
-    lengths: torch.Tensor  # [n] each document's length (for the key mask when not causal)
-    valid: torch.Tensor | None  # [t] slots holding a real token, None when every slot does
+class Layout:
+    """Where each document sits in the row the model sees: consecutive segments, grouped in runs."""
+
+    runs: tuple[tuple[int, int], ...]  # (segments, length) along the row; sum of products = slots
+    real: tuple[int, ...]  # each segment's real tokens (< its length where it is padded)
+    source: torch.Tensor | None = None  # [slots] CPU: the token each slot holds (row order), -1 padding; None: slot i is token i
+    _keys: dict[Any, list[torch.Tensor | None]] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [length for count, length in self.runs for _ in range(count)]
+
+    def place(self, tokens: torch.Tensor, fill: int) -> torch.Tensor:
+        """[T] per-token values (row order) → [slots], `fill` in the padding."""
+        if self.source is None:
+            return tokens
+        return torch.where(self.source >= 0, tokens[self.source.clamp(min=0)], fill)
+
+    def place_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Position ids for the slots: the tokens' own, and for padding its offset in the segment
+        (below the segment's length, so within any model's position table)."""
+        if self.source is None:
+            return positions
+        within = torch.cat([torch.arange(length).repeat(count) for count, length in self.runs])
+        return torch.where(self.source >= 0, positions[self.source.clamp(min=0)], within)
+
+    def key_lengths(self, device: torch.device) -> list[torch.Tensor | None]:
+        """Per run, each segment's real length on `device` (None for a run without padding)."""
+        if device not in self._keys:
+            out: list[torch.Tensor | None] = []
+            at = 0
+            for count, length in self.runs:
+                real = self.real[at : at + count]
+                out.append(None if min(real) == length else torch.tensor(real, device=device))
+                at += count
+            self._keys[device] = out
+        return self._keys[device]
 
 
-@dataclass(frozen=True)
-class Groups:
-    buckets: tuple[Bucket, ...]
-    inverse: torch.Tensor | None  # bucket order -> token order; None when already in token order
-
-
-_LAST: list[tuple[torch.Tensor, Groups]] = []  # one slot: every layer of one forward shares the plan
-
-
-def plan_groups(lengths: list[int], device: torch.device) -> Groups:
-    """Bucket documents (given in row order) by length; index tensors built on the CPU, moved once."""
+def lay_out(lengths: list[int], device_type: str) -> Layout:
+    """Documents of these lengths (row order) → their layout for this device (see the module doc)."""
+    factor = PAD_FACTOR.get(device_type, 1.0)
+    order = sorted(range(len(lengths)), key=lambda d: -lengths[d])
+    buckets: list[list[int]] = []
+    for d in order:
+        if buckets and lengths[d] * factor >= lengths[buckets[-1][0]]:
+            buckets[-1].append(d)
+        else:
+            buckets.append([d])
+    runs = tuple((len(b), lengths[b[0]]) for b in buckets)
+    real = tuple(lengths[d] for b in buckets for d in b)
     starts = [0]
     for n in lengths[:-1]:
         starts.append(starts[-1] + n)
-    order = sorted(range(len(lengths)), key=lambda d: -lengths[d])
-    groups: list[list[int]] = []
-    for d in order:
-        if groups and 2 * lengths[d] > lengths[groups[-1][0]]:
-            groups[-1].append(d)
+    identity = [d for b in buckets for d in b] == list(range(len(lengths))) and all(lengths[d] == lengths[b[0]] for b in buckets for d in b)
+    if identity:
+        return Layout(runs, real)  # already in row order, nothing padded
+    pieces = []
+    for b in buckets:
+        offsets = torch.arange(lengths[b[0]])
+        pieces += [torch.where(offsets < lengths[d], starts[d] + offsets, -1) for d in b]
+    return Layout(runs, real, torch.cat(pieces))
+
+
+def runs_of(lengths: list[int]) -> Layout:
+    """A layout nobody planned (a compact row): runs of consecutive equal lengths, nothing padded."""
+    runs: list[tuple[int, int]] = []
+    for n in lengths:
+        if runs and runs[-1][1] == n:
+            runs[-1] = (runs[-1][0] + 1, n)
         else:
-            groups.append([d])
-    total = sum(lengths)
-    buckets, token_order = [], []
-    for docs in groups:
-        longest = lengths[docs[0]]
-        lens = torch.tensor([lengths[d] for d in docs])
-        offsets = torch.arange(longest)
-        slots = torch.tensor([starts[d] for d in docs])[:, None] + offsets[None]
-        valid = (offsets[None] < lens[:, None]).reshape(-1)
-        token_order.append(slots.reshape(-1)[valid])
-        buckets.append(
-            Bucket(
-                gather=slots.reshape(-1).clamp(max=total - 1).to(device, non_blocking=True),
-                docs=len(docs),
-                longest=longest,
-                lengths=lens.to(device, non_blocking=True),
-                valid=None if bool(valid.all()) else valid.nonzero().reshape(-1).to(device, non_blocking=True),
-            )
-        )
-    flat_order = torch.cat(token_order)
-    in_order = bool(torch.equal(flat_order, torch.arange(total)))
-    inverse = None if in_order else torch.argsort(flat_order).to(device, non_blocking=True)
-    return Groups(tuple(buckets), inverse)
+            runs.append((1, n))
+    return Layout(tuple(runs), tuple(lengths))
 
 
-def remember(cu_seqlens: torch.Tensor, groups: Groups) -> None:
-    """Attach a plan made on the host to the cu_seqlens tensor the model will pass to every layer."""
-    _LAST[:] = [(cu_seqlens, groups)]
+_LAST: list[tuple[torch.Tensor, Layout]] = []  # one slot: every layer of one forward shares the layout
 
 
-def _groups_for(cu_seqlens: torch.Tensor) -> Groups:
+def remember(cu_seqlens: torch.Tensor, layout: Layout) -> None:
+    """Attach a layout made on the host to the cu_seqlens tensor the model will pass to every layer."""
+    _LAST[:] = [(cu_seqlens, layout)]
+
+
+def _layout_for(cu_seqlens: torch.Tensor) -> Layout:
     if _LAST and _LAST[0][0] is cu_seqlens:
         return _LAST[0][1]
-    lengths = cu_seqlens.diff().tolist()  # a plan nobody made on the host: one sync, then reused
-    groups = plan_groups([int(n) for n in lengths], cu_seqlens.device)
-    remember(cu_seqlens, groups)
-    return groups
+    layout = runs_of([int(n) for n in cu_seqlens.diff().tolist()])  # one sync, then reused by every layer
+    remember(cu_seqlens, layout)
+    return layout
 
 
 def _cu_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
@@ -97,18 +132,19 @@ def _cu_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, end]).to(torch.int32)
 
 
-def _band_mask(longest: int, lengths: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor | None:
+def _band_mask(longest: int, real: torch.Tensor | None, causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
     """Boolean [n or 1, 1, L, L] mask, or None when `is_causal` alone is exact."""
-    q = torch.arange(longest, device=lengths.device)[:, None]
-    k = torch.arange(longest, device=lengths.device)[None]
-    if causal and (window is None or window >= longest):
-        return None
-    allowed = (k <= q) if causal else torch.ones(longest, longest, dtype=torch.bool, device=lengths.device)
-    if window is not None and window < longest:
-        allowed = allowed & (k > q - window)
-    if causal:
+    windowed = window is not None and window < longest
+    if causal and not windowed:
+        return None  # padding follows each document's tokens: causal attention never reaches it
+    q = torch.arange(longest, device=device)[:, None]
+    k = torch.arange(longest, device=device)[None]
+    allowed = (k <= q) if causal else torch.ones(longest, longest, dtype=torch.bool, device=device)
+    if windowed:
+        allowed = allowed & (k > q - window)  # type: ignore[operator]
+    if causal or real is None:
         return allowed[None, None]
-    return allowed[None, None] & (k[None] < lengths[:, None, None])[:, None]  # padded keys hidden
+    return allowed[None, None] & (k[None] < real[:, None, None])[:, None]  # padded keys hidden (padded queries still see real ones)
 
 
 @torch.compiler.disable  # data-dependent shapes: keep it out of compiled graphs
@@ -145,27 +181,26 @@ def sdpa_varlen_attention(
             cu = torch.tensor([0, query.shape[2]], dtype=torch.int32, device=query.device)
 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    heads = query.shape[1]
-    groups = getattr(module, "num_key_value_groups", 1)
-    q, k, v = query[0], key[0], value[0]  # [heads, T, dim]
-    outputs = []
-    for bucket in _groups_for(cu).buckets:
-        mask = _band_mask(bucket.longest, bucket.lengths, causal, sliding_window)
+    heads, groups = query.shape[1], getattr(module, "num_key_value_groups", 1)
+    gqa = groups > 1 and query.device.type == "cpu"  # SDPA's own GQA (no repeated K/V copies); CUDA kernels vary in support
+    layout = _layout_for(cu)
+    outputs, at = [], 0
+    for (count, length), real in zip(layout.runs, layout.key_lengths(query.device), strict=True):
+        end = at + count * length
 
-        def regroup(x: torch.Tensor, bucket: Bucket = bucket) -> torch.Tensor:
-            return x[:, bucket.gather].reshape(x.shape[0], bucket.docs, bucket.longest, -1).transpose(0, 1)
+        def segments(x: torch.Tensor, at: int = at, end: int = end, count: int = count) -> torch.Tensor:
+            return x[0, :, at:end].unflatten(1, (count, -1)).transpose(0, 1)  # a view: [count, heads, length, dim]
 
-        qb, kb, vb = regroup(q), regroup(k), regroup(v)
-        if groups > 1:
+        qb, kb, vb = segments(query), segments(key), segments(value)
+        if groups > 1 and not gqa:
             kb, vb = repeat_kv(kb, groups), repeat_kv(vb, groups)
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=mask is None)
-        out = out.transpose(1, 2).reshape(bucket.docs * bucket.longest, heads, -1)  # [slots, heads, dim]
-        outputs.append(out if bucket.valid is None else out[bucket.valid])
+        mask = _band_mask(length, real, causal, sliding_window, query.device)
+        extra = {"enable_gqa": True} if gqa else {}
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=mask is None, **extra)
+        outputs.append(out.transpose(1, 2).reshape(count * length, heads, -1))  # [slots, heads, dim]
+        at = end
     joined = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-    inverse = _groups_for(cu).inverse
-    if inverse is not None:
-        joined = joined[inverse]
-    return joined.reshape(1, -1, heads, joined.shape[-1]), None
+    return joined[None], None
 
 
 def sdpa_varlen_mask(batch_size: int, q_length: int, kv_length: int, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:

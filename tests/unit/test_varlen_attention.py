@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from launcher.kernels import sdpa_varlen
-from launcher.kernels.attention import IGNORE_INDEX, attn_implementation, model_inputs, next_token_targets
+from launcher.kernels.attention import IGNORE_INDEX, attn_implementation, in_token_order, model_inputs, next_token_targets
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 VOCAB, WIDTH = 97, 24
@@ -99,7 +99,8 @@ def _alone(model, docs) -> torch.Tensor:
 def _packed(model, implementation: str, docs, ids, labels, positions) -> tuple[torch.Tensor, torch.Tensor]:
     model.config._attn_implementation = implementation
     kwargs, targets = model_inputs(ids, labels, positions, implementation)
-    logits = model(**kwargs).logits.reshape(-1, VOCAB)
+    logits = in_token_order(kwargs, model(**kwargs).logits.reshape(-1, VOCAB))
+    targets = in_token_order(kwargs, targets)
     if implementation == "eager":  # rows as they are: keep the tokens of the learning documents
         keep = [
             torch.cat([torch.full((len(d),), len(d) > 1) for d in row] + [torch.zeros(WIDTH - sum(map(len, row)), dtype=torch.bool)])
@@ -162,7 +163,8 @@ def test_sdpa_varlen_gradients_equal_reference(models) -> None:
 
 @torch.no_grad()
 def test_sdpa_varlen_attends_per_document(models, monkeypatch) -> None:
-    """No [T, T] block: every SDPA call is at most as long as the longest document, without a mask."""
+    """No [T, T] block: each layer's SDPA calls cover the row's slots once, none longer than the
+    longest document, without a mask (causal attention alone keeps documents and padding apart)."""
     calls: list[tuple[tuple[int, ...], bool]] = []
     real = torch.nn.functional.scaled_dot_product_attention
 
@@ -178,32 +180,57 @@ def test_sdpa_varlen_attends_per_document(models, monkeypatch) -> None:
     model(**kwargs)
     longest = max(n for row in ROWS[4] for n in row)
     assert calls and all(shape[2] <= longest and no_mask for shape, no_mask in calls)
-    assert sum(shape[0] * shape[2] for shape, _ in calls) <= 2 * kwargs["input_ids"].shape[1] * 2  # 2 layers, <= 2x slots
+    assert sum(shape[0] * shape[2] for shape, _ in calls) == 2 * kwargs["input_ids"].shape[1]  # 2 layers
 
 
-def test_bucket_plan_bounds_padding() -> None:
-    lengths = [300] + [10] * 50 + [40, 70, 150]
-    groups = sdpa_varlen.plan_groups(lengths, torch.device("cpu"))
-    slots = sum(b.docs * b.longest for b in groups.buckets)
-    work = sum(b.docs * b.longest**2 for b in groups.buckets)
-    assert slots <= 2 * sum(lengths) and work <= 4 * sum(n * n for n in lengths)
-    tokens = torch.cat([b.gather[b.valid] if b.valid is not None else b.gather for b in groups.buckets])
-    assert groups.inverse is not None and torch.equal(tokens[groups.inverse], torch.arange(sum(lengths)))
+def test_layout_bounds_padding_and_keeps_every_token() -> None:
+    lengths = [300] + [10] * 50 + [40, 70, 150, 12, 9]
+    for device_type, factor in (("cpu", sdpa_varlen.PAD_FACTOR["cpu"]), ("cuda", 1.0)):
+        layout = sdpa_varlen.lay_out(lengths, device_type)
+        assert sum(count * length for count, length in layout.runs) == len(layout.source)
+        assert sorted(layout.real) == sorted(lengths) and all(n <= max(lengths) for n in layout.lengths)
+        assert all(length < factor * real or length == real for length, real in zip(layout.lengths, layout.real, strict=True))
+        tokens = layout.source[layout.source >= 0]
+        assert torch.equal(tokens.sort().values, torch.arange(sum(lengths)))  # each token once
+        placed = layout.place(torch.arange(sum(lengths)), -1)
+        assert torch.equal(placed, layout.source)
+        positions = layout.place_positions(torch.cat([torch.arange(n) for n in lengths]))
+        assert torch.equal(positions, torch.cat([torch.arange(n) for n in layout.lengths]))  # padding continues its document
+    assert len(sdpa_varlen.lay_out(lengths, "cuda").source) == sum(lengths)  # nothing padded there
+    assert sdpa_varlen.lay_out([7, 7, 3], "cpu").source is None  # already sorted and unpadded: the row as it is
 
 
 def test_padding_documents_are_dropped() -> None:
     _, ids, labels, positions = packed_batch(ROWS[2])
-    kwargs, targets = model_inputs(ids, labels, positions, "launcher_sdpa")
+    kwargs, targets = model_inputs(ids, labels, positions, "flash_attention_2")
     learning = sum(n for row in ROWS[2] for n in row if n > 1)  # padding and the one-token document go
     assert kwargs["input_ids"].shape == (1, learning) and targets.shape == (learning,)
     assert kwargs["cu_seq_lens_q"].tolist() == [0, 5, 14, 17, 29, 33]
     assert kwargs["max_length_q"] == 12
     assert (targets != IGNORE_INDEX).sum() == (next_token_targets(labels, positions) != IGNORE_INDEX).sum()
+    # launcher_sdpa: the same tokens and targets, sorted into padded buckets (12 | 9 | 5 4+1 | 3).
+    padded, slot_targets = model_inputs(ids, labels, positions, "launcher_sdpa")
+    assert padded["cu_seq_lens_q"].tolist() == [0, 12, 21, 26, 31, 34] and padded["max_length_q"] == 12
+    assert torch.equal(in_token_order(padded, slot_targets), targets)
+    assert torch.equal(in_token_order(padded, padded["input_ids"][0]), kwargs["input_ids"][0])
+    assert int((slot_targets != IGNORE_INDEX).sum()) == int((targets != IGNORE_INDEX).sum())
     # An empty row (equal forward counts in evaluation) still gives the model one token.
     kwargs, targets = model_inputs(
         torch.zeros(1, 8, dtype=torch.long), torch.full((1, 8), IGNORE_INDEX), torch.arange(8)[None], "launcher_sdpa"
     )
     assert kwargs["input_ids"].shape == (1, 8) and bool((targets == IGNORE_INDEX).all())
+
+
+@torch.no_grad()
+def test_sdpa_varlen_takes_a_row_it_did_not_lay_out(models) -> None:
+    """Given a compact row (FlashAttention's contract: documents in row order, unpadded), the
+    function reads the documents from cu_seqlens itself and stays exact."""
+    model = models["mistral"]
+    docs, ids, labels, positions = packed_batch(ROWS[4], seed=5)
+    kwargs, _ = model_inputs(ids, labels, positions, "flash_attention_2")
+    model.config._attn_implementation = "launcher_sdpa"
+    logits = model(**kwargs).logits[0]
+    assert (logits - _alone(model, docs)).abs().max().item() <= 1e-5
 
 
 def test_prompt_tuning_rows_pass_nothing_but_ids(models) -> None:
@@ -235,7 +262,7 @@ def test_sdpa_varlen_bidirectional_encoder_per_document() -> None:
     model.config._attn_implementation = "launcher_sdpa"
     kwargs, _ = model_inputs(ids, labels, positions, "launcher_sdpa")
     kwargs.pop("use_cache")
-    packed = model(**kwargs).last_hidden_state[0]
+    packed = in_token_order(kwargs, model(**kwargs).last_hidden_state[0])
     model.config._attn_implementation = "eager"
     alone = torch.cat([model(input_ids=d[None]).last_hidden_state[0] for d in _learning(docs)])
     assert (packed - alone).abs().max().item() <= 1e-5
