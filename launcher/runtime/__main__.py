@@ -205,6 +205,7 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
         tokens_seen=tokens_seen,
         task=build_task(cfg.task, labels),
         stopper=stopper,
+        stop=stop,
     )
     topology = plan.topology
     stopped = early = False
@@ -218,7 +219,7 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     def on_step_end(step: int) -> bool:
         nonlocal stopped, early
         # A signal during the last step needs no requeue: the run is finishing anyway.
-        stopped = stop.agreed(info.device) and step < max_steps
+        stopped = stop.agreed(info.device, fresh=ctx.evaluated is not None) and step < max_steps
         early = stopper is not None and ctx.evaluated is not None and stopper.should_stop
         saver.poll()  # agreed on every rank: a save still in flight here is in flight everywhere
         pending = saver.in_flight()

@@ -74,6 +74,7 @@ class Context:
     task: Any = None  # tasks.CausalLM | tasks.Classification: the loss and the evaluation
     stopper: EarlyStopper | None = None
     evaluated: dict[str, Any] | None = None  # the metrics of an evaluation at this step, if any
+    stop: Any = None  # signals.StopFlag: a log step's loss all-reduce carries its flag too
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -142,8 +143,10 @@ def train_step(ctx: Context, step: int, log: bool = True) -> dict[str, float]:
     grad_norm = _optimizer_step(ctx)
     tokens, pads = step_tokens(ctx, step)
     out = {"lr": lr, "tokens": float(tokens), "pad_tokens": float(pads)}
-    if log:
-        (total,) = all_reduce_sum([float(loss_sum)], info.device)
+    if log:  # the stop flags ride along: the step boundary then needs no collective of its own
+        total, signalled = all_reduce_sum([float(loss_sum), ctx.stop.local() if ctx.stop is not None else 0.0], info.device)
+        if ctx.stop is not None:
+            ctx.stop.carry(signalled)
         out.update(loss=total / label_tokens, grad_norm=float(grad_norm))
     return out
 

@@ -1,7 +1,8 @@
 """SIGUSR1 / SIGTERM / SIGINT → stop at the next step boundary, after a checkpoint, with the requeue code.
 
 The handler only records the signal; the loop asks every rank at each step boundary (one small
-all-reduce), so a signal that reaches only one rank still stops all of them at the same step. A
+all-reduce, or a place in the step's loss all-reduce on a log step: `carry`), so a signal that
+reaches only one rank still stops all of them at the same step. A
 second USR1/TERM while saving changes nothing (SLURM and torchrun may each pass one on). A second
 SIGINT is a person pressing Ctrl-C again: stop now, without saving.
 """
@@ -21,6 +22,7 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 class StopFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._carried: bool | None = None
 
     def install(self) -> None:
         for signum in STOP_SIGNALS:
@@ -37,8 +39,20 @@ class StopFlag:
             print(f"launcher: received {name}; saving at the next step boundary{again}", file=sys.stderr, flush=True)
         self.signum = signum
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank got a signal."""
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
+    def local(self) -> float:
+        """This rank's flag, for a sum all-reduce that another collective makes anyway."""
+        return 1.0 if self.signum is not None else 0.0
+
+    def carry(self, ranks_signalled: float) -> None:
+        """The flags' sum, reduced this step in another collective: the next `agreed` reads it."""
+        self._carried = ranks_signalled > 0
+
+    def agreed(self, device: torch.device, fresh: bool = False) -> bool:
+        """True on every rank if any rank got a signal: the value carried this step, unless `fresh`
+        (time has passed since, an evaluation: ask again), else one all-reduce."""
+        carried, self._carried = self._carried, None
+        if carried is not None and not fresh:
+            return carried
+        flag = torch.tensor([self.local()], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
