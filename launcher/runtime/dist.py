@@ -10,6 +10,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def start_sum(values: torch.Tensor) -> Callable[[], list[float]]:
+    """Begin a sum all-reduce of a 1-D float64 tensor; the returned call waits for it and gives the
+    sums, so the work in between (the optimizer step) hides the collective's latency."""
+    work = dist.all_reduce(values, async_op=True)
+
+    def result() -> list[float]:
+        if work is not None:
+            work.wait()
+        return values.tolist()  # type: ignore[no-any-return]
+
+    return result
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -8,8 +8,9 @@ each running the real worker (`launcher.runtime.__main__.main`) with timers wrap
 loop's parts. Rank 0 reports milliseconds per step over the steady steps (after the 10th): the
 batch built from the memory-mapped rows, the model inputs (packing contract and varlen plan),
 forward + loss, backward (which includes DDP's gradient all-reduce: gloo runs it during backward
-and the step waits for it at the end), clipping, the optimizer step, the log step (loss
-all-reduce, reading the norm), the token count, the progress line and metrics.jsonl, and the step
+and the step waits for it at the end), clipping, the optimizer step, the log step (the loss
+all-reduce, begun before the optimizer step and waited for after it), the token count, the
+progress line and metrics.jsonl, and the step
 boundary (signal agreement, checkpoint poll). `--profile` also prints torch.profiler's CPU table
 for rank 0's steady steps (the profiler's own overhead inflates the parts: use it for shares).
 """
@@ -69,7 +70,12 @@ def _instrument(out: Path, profile: bool) -> None:
     torch.Tensor.backward = timed("backward", torch.Tensor.backward)  # type: ignore[method-assign]
     torch.nn.utils.clip_grad_norm_ = timed("clip", torch.nn.utils.clip_grad_norm_)
     loop._optimizer_step = timed("optimizer", loop._optimizer_step)
-    loop.all_reduce_sum = timed("log", loop.all_reduce_sum)
+    start_sum = loop.start_sum
+
+    def started(values: Any) -> Any:  # a log step's sum: its start, then the wait for its result
+        return timed("log", timed("log", start_sum)(values))
+
+    loop.start_sum = started
     loop.step_tokens = timed("tokens", loop.step_tokens)
     metrics.Reporter.step = timed("report", metrics.Reporter.step)  # type: ignore[method-assign]
     token_loss_sum = timed("forward+loss", loop.token_loss_sum)

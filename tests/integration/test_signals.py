@@ -131,7 +131,7 @@ def test_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
     proc = _start(run)
     _wait_for_steps(proc, run, 2)
     os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.3)
+    time.sleep(0.05)  # long enough for the handlers to run, short of a step, a save and the exit (0.2 s here)
     t0 = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
