@@ -41,6 +41,7 @@ class Layout:
     runs: tuple[tuple[int, int], ...]  # (segments, length) along the row; sum of products = slots
     real: tuple[int, ...]  # each segment's real tokens (< its length where it is padded)
     source: torch.Tensor | None = None  # [slots] CPU: the token each slot holds (row order), -1 padding; None: slot i is token i
+    within: torch.Tensor | None = None  # [slots] CPU: each slot's offset in its segment
     _keys: dict[Any, list[torch.Tensor | None]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -56,10 +57,9 @@ class Layout:
     def place_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """Position ids for the slots: the tokens' own, and for padding its offset in the segment
         (below the segment's length, so within any model's position table)."""
-        if self.source is None:
+        if self.source is None or self.within is None:
             return positions
-        within = torch.cat([torch.arange(length).repeat(count) for count, length in self.runs])
-        return torch.where(self.source >= 0, positions[self.source.clamp(min=0)], within)
+        return torch.where(self.source >= 0, positions[self.source.clamp(min=0)], self.within)
 
     def key_lengths(self, device: torch.device) -> list[torch.Tensor | None]:
         """Per run, each segment's real length on `device` (None for a run without padding)."""
@@ -86,17 +86,16 @@ def lay_out(lengths: list[int], device_type: str) -> Layout:
             buckets.append([d])
     runs = tuple((len(b), lengths[b[0]]) for b in buckets)
     real = tuple(lengths[d] for b in buckets for d in b)
-    starts = [0]
-    for n in lengths[:-1]:
-        starts.append(starts[-1] + n)
-    identity = [d for b in buckets for d in b] == list(range(len(lengths))) and all(lengths[d] == lengths[b[0]] for b in buckets for d in b)
-    if identity:
+    docs = [d for b in buckets for d in b]
+    padded = [lengths[b[0]] for b in buckets for _ in b]
+    if docs == list(range(len(lengths))) and padded == list(real):
         return Layout(runs, real)  # already in row order, nothing padded
-    pieces = []
-    for b in buckets:
-        offsets = torch.arange(lengths[b[0]])
-        pieces += [torch.where(offsets < lengths[d], starts[d] + offsets, -1) for d in b]
-    return Layout(runs, real, torch.cat(pieces))
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)[docs]  # each segment's first token
+    size = torch.tensor(padded)
+    within = torch.arange(int(size.sum())) - torch.repeat_interleave(size.cumsum(0) - size, size)
+    inside = within < torch.repeat_interleave(torch.tensor(real), size)
+    source = torch.where(inside, torch.repeat_interleave(starts, size) + within, -1)
+    return Layout(runs, real, source, within)
 
 
 def runs_of(lengths: list[int]) -> Layout:
