@@ -163,13 +163,10 @@ def model_inputs(
 def in_token_order(kwargs: dict[str, Any], per_slot: torch.Tensor) -> torch.Tensor:
     """[slots, ...] model outputs of a `model_inputs` row → [T, ...] in the row's token order,
     without padding (the launcher_sdpa layout sorts and pads documents; the others are as is)."""
-    from launcher.kernels.sdpa_varlen import _LAST
+    from launcher.kernels.sdpa_varlen import remembered
 
-    if not _LAST or _LAST[0][0] is not kwargs.get("cu_seq_lens_q") or _LAST[0][1].source is None:
-        return per_slot
-    source = _LAST[0][1].source.to(per_slot.device)
-    real = (source >= 0).nonzero()[:, 0]
-    return per_slot[real[torch.argsort(source[real])]]
+    layout = remembered(kwargs.get("cu_seq_lens_q"))
+    return per_slot if layout is None else layout.unplace(per_slot)
 
 
 def attention_inputs(position_ids: torch.Tensor, implementation: str, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:

@@ -55,11 +55,20 @@ class Layout:
             return tokens
         return torch.where(self.source >= 0, tokens[self.source.clamp(min=0)], fill)
 
+    def unplace(self, per_slot: torch.Tensor) -> torch.Tensor:
+        """[slots, ...] → [T, ...] in row order, without padding: the inverse of `place`."""
+        if self.source is None:
+            return per_slot
+        source = self.source.to(per_slot.device)
+        real = (source >= 0).nonzero()[:, 0]
+        return per_slot[real[torch.argsort(source[real])]]
+
     def place_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """Position ids for the slots: the tokens' own, and for padding its offset in the segment
         (below the segment's length, so within any model's position table)."""
-        if self.source is None or self.within is None:
+        if self.source is None:
             return positions
+        assert self.within is not None  # made together with source
         return torch.where(self.source >= 0, positions[self.source.clamp(min=0)], self.within)
 
     def key_lengths(self, device: torch.device) -> list[torch.Tensor | None]:
@@ -118,9 +127,15 @@ def remember(cu_seqlens: torch.Tensor, layout: Layout) -> None:
     _LAST[:] = [(cu_seqlens, layout)]
 
 
+def remembered(cu_seqlens: Any) -> Layout | None:
+    """The layout `remember` attached to this very cu_seqlens tensor, if any."""
+    return _LAST[0][1] if _LAST and _LAST[0][0] is cu_seqlens else None
+
+
 def _layout_for(cu_seqlens: torch.Tensor) -> Layout:
-    if _LAST and _LAST[0][0] is cu_seqlens:
-        return _LAST[0][1]
+    layout = remembered(cu_seqlens)
+    if layout is not None:
+        return layout
     layout = runs_of([int(n) for n in cu_seqlens.diff().tolist()])  # one sync, then reused by every layer
     remember(cu_seqlens, layout)
     return layout
@@ -185,7 +200,8 @@ def sdpa_varlen_attention(
     gqa = groups > 1 and query.device.type == "cpu"  # SDPA's own GQA (no repeated K/V copies); CUDA kernels vary in support
     layout = _layout_for(cu)
     outputs, at = [], 0
-    for (count, length), real in zip(layout.runs, layout.key_lengths(query.device), strict=True):
+    reals = [None] * len(layout.runs) if causal else layout.key_lengths(query.device)  # causal needs no key mask
+    for (count, length), real in zip(layout.runs, reals, strict=True):
         end = at + count * length
 
         def segments(x: torch.Tensor, at: int = at, end: int = end, count: int = count) -> torch.Tensor:

@@ -75,9 +75,7 @@ def start_sum(values: torch.Tensor) -> Callable[[], list[float]]:
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+    return start_sum(torch.tensor(values, dtype=torch.float64, device=device))()
 
 
 def teardown(synchronise: bool) -> None:

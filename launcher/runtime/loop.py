@@ -140,16 +140,16 @@ def train_step(ctx: Context, step: int, log: bool = True) -> dict[str, float]:
             else:
                 (summed * scale).backward()
         loss_sum += summed.detach().double()
-    summed = None
+    reduced = None
     if log:  # begun before the optimizer step, which hides its latency; the stop flags ride along,
         # so the step boundary needs no collective of its own
         flag = torch.full((1,), ctx.stop.local() if ctx.stop is not None else 0.0, dtype=torch.float64, device=info.device)
-        summed = start_sum(torch.cat([loss_sum.reshape(1), flag]))
+        reduced = start_sum(torch.cat([loss_sum.reshape(1), flag]))
     grad_norm = _optimizer_step(ctx)
     tokens, pads = step_tokens(ctx, step)
     out = {"lr": lr, "tokens": float(tokens), "pad_tokens": float(pads)}
-    if summed is not None:
-        total, signalled = summed()
+    if reduced is not None:
+        total, signalled = reduced()
         if ctx.stop is not None:
             ctx.stop.carry(signalled)
         out.update(loss=total / label_tokens, grad_norm=float(grad_norm))

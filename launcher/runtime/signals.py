@@ -2,9 +2,9 @@
 
 The handler only records the signal; the loop asks every rank at each step boundary (one small
 all-reduce, or a place in the step's loss all-reduce on a log step: `carry`), so a signal that
-reaches only one rank still stops all of them at the same step. A
-second USR1/TERM while saving changes nothing (SLURM and torchrun may each pass one on). A second
-SIGINT is a person pressing Ctrl-C again: stop now, without saving.
+reaches only one rank still stops all of them at the same step. A second USR1/TERM while saving
+changes nothing (SLURM and torchrun may each pass one on). A second SIGINT is a person pressing
+Ctrl-C again: stop now, without saving.
 """
 
 from __future__ import annotations

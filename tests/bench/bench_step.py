@@ -10,9 +10,9 @@ batch built from the memory-mapped rows, the model inputs (packing contract and 
 forward + loss, backward (which includes DDP's gradient all-reduce: gloo runs it during backward
 and the step waits for it at the end), clipping, the optimizer step, the log step (the loss
 all-reduce, begun before the optimizer step and waited for after it), the token count, the
-progress line and metrics.jsonl, and the step
-boundary (signal agreement, checkpoint poll). `--profile` also prints torch.profiler's CPU table
-for rank 0's steady steps (the profiler's own overhead inflates the parts: use it for shares).
+progress line and metrics.jsonl, and the step boundary (signal agreement, checkpoint poll).
+`--profile` also prints torch.profiler's CPU table for rank 0's steady steps (the profiler's own
+overhead inflates the parts: use it for shares).
 """
 
 from __future__ import annotations
