@@ -12,6 +12,22 @@ import sys
 def main() -> None:
     from torch.distributed.run import main as torchrun
 
+    from launcher.versions import torchrun_flags_missing
+
+    missing = torchrun_flags_missing(sys.argv[1:])
+    if missing:  # one line per node, before any rank starts (argparse would print its usage, then fail)
+        import socket
+
+        import torch
+
+        print(
+            f"error: torch {torch.__version__} on {socket.gethostname()} ({sys.executable}): its torchrun has no "
+            f"{', '.join(missing)}, which this plan uses; install the torch the run was planned with (plan.json's versions) "
+            "on every node",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(2)
     try:
         torchrun()
         code = 0

@@ -145,6 +145,20 @@ def check_extras(cfg: RunConfig | None) -> Iterator[Check]:
             )
 
 
+def check_versions() -> Iterator[Check]:
+    """The watched packages against the versions the suite passed on (launcher/versions.py)."""
+    from launcher.versions import LOCK_NAME, canonical, in_series, installed, locked, series
+
+    tested, found = locked(), installed()
+    outside = {name: version for name, version in found.items() if name in tested and not in_series(version, tested[name])}
+    for name, version in outside.items():
+        want = tested[name].split("+")[0]
+        yield Check("warn", "versions", f"{name} {version} is outside the tested range {series(want)}", f"pip install '{name}=={want}'")
+    if not outside:
+        checked = sorted(canonical(name) for name in found if name in tested)
+        yield Check("ok", "versions", f"{len(checked)} watched packages within the tested range ({LOCK_NAME})")
+
+
 def check_output(cfg: RunConfig | None) -> Iterator[Check]:
     from launcher.plan import default_run_dir
 
@@ -195,7 +209,7 @@ def check_offline() -> Iterator[Check]:
 
 def run_checks(cfg: RunConfig | None) -> list[Check]:
     checks: list[Check] = []
-    for group in (check_torch(), check_cuda(cfg), check_kernels(cfg), check_bitsandbytes(cfg), check_extras(cfg)):
+    for group in (check_torch(), check_versions(), check_cuda(cfg), check_kernels(cfg), check_bitsandbytes(cfg), check_extras(cfg)):
         checks += group
     checks += check_output(cfg)
     checks += check_port(cfg)

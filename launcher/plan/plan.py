@@ -27,6 +27,7 @@ from launcher.plan.fsdp import build_fsdp_plan
 from launcher.plan.slurm import build_launch_script, build_sbatch
 from launcher.plan.topology import Topology, build_topology
 from launcher.plan.torchrun import build_torchrun_argv
+from launcher.versions import report as versions_report
 
 PLAN_FILE = "plan.json"
 
@@ -50,6 +51,9 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     # sha256 of `config` as validated by `launcher plan` (launcher/config/resolved.py); "" in older plans
     config_digest: str = ""
+    # Python and the watched packages' versions where the plan was made (launcher/versions.py); rank 0
+    # compares its own with them and with the tested range. {} in older plans.
+    versions: dict[str, str] = field(default_factory=dict)
 
     @property
     def run_config(self) -> RunConfig:
@@ -94,8 +98,9 @@ def default_run_dir(cfg: RunConfig) -> str:
 def plan_env(cfg: RunConfig, topology: Topology) -> dict[str, str]:
     env = {
         "PYTHONUNBUFFERED": "1",
-        # Never put the working directory on sys.path: started from a checkout, its kernels/ folder
-        # would shadow Hugging Face's `kernels` package (ours installs as launcher.kernels).
+        # Never put the working directory on sys.path: whatever folder a rank is started from, nothing in
+        # it may stand in for an installed package (the checkout itself is safe by construction: its only
+        # top-level package is `launcher`; tests/test_shadowing.py holds that).
         "PYTHONSAFEPATH": "1",
         "OMP_NUM_THREADS": str(max(1, cfg.cluster.cpus_per_task // topology.procs_per_node)),
     }
@@ -144,6 +149,7 @@ def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Pl
         backend_choice=dataclasses.asdict(choice),
         warnings=warnings,
         config_digest=digest(config),
+        versions=versions_report(),
     )
 
 

@@ -1,4 +1,4 @@
-"""Plan → the sbatch script, from the template in slurm/ (installed as launcher.slurm)."""
+"""Plan → the sbatch script, from the template in slurm/src/ (installed as launcher.slurm)."""
 
 from __future__ import annotations
 

@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     host = socket.gethostname()
     sys.stdout.write(f"launcher: rank {info.rank} of {info.world_size} (local {info.local_rank}) on {host}, pid {os.getpid()}\n")
     sys.stdout.flush()
+    if info.is_main:  # a package outside the tested range (or not the one planned with): one line each
+        from launcher.versions import warnings_for
+
+        for line in warnings_for(plan.versions):
+            print(line, file=sys.stderr, flush=True)
     code, owner = EXIT_FAILURE, True
     try:
         code = run(plan, cfg, info, stop)

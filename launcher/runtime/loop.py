@@ -86,7 +86,7 @@ def token_loss_sum(ctx: Context, batch: Batch) -> tuple[torch.Tensor, int]:
     from launcher.kernels import loss as fused
     from launcher.kernels.attention import model_inputs
 
-    # One packing contract for every attention path (kernels/attention.py); prompt tuning runs unpacked
+    # One packing contract for every attention path (kernels/src/attention.py); prompt tuning runs unpacked
     # (its virtual tokens reach the head too, so it keeps the plain loss).
     ids, labels, positions = (torch.from_numpy(a) for a in (batch.input_ids, batch.labels, batch.position_ids))
     flatten = ctx.cfg.method.name != "prompt_tuning"
@@ -96,7 +96,7 @@ def token_loss_sum(ctx: Context, batch: Batch) -> tuple[torch.Tensor, int]:
     )
     kind = fused.choose(ctx.cfg.kernels.loss, ctx.model, device.type) if flatten else "plain"
     count = int((targets != IGNORE_INDEX).sum())  # the targets are still on the host: no sync
-    if kind != "plain":  # the head's forward returns the loss sum: full logits never exist (kernels/loss.py)
+    if kind != "plain":  # the head's forward returns the loss sum: full logits never exist (kernels/src/loss.py)
         rows = fused.labelled_rows(targets)  # the head runs on the tokens with a target only
         rows = rows.to(device, non_blocking=True) if rows is not None else None
         with _autocast(ctx), fused.head_loss(ctx.model, targets.to(device, non_blocking=True), kind, rows) as take:

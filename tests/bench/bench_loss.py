@@ -1,5 +1,5 @@
 """Benchmark: peak memory and time of the LM head + cross-entropy, plain (full fp32 logits) vs our
-chunked linear cross-entropy (kernels/loss.py), forward and backward. Not a test.
+chunked linear cross-entropy (kernels/src/loss.py), forward and backward. Not a test.
 
     flock /tmp/launcher-heavy.lock .venv/bin/python tests/bench/bench_loss.py [--tokens 8192 --vocab 128256 --hidden 256]
 

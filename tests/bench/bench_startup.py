@@ -9,7 +9,7 @@ transformers imported (the attention choice is printed after it), the first step
 and one optimizer step), done, loss.png drawn, the process gone. A sampler reads the process tree
 every 0.05 s for the peak RSS of `launcher run`, of an agent if there is one, and of each worker.
 Medians over the runs. `--vs TREE` (another checkout, e.g. a `git worktree` of an older commit, with
-`launcher/kernels` linked to its `kernels/`) runs that tree's `launcher run` in turn with this one's,
+`launcher/kernels` linked to its `kernels/src/`, or `kernels/` before issue 22) runs that tree's `launcher run` in turn with this one's,
 A B A B, and prints the ratio of each event's time pair by pair (median): on a shared machine the
 load moves both alike.
 """

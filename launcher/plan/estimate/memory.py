@@ -29,7 +29,7 @@ NF4_STATE = 1 / 64 + 4 / (64 * 256)  # double-quantised absmax: a byte per 64-bl
 NF4_TABLES = 4 * (16 + 256 + 1)  # per module: the NF4 code, the nested 8-bit code and its offset (fp32)
 CONTEXT_BYTES = 1.0 * GIB  # CUDA context, cuBLAS workspace, NCCL's device buffers
 FRAGMENTATION = 0.08  # caching-allocator slack, as a share of everything counted above it
-TOKEN_CHUNK, VOCAB_CHUNK = 2048, 8192  # kernels/loss.py's blocks
+TOKEN_CHUNK, VOCAB_CHUNK = 2048, 8192  # kernels/src/loss.py's blocks
 POST_PROCESSED_LOGITS = frozenset({"gemma2", "gemma3", "gemma3_text", "cohere", "cohere2", "granite"})  # keep the plain loss
 
 
@@ -57,7 +57,7 @@ def shard_group(s: Setting) -> int:
 
 
 def loss_kind(s: Setting) -> str:
-    """plain | chunked | none, as kernels/loss.py `choose` decides it on the cluster."""
+    """plain | chunked | none, as kernels/src/loss.py `choose` decides it on the cluster."""
     if s.task != "causal_lm":
         return "none"
     if s.kernels.loss == "plain" or s.method.name == "prompt_tuning" or s.model.architecture in POST_PROCESSED_LOGITS:

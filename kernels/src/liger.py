@@ -1,6 +1,6 @@
 """Liger Kernel on CUDA, when installed (`pip install launcher[liger]`): the only module importing it.
 
-- the fused linear cross-entropy behind `kernels.loss: auto | liger` (kernels/loss.py);
+- the fused linear cross-entropy behind `kernels.loss: auto | liger` (kernels/src/loss.py);
 - RMSNorm / SwiGLU / RoPE patches behind `kernels.liger: true`, applied to a model instance.
 Both are CUDA (Triton) kernels; on the CPU the PyTorch paths run.
 """

@@ -4,7 +4,7 @@ A packed micro-batch is [B, S] input ids / labels / position ids; position ids r
 document, and padding is a document of its own. `model_inputs` turns it into what the model's
 forward takes, for every implementation:
 
-- flash_attention_2/3 (CUDA) and `launcher_sdpa` (our SDPA, kernels/sdpa_varlen.py): the micro-batch
+- flash_attention_2/3 (CUDA) and `launcher_sdpa` (our SDPA, kernels/src/sdpa_varlen.py): the micro-batch
   flattened to one row [1, T] without the documents that carry no target (padding), with position
   ids and the explicit varlen kwargs transformers' attention functions take (`cu_seq_lens_q/k`,
   `max_length_q/k`). FlashAttention consumes them directly at any micro-batch size (position ids
@@ -139,7 +139,7 @@ def model_inputs(
     lengths = torch.bincount(doc[keep], minlength=docs)[has_target]
     ids, positions, kept = input_ids.reshape(-1)[keep], position_ids.reshape(-1)[keep], targets.reshape(-1)[keep]
     layout = None
-    if implementation == "launcher_sdpa":  # documents sorted into padded buckets (kernels/sdpa_varlen.py)
+    if implementation == "launcher_sdpa":  # documents sorted into padded buckets (kernels/src/sdpa_varlen.py)
         from launcher.kernels.sdpa_varlen import lay_out
 
         layout = lay_out(lengths.tolist(), device.type)

@@ -13,7 +13,7 @@ once, kept for backward and run through the fused log-softmax and softmax kernel
 forward is swapped for one that returns the loss sum, so FSDP2's and ZeRO-3's gather hooks on that
 module still fire (under both, the head's weight exists only inside its forward). Tokens without a
 target (a masked prompt, a document's last token) can be left out of the head altogether (`rows`). Liger Kernel's
-fused linear cross-entropy (kernels/liger.py) takes the place of the PyTorch one on CUDA.
+fused linear cross-entropy (kernels/src/liger.py) takes the place of the PyTorch one on CUDA.
 """
 
 from __future__ import annotations
