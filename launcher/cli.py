@@ -157,7 +157,7 @@ def _planned(args: argparse.Namespace, data: bool = False) -> Iterator[Any]:  # 
     if check_resume(cfg, run_dir) is not None and data:
         from launcher.runtime.__main__ import prepare as prepare_data
         from launcher.runtime.data import DataError
-        from launcher.runtime.model import ModelError
+        from launcher.runtime.model.files import ModelError
 
         with contextlib.suppress(DataError, ModelError, OSError):  # reported by prepare() below, in its own words
             check_resume(cfg, run_dir, data_fingerprint=prepare_data(cfg).name)
@@ -262,7 +262,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from launcher.runtime.export import export_run
+    from launcher.runtime.state.export import export_run
 
     return export_run(args.run_dir, args.out, step=args.step, merge=args.merge, best=args.best)
 

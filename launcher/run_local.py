@@ -155,7 +155,7 @@ def write_state(run_dir: Path, state: str, job: str, attempt: int) -> None:
 
 
 def rank_errors(run_dir: Path) -> list[dict]:
-    """The ranks' error reports (runtime/dist.py), root cause first: a rank that only saw a broken
+    """The ranks' error reports (runtime/parallel/dist.py), root cause first: a rank that only saw a broken
     connection to a dead peer comes after one that raised on its own; then by time."""
     found = []
     for path in sorted((run_dir / "logs" / "errors").glob("rank-*.json")):

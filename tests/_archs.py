@@ -50,7 +50,7 @@ def model_dir_once(path: Path, version: str, fill: Callable[[Path], None]) -> Pa
     """The model directory `path`, built once for the suite under a file lock: the tiny tokenizer
     is copied into a temporary directory, `fill(tmp)` writes the config and weights there, then
     COMPLETE and an atomic rename, so a killed build never leaves a half directory behind."""
-    from launcher.runtime.tiny import ensure_tiny_model
+    from launcher.runtime.model.tiny import ensure_tiny_model
 
     if (path / "COMPLETE").exists():
         return path
@@ -73,7 +73,7 @@ def model_dir_once(path: Path, version: str, fill: Callable[[Path], None]) -> Pa
 
 def tiny_arch(name: str) -> Path:
     """The directory of the tiny `name` model (built once, under a file lock)."""
-    from launcher.runtime.tiny import cache_dir
+    from launcher.runtime.model.tiny import cache_dir
 
     def fill(tmp: Path) -> None:
         import torch

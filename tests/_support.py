@@ -45,7 +45,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def four_bit_tiny_base():
     """The tiny model loaded 4-bit exactly as tiny-cpu-qlora.yaml trains it (NF4, double quant, bf16)."""
-    from launcher.runtime.tiny import ensure_tiny_model
+    from launcher.runtime.model.tiny import ensure_tiny_model
 
     return four_bit_base(ensure_tiny_model())
 
@@ -55,7 +55,7 @@ def four_bit_base(path):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from launcher.runtime.adapters import keep_4bit_layout
+    from launcher.runtime.model.methods import keep_4bit_layout
 
     quant = BitsAndBytesConfig(
         load_in_4bit=True,

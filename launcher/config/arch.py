@@ -6,7 +6,7 @@ names through each config class's `attribute_map` and fills absent keys from the
 We read the same two things from transformers' installed source (`configuration_<type>.py`, parsed
 with `ast`, never imported), and the block class FSDP2 shards from the modeling file's
 `_no_split_modules`. The runtime re-reads the real config with `AutoConfig` and checks the numbers
-agree (runtime/model.py), so this reader cannot drift silently.
+agree (runtime/model/build.py), so this reader cannot drift silently.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from launcher.config.schema import DataSection, ModelSection, RunConfig, TrainSe
 TINY_MODEL = "tiny-llama"
 DEFAULT_MAX_STEPS = 1000
 
-# The tiny Llama built offline for CPU mode (runtime/tiny.py builds exactly this).
+# The tiny Llama built offline for CPU mode (runtime/model/tiny.py builds exactly this).
 TINY_LLAMA = {
     "hidden_size": 128,
     "num_layers": 4,

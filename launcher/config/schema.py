@@ -26,7 +26,7 @@ Strategy = Literal["steps", "epoch"]
 # train.activation_checkpointing: false | true (= full) | full | selective (op-level, matmul outputs kept)
 Checkpointing = bool | Literal["full", "selective"]
 # train.report_to: experiment trackers, each an extra (`pip install 'launcher[wandb]'`); the import
-# name of each is probed at plan time (validate.py) and imported on rank 0 only (runtime/trackers.py).
+# name of each is probed at plan time (validate.py) and imported on rank 0 only (runtime/train/trackers.py).
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 Gpu = Literal["", "h100-80gb", "h200", "a100-80gb", "a100-40gb", "l40s", "a10g", "l4"]

@@ -319,7 +319,7 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
     if method.name == "prompt_tuning" and par.backend == "deepspeed" and par.zero_stage == 3:
         yield Problem("method.name", "prompt tuning is not supported under ZeRO-3", "use ZeRO 0-2 or FSDP")
     if method.name == "lora" and cfg.task == "classification" and par.backend == "deepspeed" and par.zero_stage == 3:
-        # A causal LM's LoRA builds inside zero.Init (build.py); a classifier's head, trained in full
+        # A causal LM's LoRA builds inside zero.Init (backends.py); a classifier's head, trained in full
         # beside the adapters, does not survive that build, so its base would be whole on every rank.
         yield Problem(
             "parallel.zero_stage",

@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from launcher.runlock import RunDirBusy
     from launcher.runtime.data import DataError
-    from launcher.runtime.source import ModelError
+    from launcher.runtime.model.files import ModelError
 
     if args.prepare_only:  # no torch here (unless a DeepSpeed op must be compiled): a warm cache answers in well under a second
         try:
             prepare(cfg, Path(plan.run_dir))
-            from launcher.runtime.ops import prebuild_ops
+            from launcher.runtime.parallel.zero_ops import prebuild_ops
 
             built = prebuild_ops(plan.deepspeed)
             if built:
@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     # modules, the model): the cyclic collector would scan them again and again while they are made,
     # about a sixth of the import time (measured on 2 CPUs). run() turns it back on before step 1.
     gc.disable()
-    from launcher.runtime.checkpoint import CheckpointError, write_exit_code
-    from launcher.runtime.dist import init_distributed, quiet_warnings, teardown, write_error_file
-    from launcher.runtime.signals import StopFlag
+    from launcher.runtime.parallel.dist import init_distributed, quiet_warnings, teardown, write_error_file
+    from launcher.runtime.state.checkpoint import CheckpointError, write_exit_code
+    from launcher.runtime.train.signals import StopFlag
 
     # Catch USR1/TERM/INT from the first moment: a preemption while a large model loads must not be lost.
     stop = StopFlag()
@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Path:
     """Tiny model (if asked for) and the tokenised, packed data cache; returns the cache folder.
     With `run_dir` (prepare, run, submit): print the cleaning report and write it there."""
+    from launcher.runtime.data.packing import prepare_data
     from launcher.runtime.data.report import lines
-    from launcher.runtime.packing import prepare_data
-    from launcher.runtime.source import model_dir
-    from launcher.runtime.tiny import cache_dir, shipped_data
+    from launcher.runtime.model.files import model_dir
+    from launcher.runtime.model.tiny import cache_dir, shipped_data
 
     path = model_dir(cfg.model)
     shipped = shipped_data(cfg.data.path)
@@ -129,15 +129,16 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     from launcher.config.resolve import resolve_schedule
     from launcher.kernels.attention import attn_implementation
     from launcher.plan.resume import schedule_note
-    from launcher.runtime import checkpoint as ckpt
-    from launcher.runtime.build import build_training_model
-    from launcher.runtime.dist import raise_for_test, seed_everything
-    from launcher.runtime.loop import Context, EarlyStopper, train
-    from launcher.runtime.metrics import Reporter, mfu_per_token_s
-    from launcher.runtime.model import LazyTokenizer, model_dir, skip_unused_imports
-    from launcher.runtime.packing import GlobalOrder, TokenData
-    from launcher.runtime.tasks import build_task
-    from launcher.runtime.trackers import open_trackers
+    from launcher.runtime.data.packing import GlobalOrder, TokenData
+    from launcher.runtime.model.build import LazyTokenizer, skip_unused_imports
+    from launcher.runtime.model.files import model_dir
+    from launcher.runtime.parallel.backends import build_training_model
+    from launcher.runtime.parallel.dist import raise_for_test, seed_everything
+    from launcher.runtime.state import checkpoint as ckpt
+    from launcher.runtime.train.loop import Context, EarlyStopper, train
+    from launcher.runtime.train.metrics import Reporter, mfu_per_token_s
+    from launcher.runtime.train.tasks import build_task
+    from launcher.runtime.train.trackers import open_trackers
 
     seed_everything(cfg.run.seed)
     run_dir = Path(plan.run_dir)

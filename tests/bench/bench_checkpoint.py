@@ -25,10 +25,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from launcher.runtime import checkpoint as ckpt
-    from launcher.runtime.dist import init_distributed, teardown
-    from launcher.runtime.loop import build_optimizer
-    from launcher.runtime.shard import apply_fsdp
+    from launcher.runtime.parallel.dist import init_distributed, teardown
+    from launcher.runtime.parallel.native import apply_fsdp
+    from launcher.runtime.parallel.optim import build_optimizer
+    from launcher.runtime.state import checkpoint as ckpt
 
     info = init_distributed("cpu")
     torch.manual_seed(0)

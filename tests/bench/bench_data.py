@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def write_rows(path: Path, rows: int, seed: int = 0) -> int:
     """Conversations of a system turn and two user/assistant exchanges; returns the content characters."""
-    from launcher.runtime.tiny import _WORDS
+    from launcher.runtime.model.tiny import _WORDS
 
     rng = random.Random(seed)
     chars = 0
@@ -84,8 +84,8 @@ class StageTimer:
 
 def child(source: str, num_proc: int, cache: str) -> None:
     from launcher.config import load_config
-    from launcher.runtime.packing import prepare_data
-    from launcher.runtime.tiny import ensure_tiny_model
+    from launcher.runtime.data.packing import prepare_data
+    from launcher.runtime.model.tiny import ensure_tiny_model
 
     overrides = [
         f"data.path={source}",

@@ -201,7 +201,7 @@ def main() -> None:
         raise SystemExit(f"error: --lf-python: {args.lf_python} does not exist; give the Python of a venv with llamafactory")
     from bench_data import write_rows
 
-    from launcher.runtime.tiny import ensure_tiny_model
+    from launcher.runtime.model.tiny import ensure_tiny_model
 
     model_dir = ensure_tiny_model()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-data-peers-"))

@@ -49,7 +49,8 @@ def _instrument(out: Path, profile: bool) -> None:
     import torch
     from launcher.kernels import attention
 
-    from launcher.runtime import loop, metrics, packing
+    from launcher.runtime.data import packing
+    from launcher.runtime.train import loop, metrics
 
     spent: dict[str, list[float]] = defaultdict(list)
     state = {"step": 0, "now": defaultdict(float)}
@@ -80,7 +81,7 @@ def _instrument(out: Path, profile: bool) -> None:
     metrics.Reporter.step = timed("report", metrics.Reporter.step)  # type: ignore[method-assign]
     token_loss_sum = timed("forward+loss", loop.token_loss_sum)
     loop.token_loss_sum = token_loss_sum
-    from launcher.runtime import tasks
+    from launcher.runtime.train import tasks
 
     tasks.token_loss_sum = token_loss_sum
     original_train, original_step = loop.train, loop.train_step

@@ -10,7 +10,7 @@ import pytest
 import torch
 from _support import TINY_FSDP_20
 
-from launcher.runtime import checkpoint as ckpt
+from launcher.runtime.state import checkpoint as ckpt
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.dist

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.runtime import checkpoint as ckpt
+from launcher.runtime.state import checkpoint as ckpt
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("peft")
@@ -43,7 +43,7 @@ def _reference_logits(run: Path, base: torch.nn.Module, ids: torch.Tensor) -> to
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from peft import LoraConfig, get_peft_model
 
-    from launcher.runtime.engine import TAG
+    from launcher.runtime.parallel.zero import TAG
 
     lora = json.loads((run / "config.yaml").with_name("plan.json").read_text())["config"]["method"]["lora"]
     model = get_peft_model(base, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules="all-linear"))
@@ -69,7 +69,7 @@ IDS = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
 def test_lora_zero3_adapter_is_saved_and_loads(tmp_path: Path, launcher, export) -> None:
     from transformers import AutoModelForCausalLM
 
-    from launcher.runtime.tiny import ensure_tiny_model
+    from launcher.runtime.model.tiny import ensure_tiny_model
 
     run = tmp_path / "run"
     done = launcher("run", "tiny-cpu.yaml", *QUICK, "method.name=lora", "method.lora.dropout=0", "--out", str(run))

@@ -72,7 +72,7 @@ def split(case: str) -> tuple[str, list[str]]:
 
 def worker(cases: list[str], out: Path) -> None:
     """Each case in turn in one process group: build, two backwards, a step, all freed before the next."""
-    from launcher.runtime.dist import init_distributed, teardown
+    from launcher.runtime.parallel.dist import init_distributed, teardown
 
     info = init_distributed("cpu")
     for case in cases:
@@ -86,10 +86,10 @@ def measure(case: str, out: Path, info: Any) -> None:
 
     from launcher.config import load_config
     from launcher.plan import build_plan
-    from launcher.runtime.build import build_training_model
-    from launcher.runtime.dist import seed_everything
-    from launcher.runtime.model import model_dir
-    from launcher.runtime.shard import grad_sync
+    from launcher.runtime.parallel.backends import build_training_model
+    from launcher.runtime.parallel.dist import seed_everything
+    from launcher.runtime.model.files import model_dir
+    from launcher.runtime.parallel.native import grad_sync
 
     recipe, overrides = split(case)
     cfg = load_config(recipe, overrides)

@@ -1,6 +1,6 @@
 """2 ranks over gloo give the same per-step losses as 1 process with the same global batch, and
 FSDP2 and DDP give the same losses as each other: weight decay 0.1 on every run (matrices only,
-runtime/optim.py's groups; tests/unit/test_param_groups.py checks no 1-D parameter is decayed on
+runtime/parallel/optim.py's groups; tests/unit/test_param_groups.py checks no 1-D parameter is decayed on
 any backend, and test_deepspeed.py runs ZeRO-1/2/3 against FSDP2 with the same decay)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""QLoRA's 4-bit base is built meta → LoRA → shard → fill (launcher/runtime/qlora.py):
+"""QLoRA's 4-bit base is built meta → LoRA → shard → fill (launcher/runtime/model/qlora.py):
 
 - in one process (a gloo world of one): the packed 4-bit data, the quant states and every
   unquantised tensor equal what `from_pretrained(quantization_config=...)` makes, bit for bit, with
@@ -62,9 +62,9 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 def built(path: Path, sharded: bool, overrides: list[str] | None = None) -> torch.nn.Module:
     """The training model as the runtime builds it for tiny-cpu-qlora.yaml (world of one)."""
     from launcher.config import load_config
-    from launcher.runtime.dist import DistInfo
-    from launcher.runtime.qlora import build_qlora
-    from launcher.runtime.shard import apply_fsdp
+    from launcher.runtime.parallel.dist import DistInfo
+    from launcher.runtime.model.qlora import build_qlora
+    from launcher.runtime.parallel.native import apply_fsdp
 
     cfg = load_config("tiny-cpu-qlora.yaml", [f"model.name_or_path={path}", *(overrides or [])])
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -76,7 +76,7 @@ def assert_same_base(ours: torch.nn.Module, reference: torch.nn.Module) -> int:
     """Every 4-bit layer's packed data and quant state, and every other base tensor, bit-identical."""
     import bitsandbytes as bnb
 
-    from launcher.runtime.model import unwrap
+    from launcher.runtime.model.build import unwrap
 
     theirs = dict(reference.named_modules())
     compared = 0
@@ -108,7 +108,7 @@ def assert_same_base(ours: torch.nn.Module, reference: torch.nn.Module) -> int:
 def test_quantised_base_equals_from_pretrained(sharded: bool, one_rank: None) -> None:
     from _support import four_bit_base
 
-    from launcher.runtime.tiny import ensure_tiny_model
+    from launcher.runtime.model.tiny import ensure_tiny_model
 
     path = ensure_tiny_model()
     ours = built(path, sharded)  # first: bitsandbytes caches a code map on the device it first sees
@@ -154,7 +154,7 @@ def big_llama() -> Path:
     """A bf16 Llama of about 100 M parameters in the cache (built once, under a file lock), with the tiny tokenizer."""
     from _archs import model_dir_once
 
-    from launcher.runtime.tiny import cache_dir
+    from launcher.runtime.model.tiny import cache_dir
 
     def fill(tmp: Path) -> None:
         from accelerate import init_empty_weights
@@ -195,8 +195,8 @@ def rss_worker(path: Path, out: Path) -> None:
 
     from launcher.config import load_config
     from launcher.plan import build_plan
-    from launcher.runtime.build import build_training_model
-    from launcher.runtime.dist import init_distributed, teardown
+    from launcher.runtime.parallel.backends import build_training_model
+    from launcher.runtime.parallel.dist import init_distributed, teardown
 
     cfg = load_config("tiny-cpu-qlora.yaml", [f"model.name_or_path={path}", "parallel.backend=fsdp"])
     plan = build_plan(cfg, str(out / "run"))

@@ -42,7 +42,7 @@ def test_varlen_isolates_documents_on_cuda(implementation: str, micro_batch: int
     attn_implementation("sdpa", "cuda")  # registers launcher_sdpa
     from transformers import AutoModelForCausalLM
 
-    from launcher.runtime.tiny import ensure_tiny_model
+    from launcher.runtime.model.tiny import ensure_tiny_model
 
     model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(), attn_implementation=implementation, dtype=torch.bfloat16)
     model = model.cuda().eval()

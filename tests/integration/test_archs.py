@@ -84,7 +84,8 @@ def _training_state(run: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
 def _reference_logits(name: str, method: str, run: Path, ids: torch.Tensor, tmp_path: Path) -> torch.Tensor:
     """The checkpoint loaded into the training model, built the way the runtime builds it."""
     from launcher.config.schema import LoraSection, MethodSection, ModelSection
-    from launcher.runtime.model import WeightMap, apply_method, build_on_meta, load_weights, materialize
+    from launcher.runtime.model.build import WeightMap, build_on_meta, load_weights, materialize
+    from launcher.runtime.model.methods import apply_method
 
     task = "classification" if name == "bert" else "causal_lm"
     labels = json.loads((run / "labels.json").read_text()) if task == "classification" else None

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from launcher.runtime import checkpoint as ckpt
+from launcher.runtime.state import checkpoint as ckpt
 
 pytestmark = pytest.mark.dist
 

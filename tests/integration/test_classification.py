@@ -27,7 +27,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_the_tiny_classifier_learns_negation(trained: Path, metrics) -> None:
-    # By construction (launcher/runtime/tiny.py tiny_sentiment) the adjective alone and the negation
+    # By construction (launcher/runtime/model/tiny.py tiny_sentiment) the adjective alone and the negation
     # alone each predict the label at exactly chance: 0.9 needs both, in order.
     result = json.loads((trained / "eval.json").read_text())
     assert result["accuracy"] >= 0.9, result
@@ -138,7 +138,7 @@ def test_every_backend_and_method_classifies(overrides: list[str], short_fsdp: P
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-        from launcher.runtime.tiny import ensure_tiny_model
+        from launcher.runtime.model.tiny import ensure_tiny_model
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.runtime import checkpoint as ckpt
+from launcher.runtime.state import checkpoint as ckpt
 
 pytestmark = pytest.mark.dist
 

@@ -71,16 +71,17 @@ def assert_no_frozen_tensor_in_metadata(step_dir: Path, trainable: set[str]) -> 
 def base_weights() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from launcher.runtime.tiny import ensure_tiny_model
+    from launcher.runtime.model.tiny import ensure_tiny_model
 
     return load_file(ensure_tiny_model() / "model.safetensors")
 
 
 def meta_model(method: str) -> torch.nn.Module:
-    """The training model as build.py makes it before sharding (meta device, method applied)."""
+    """The training model as backends.py makes it before sharding (meta device, method applied)."""
     from launcher.config.schema import MethodSection, ModelSection
-    from launcher.runtime.model import apply_method, build_on_meta
-    from launcher.runtime.tiny import ensure_tiny_model
+    from launcher.runtime.model.build import build_on_meta
+    from launcher.runtime.model.methods import apply_method
+    from launcher.runtime.model.tiny import ensure_tiny_model
 
     model = build_on_meta(ensure_tiny_model(), ModelSection(), "sdpa", torch.float32)
     return apply_method(model, MethodSection(name=method))  # type: ignore[arg-type]
@@ -135,7 +136,7 @@ def test_lora_export_adapter_and_merged(lora_run: Path, tmp_path: Path, export) 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from launcher.runtime.tiny import ensure_tiny_model
+    from launcher.runtime.model.tiny import ensure_tiny_model
 
     export(str(lora_run), "--out", str(tmp_path / "adapter"))
     export(str(lora_run), "--merge", "--out", str(tmp_path / "merged"))

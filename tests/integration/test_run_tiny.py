@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launcher.runtime.packing import IGNORE_INDEX, TokenData
+from launcher.runtime.data.packing import IGNORE_INDEX, TokenData
 
 pytestmark = pytest.mark.dist
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher.runtime import checkpoint as ckpt
+from launcher.runtime.state import checkpoint as ckpt
 
 pytestmark = pytest.mark.dist
 

@@ -18,7 +18,7 @@ from _archs import SHAPES
 from _support import kept_bytes
 
 from launcher.config import ConfigError, load_config
-from launcher.runtime.blocks import apply_checkpointing, compile_blocks, saved_ops, selective_policy
+from launcher.runtime.model.blocks import apply_checkpointing, compile_blocks, saved_ops, selective_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
@@ -114,9 +114,9 @@ def one_rank() -> Iterator[None]:
 def test_selective_under_fsdp2_and_ddp(
     backend: str, one_rank: None, tiny: torch.nn.Module, batch: dict[str, torch.Tensor], eager: tuple
 ) -> None:
-    """The runtime's own sharding (shard.py) around selectively checkpointed blocks: same gradients."""
-    from launcher.runtime.dist import DistInfo
-    from launcher.runtime.shard import apply_fsdp, wrap_ddp
+    """The runtime's own sharding (native.py) around selectively checkpointed blocks: same gradients."""
+    from launcher.runtime.parallel.dist import DistInfo
+    from launcher.runtime.parallel.native import apply_fsdp, wrap_ddp
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     model = copy.deepcopy(tiny)

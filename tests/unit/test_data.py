@@ -13,8 +13,8 @@ import pytest
 
 from launcher.config import load_config
 from launcher.runtime.data import IGNORE_INDEX, CleanReport, DataError, clean, load_records, tokenize
-from launcher.runtime.packing import GlobalOrder, TokenData, pack_lengths, prepare_data
-from launcher.runtime.tiny import ensure_tiny_model
+from launcher.runtime.data.packing import GlobalOrder, TokenData, pack_lengths, prepare_data
+from launcher.runtime.model.tiny import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

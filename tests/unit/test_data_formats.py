@@ -15,8 +15,8 @@ import pytest
 
 from launcher.config import load_config
 from launcher.runtime.data import IGNORE_INDEX, DataError, alpaca_prompt
-from launcher.runtime.packing import TokenData, prepare_data
-from launcher.runtime.tiny import ensure_tiny_model
+from launcher.runtime.data.packing import TokenData, prepare_data
+from launcher.runtime.model.tiny import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEM = [{"role": "system", "content": "answer in one word"}]

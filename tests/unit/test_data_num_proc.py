@@ -7,8 +7,8 @@ import random
 from pathlib import Path
 
 from launcher.config import load_config
-from launcher.runtime.packing import prepare_data
-from launcher.runtime.tiny import _WORDS, ensure_tiny_model
+from launcher.runtime.data.packing import prepare_data
+from launcher.runtime.model.tiny import _WORDS, ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,7 @@ from launcher.plan.estimate import check_fits, estimate_plan
 from launcher.plan.estimate.memory import GIB, Setting, estimate_memory
 from launcher.plan.estimate.params import count_params
 from launcher.plan.topology import Topology, build_topology
-from launcher.runtime.blocks import apply_checkpointing
+from launcher.runtime.model.blocks import apply_checkpointing
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_RECIPES = [p for p in sorted((ROOT / "recipes").glob("*.yaml")) if load_config(p).cluster.accelerator == "cuda"]
@@ -144,8 +144,8 @@ def test_70b_fsdp_shards_match_estimate(nodes: int, hsdp: bool) -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from launcher.plan import build_plan
-    from launcher.runtime.dist import DistInfo
-    from launcher.runtime.shard import apply_fsdp
+    from launcher.runtime.parallel.dist import DistInfo
+    from launcher.runtime.parallel.native import apply_fsdp
 
     overrides = ["parallel.backend=fsdp", "parallel.zero_stage=3", "parallel.offload_optimizer=none", f"cluster.nodes={nodes}"]
     overrides += [f"parallel.fsdp.hsdp={str(hsdp).lower()}", "cluster.gpu_memory_gib=null", f"train.global_batch_size={nodes * 8}"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.runtime import export
-from launcher.runtime.tiny import ensure_tiny_model
+from launcher.runtime.model.tiny import ensure_tiny_model
+from launcher.runtime.state import export
 
 
 def test_large_models_are_sharded_with_an_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

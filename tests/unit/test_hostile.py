@@ -390,7 +390,7 @@ def test_checkpoint_files_are_data_never_code(tmp_path: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
     from launcher.plan.resume import crc32, is_complete
-    from launcher.runtime import safe_state
+    from launcher.runtime.state import safe_state
 
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -443,7 +443,7 @@ def test_foreign_pickles_are_refused_before_a_library_loads_them(tmp_path: Path)
 
     import torch
 
-    from launcher.runtime.safe_state import CheckpointError, pickle_globals, refuse_foreign_pickles
+    from launcher.runtime.state.safe_state import CheckpointError, pickle_globals, refuse_foreign_pickles
 
     marker = tmp_path / "PWNED"
 

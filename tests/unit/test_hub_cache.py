@@ -10,7 +10,7 @@ import pytest
 
 from launcher.config import load_config
 from launcher.plan import build_plan
-from launcher.runtime.source import model_dir
+from launcher.runtime.model.files import model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO = "acme/tiny-gpt2"

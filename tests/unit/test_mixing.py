@@ -12,9 +12,9 @@ import pytest
 
 from launcher.config import load_config
 from launcher.runtime.data.mixing import mix_counts, pick
+from launcher.runtime.data.packing import GlobalOrder, TokenData, prepare_data
 from launcher.runtime.data.report import lines
-from launcher.runtime.packing import GlobalOrder, TokenData, prepare_data
-from launcher.runtime.tiny import ensure_tiny_model
+from launcher.runtime.model.tiny import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,8 +13,8 @@ import torch
 from launcher.kernels.attention import next_token_targets
 
 from launcher.config.schema import DataSection
-from launcher.runtime.packing import IGNORE_INDEX, TokenData, prepare_data
-from launcher.runtime.tiny import ensure_tiny_model, ensure_tiny_tasks
+from launcher.runtime.data.packing import IGNORE_INDEX, TokenData, prepare_data
+from launcher.runtime.model.tiny import ensure_tiny_model, ensure_tiny_tasks
 
 
 def _texts(tmp_path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""DeepSpeed's JIT ops are built once by the prepare step, before the ranks start (runtime/ops.py)."""
+"""DeepSpeed's JIT ops are built once by the prepare step, before the ranks start (runtime/parallel/zero_ops.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from launcher.config import load_config
 from launcher.plan import build_plan
-from launcher.runtime import ops
+from launcher.runtime.parallel import zero_ops as ops
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,9 +43,7 @@ def test_built_once_then_seen_in_the_cache(tmp_path: Path, monkeypatch: pytest.M
         (tmp_path / "ext" / name).mkdir(parents=True)
         (tmp_path / "ext" / name / f"{name}.so").write_bytes(b"\x7fELF")
 
-    import launcher.runtime.engine as engine
-
-    monkeypatch.setattr(engine, "build_op", fake_build)
+    monkeypatch.setattr(ops, "build_op", fake_build)
     plan = _deepspeed_plan(tmp_path, "parallel.zero_stage=2", "parallel.offload_optimizer=cpu")
     line = ops.prebuild_ops(plan)
     assert line is not None and line.startswith("launcher: built DeepSpeed's cpu_adam in ") and built == ["CPUAdamBuilder"]
@@ -54,12 +52,11 @@ def test_built_once_then_seen_in_the_cache(tmp_path: Path, monkeypatch: pytest.M
 
 def test_a_failed_build_is_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    import launcher.runtime.engine as engine
 
     def no_compiler(builder: str) -> None:
         raise RuntimeError("Error building extension 'cpu_adam'\nninja: build stopped")
 
-    monkeypatch.setattr(engine, "build_op", no_compiler)
+    monkeypatch.setattr(ops, "build_op", no_compiler)
     line = ops.prebuild_ops(_deepspeed_plan(tmp_path, "parallel.zero_stage=2", "parallel.offload_optimizer=cpu"))
     assert line == (
         "warning: DeepSpeed's cpu_adam could not be built before the ranks start "

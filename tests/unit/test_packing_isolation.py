@@ -12,10 +12,10 @@ from launcher.kernels.attention import attn_implementation, document_causal_mask
 
 from launcher.config import load_config
 from launcher.runtime.data import IGNORE_INDEX, tokenize
-from launcher.runtime.dist import DistInfo
-from launcher.runtime.loop import token_loss_sum
-from launcher.runtime.packing import Batch
-from launcher.runtime.tiny import ensure_tiny_model, tiny_tasks
+from launcher.runtime.data.packing import Batch
+from launcher.runtime.model.tiny import ensure_tiny_model, tiny_tasks
+from launcher.runtime.parallel.dist import DistInfo
+from launcher.runtime.train.loop import token_loss_sum
 
 RECORDS = tiny_tasks(6, seed=11)
 

@@ -14,8 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from launcher.config.schema import OptimSection
-from launcher.runtime.loop import build_optimizer
-from launcher.runtime.optim import parameter_groups
+from launcher.runtime.parallel.optim import build_optimizer, parameter_groups
 
 
 def _gpt2() -> torch.nn.Module:  # biases, LayerNorms, Conv1D matrices and tied embeddings
@@ -53,7 +52,7 @@ SCRIPT = textwrap.dedent(
     import json, os, torch, deepspeed
     from transformers import AutoModelForCausalLM, GPT2Config
     from transformers.integrations import HfDeepSpeedConfig
-    from launcher.runtime.optim import parameter_groups, parameter_ndim
+    from launcher.runtime.parallel.optim import parameter_groups, parameter_ndim
 
     config = {
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -85,7 +84,7 @@ SCRIPT = textwrap.dedent(
 def test_deepspeed_zero3_takes_the_groups(tmp_path: Path) -> None:
     """DeepSpeed's own initialize at world size 1: its torch AdamW gets our two groups, and the
     partitioned (empty, 1-D) ZeRO-3 parameters are still sorted by their real rank."""
-    from launcher.runtime.tiny import cache_dir
+    from launcher.runtime.model.tiny import cache_dir
 
     env = {
         **os.environ,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from launcher.runtime.model import LazyTokenizer, load_tokenizer
-from launcher.runtime.tiny import ensure_tiny_model
+from launcher.runtime.model.build import LazyTokenizer, load_tokenizer
+from launcher.runtime.model.tiny import ensure_tiny_model
 
 
 def test_the_tokenizer_loads_at_its_first_use_and_answers_as_the_real_one() -> None:
@@ -23,7 +23,7 @@ def test_a_rank_builds_a_model_without_importing_scipy() -> None:
     """transformers' object-detection losses import scipy.optimize; a rank hides it from them alone."""
     code = (
         "import sys\n"
-        "from launcher.runtime.model import skip_unused_imports\n"
+        "from launcher.runtime.model.build import skip_unused_imports\n"
         "skip_unused_imports()\n"
         "from launcher.kernels.sdpa_varlen import register\n"
         "from transformers import AutoModelForCausalLM, LlamaConfig\n"

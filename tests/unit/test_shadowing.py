@@ -59,3 +59,15 @@ def test_launcher_kernels_and_slurm_come_from_the_checkout() -> None:
     assert Path(launcher.slurm.__file__).resolve().parent == ROOT / "slurm" / "src"
     assert "site-packages" in Path(hf_kernels.__file__).parts, hf_kernels.__file__
     assert sys.modules["kernels"] is hf_kernels
+
+
+def test_every_package_is_listed_for_the_wheel() -> None:
+    """pyproject.toml lists packages by hand: one left out is missing from a wheel, while the editable
+    install the tests run from still finds it (launcher.runtime.data and launcher.plan.estimate were)."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, mapped = set(setuptools["packages"]), setuptools["package-dir"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "launcher").rglob("__init__.py")}
+    found |= {name for name, folder in mapped.items() if (ROOT / folder / "__init__.py").exists()}
+    assert listed == found, f"listed only: {sorted(listed - found)}; in the tree only: {sorted(found - listed)}"

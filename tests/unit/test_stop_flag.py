@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from launcher.runtime.signals import StopFlag
+from launcher.runtime.train.signals import StopFlag
 
 
 def test_a_carried_flag_is_read_once_without_a_collective() -> None:

@@ -15,8 +15,8 @@ import pytest
 
 from launcher.config import load_config
 from launcher.config.errors import ConfigError
-from launcher.runtime.metrics import Reporter
-from launcher.runtime.trackers import Trackers, open_trackers, scalars
+from launcher.runtime.train.metrics import Reporter
+from launcher.runtime.train.trackers import Trackers, open_trackers, scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "recipes" / "tiny-cpu.yaml"
@@ -164,7 +164,7 @@ def test_a_failing_tracker_is_dropped_with_one_warning(tmp_path: Path, capsys: p
 def test_a_tracker_that_cannot_start_is_left_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import launcher.runtime.trackers as trackers
+    import launcher.runtime.train.trackers as trackers
 
     def refuse(*args: Any) -> None:
         raise PermissionError(13, "Permission denied", str(tmp_path / "tensorboard"))
@@ -205,7 +205,7 @@ def test_default_is_no_tracker() -> None:
 def test_the_progress_line_shows_mfu_on_cuda_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from launcher.config import load_config
     from launcher.plan import build_plan
-    from launcher.runtime.metrics import mfu_per_token_s
+    from launcher.runtime.train.metrics import mfu_per_token_s
 
     root = Path(__file__).resolve().parents[2] / "recipes"
     gpu = build_plan(load_config(root / "llama3-8b-full-fsdp.yaml"), "/scratch/x")

@@ -237,7 +237,7 @@ def test_prompt_tuning_rows_pass_nothing_but_ids(models) -> None:
     """Prompt tuning runs unpacked: rows as they are, through peft's virtual tokens."""
     from peft import PromptTuningConfig, get_peft_model
 
-    from launcher.runtime.adapters import _align_prompt_tuning_io
+    from launcher.runtime.model.methods import _align_prompt_tuning_io
 
     model = AutoModelForCausalLM.from_config(_configs()["llama"], attn_implementation="launcher_sdpa")
     peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))

@@ -1,7 +1,7 @@
-"""Bytes per GPU, item by item, for what the runtime holds (runtime/build.py, shard.py, loop.py).
+"""Bytes per GPU, item by item, for what the runtime holds (runtime/parallel/backends.py, native.py, loop.py).
 
 Each item is what the launcher's runtime allocates for it, not a textbook rule:
-- FSDP2 keeps fp32 master parameters sharded (runtime/build.py builds full/freeze in fp32, LoRA's
+- FSDP2 keeps fp32 master parameters sharded (runtime/parallel/backends.py builds full/freeze in fp32, LoRA's
   frozen base in model.dtype), fp32 sharded gradients, AdamW's two fp32 states; it all-gathers a
   block (and the next, prefetched) in the compute dtype, and the root unit (embeddings, final norm,
   LM head) stays gathered for the whole step (`reshard_root_after_forward: false`). With
@@ -71,7 +71,7 @@ def attention_kind(s: Setting) -> str:
 
 def block_saved_bytes(s: Setting, counts: ParamCounts, mode: str) -> float:
     """Bytes saved for backward per token by one block: mode none | selective | full (checkpointed);
-    selective is runtime/blocks.py's op-level policy (matmul and attention outputs kept)."""
+    selective is runtime/model/blocks.py's op-level policy (matmul and attention outputs kept)."""
     h, _, inter, _, q, kv = shapes(s.model)
     c = BYTES[s.train.precision]
     fam = family_of(s.model)

@@ -1,6 +1,6 @@
 """QLoRA's 4-bit base, built like every other model: meta device → method → shard → fill.
 
-With adapters.py, the only modules that import bitsandbytes (lazily, inside functions).
+With methods.py, the only modules that import bitsandbytes (lazily, inside functions).
 
 The skeleton is the model built on meta with transformers' own bitsandbytes replacement
 (`replace_with_bnb_linear`, the modules from_pretrained would quantise: every linear layer of the
@@ -20,14 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from launcher.config.schema import QuantSection, RunConfig
-from launcher.runtime.dist import DistInfo
-from launcher.runtime.model import DTYPES
+from launcher.runtime.model.build import DTYPES
+
+if TYPE_CHECKING:  # a type only: the model rooms sit below parallel/ (tests/unit/test_import_graph.py)
+    from launcher.runtime.parallel.dist import DistInfo
 
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block size, the one from_pretrained uses (BitsAndBytesConfig has no key for it)
 # Elements quantised at once: bitsandbytes' CPU kernel holds about 16 bytes per element while it
@@ -160,9 +162,9 @@ def quantizer(quant: QuantSection, dtype: torch.dtype, device: torch.device) -> 
 def build_qlora(path: Path, cfg: RunConfig, info: DistInfo, attn_implementation: str, shard: Callable[[nn.Module], nn.Module]) -> nn.Module:
     """4-bit base + LoRA adapters, never whole on a rank: meta skeleton, peft, checkpointing,
     `shard` (FSDP2, or nothing), materialise on the rank's device, fill, then the adapters."""
-    from launcher.runtime.adapters import init_adapters, keep_4bit_layout, wrap_with_peft
-    from launcher.runtime.blocks import apply_checkpointing
-    from launcher.runtime.model import WeightMap, build_on_meta, load_weights, materialize
+    from launcher.runtime.model.blocks import apply_checkpointing
+    from launcher.runtime.model.build import WeightMap, build_on_meta, load_weights, materialize
+    from launcher.runtime.model.methods import init_adapters, keep_4bit_layout, wrap_with_peft
 
     dtype = DTYPES[cfg.model.dtype]
     model = build_on_meta(path, cfg.model, attn_implementation, dtype)

@@ -1,5 +1,5 @@
 """What is done to each repeated block before sharding, in torchtitan's order: activation
-checkpointing (full or selective), then torch.compile, then FSDP2's fully_shard (shard.py).
+checkpointing (full or selective), then torch.compile, then FSDP2's fully_shard (native.py).
 
 Checkpointing goes through transformers' own per-block switch (`GradientCheckpointingLayer`
 checkpoints `forward`, so FSDP2's hooks stay outside the checkpoint and are not run again by the
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.runtime.model import find_blocks
+from launcher.runtime.model.build import find_blocks
 
 
 @functools.cache

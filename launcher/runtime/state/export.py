@@ -3,7 +3,8 @@
 Reads the DCP checkpoint without a process group, a bounded group of tensors at a time (one output
 shard), so memory stays near one shard however large the model. Full models are written under
 their Hugging Face names; LoRA/QLoRA runs write the adapter alone (peft format) or, with --merge,
-the base model with the adapter merged in (a QLoRA base is reloaded in bf16 for that). Afterwards
+the base model with the adapter merged in (a QLoRA base is reloaded in bf16 for that). A DeepSpeed
+checkpoint is read through DeepSpeed's own zero_to_fp32, lazily. Afterwards
 every expected parameter is checked for presence, shape and dtype.
 """
 
@@ -18,8 +19,9 @@ from typing import Any
 import torch
 
 from launcher.plan import Plan
-from launcher.runtime import checkpoint as ckpt
-from launcher.runtime.model import DTYPES, ModelError, model_dir
+from launcher.runtime.model.build import DTYPES
+from launcher.runtime.model.files import ModelError, model_dir
+from launcher.runtime.state import checkpoint as ckpt
 
 MAX_SHARD_BYTES = 2 * 1024**3
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
@@ -84,8 +86,6 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
     base = model_dir(cfg.model)
     read: Any
     if cfg.parallel.backend == "deepspeed":
-        from launcher.runtime.engine import DeepSpeedModelReader
-
         read = DeepSpeedModelReader(folder)
     else:
         read = DcpModelReader(folder / "model_optim")
@@ -94,11 +94,11 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
     labels = json.loads((run_dir / "labels.json").read_text()) if cfg.task == "classification" else None
     heads = head_names(base, cfg, labels) if labels else []
     if cfg.method.name in ("lora", "qlora", "prompt_tuning") and not merge:
-        from launcher.runtime.adapters import write_adapter
+        from launcher.runtime.model.methods import write_adapter
 
         count = write_adapter(read, cfg, out, heads)
     elif cfg.method.name in ("lora", "qlora"):
-        from launcher.runtime.adapters import merged_tensors
+        from launcher.runtime.model.methods import merged_tensors
 
         _copy_side_files(base, out, dtype, cfg.task, labels)
         count = write_model(merged_tensors(read, cfg, base, dtype, heads, expected_keys(out, cfg.task)), out, dtype)
@@ -111,7 +111,7 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
 
 def head_names(base: Path, cfg: Any, labels: list[str]) -> list[str]:
     """A classifier's head modules (score / classifier, a pooler), by structure, named as in the model."""
-    from launcher.runtime.model import build_on_meta, head_modules
+    from launcher.runtime.model.build import build_on_meta, head_modules
 
     model = build_on_meta(base, cfg.model, "sdpa", torch.float32, cfg.task, labels)
     names = {id(module): name for name, module in model.named_modules()}
@@ -211,7 +211,7 @@ def expected_keys(out: Path, task: str) -> dict[str, Any]:
     """Parameter name → shape of the model the exported config.json describes."""
     from transformers import AutoConfig
 
-    from launcher.runtime.model import model_class
+    from launcher.runtime.model.build import model_class
 
     config = AutoConfig.from_pretrained(out)
     with torch.device("meta"):
@@ -239,3 +239,27 @@ def verify(out: Path, task: str) -> None:
     wrong = [k for k in expected if list(found[k]) != list(expected[k])]
     if wrong:
         raise ExportError(f"{out}: {wrong[0]} has shape {found[wrong[0]]}, expected {list(expected[wrong[0]])}")
+
+
+class DeepSpeedModelReader:
+    """Consolidated fp32 model tensors of a DeepSpeed checkpoint (DeepSpeed's zero_to_fp32).
+
+    Lazy mode: the ranks' flat fp32 partitions are read once and each full tensor is assembled only
+    when the export writes it, so host memory holds the partitions plus one tensor (the eager path
+    materialised the whole fp32 model on top of the partitions: twice the model).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _state(self) -> dict[str, Any]:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(self.folder), tag=ckpt.DEEPSPEED_TAG, lazy_mode=True)
+
+    def items(self):  # -> Iterator[tuple[str, torch.Tensor]], names prefixed "model." like DCP's
+        for name, lazy in self._state().items():
+            yield f"model.{name}", lazy.contiguous() if hasattr(lazy, "contiguous") else lazy
+
+    def keys(self) -> list[str]:
+        return [f"model.{name}" for name in self._state()]

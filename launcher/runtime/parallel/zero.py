@@ -1,5 +1,6 @@
 """DeepSpeed: the engine from the plan's deepspeed.json (nothing re-derived here), ZeRO-3 partitioned
-construction, and checkpoints in the common layout. The only module that imports deepspeed.
+construction, and checkpoints in the common layout. With zero_ops.py (its JIT builds) and
+state/export.py (reading its checkpoints), the only modules that import deepspeed.
 
 The loop drives the engine like the torch backends: the same loss (sum of token losses over the
 global label-token count, times the world size because DeepSpeed averages over ranks), the same
@@ -19,9 +20,9 @@ from torch import nn
 
 from launcher.config.schema import RunConfig
 from launcher.plan import Plan
-from launcher.runtime import checkpoint as ckpt
+from launcher.runtime.state import checkpoint as ckpt
 
-TAG = "deepspeed"
+TAG = ckpt.DEEPSPEED_TAG
 # Globals DeepSpeed's checkpoint files refer to beyond torch's weights-only set (measured on a
 # ZeRO-3 save: loss scaler, stage enum; ZeRO-1/2 also record fragment addresses). Data classes.
 DEEPSPEED_GLOBALS = frozenset(
@@ -36,9 +37,9 @@ DEEPSPEED_GLOBALS = frozenset(
 
 def _prepare_environment() -> None:
     """Point DeepSpeed's JIT builds at the project cache and let it adopt our process group."""
-    from launcher.runtime.ops import extensions_dir
+    from launcher.runtime.parallel.zero_ops import extensions_dir
 
-    # JIT builds (CPU Adam) land in the project cache, where the prepare step built them (ops.py).
+    # JIT builds (CPU Adam) land in the project cache, where the prepare step built them (zero_ops.py).
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     import deepspeed
     import torch.distributed as dist
@@ -50,13 +51,6 @@ def _prepare_environment() -> None:
 
     backend = dist.get_backend() if dist.is_initialized() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-
-
-def build_op(builder: str) -> None:
-    """Compile one of DeepSpeed's JIT ops for this machine's accelerator (launcher/runtime/ops.py)."""
-    from deepspeed.accelerator import get_accelerator
-
-    get_accelerator().create_op_builder(builder).load(verbose=False)
 
 
 _HF_DEEPSPEED: list[Any] = []  # transformers holds a weak reference; keep the object alive
@@ -76,7 +70,7 @@ def zero3_model(
     _prepare_environment()
     from transformers.integrations import HfDeepSpeedConfig
 
-    from launcher.runtime.model import hf_config, model_class, reinit_buffers
+    from launcher.runtime.model.build import hf_config, model_class, reinit_buffers
 
     _HF_DEEPSPEED[:] = [HfDeepSpeedConfig(plan.deepspeed)]
     config = hf_config(path, cfg.model, labels)
@@ -98,7 +92,7 @@ def deepspeed_engine(model: nn.Module, plan: Plan, cfg: RunConfig) -> Any:
     import deepspeed
 
     assert plan.deepspeed is not None
-    from launcher.runtime.optim import parameter_groups
+    from launcher.runtime.parallel.optim import parameter_groups
 
     # The torch backends' groups (no decay on 1-D parameters); each group's weight_decay overrides the config's.
     groups = parameter_groups(model, cfg.optim.weight_decay)
@@ -131,7 +125,7 @@ def load_deepspeed(folder: Path, engine: Any, rank: int, trainable_only: bool = 
             f"convert it first: python -m deepspeed.checkpoint.ds_to_universal --input_folder {folder / TAG} "
             f"--output_folder {folder}-universal, or resume at world size {manifest['world_size']} (FSDP2 checkpoints reshard by themselves)"
         )
-    # DeepSpeed reads its files with weights_only=False: scan them first (runtime/safe_state.py).
+    # DeepSpeed reads its files with weights_only=False: scan them first (runtime/state/safe_state.py).
     ckpt.refuse_foreign_pickles(folder / TAG, DEEPSPEED_GLOBALS)
     path, _ = engine.load_checkpoint(
         str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=not trainable_only
@@ -140,27 +134,3 @@ def load_deepspeed(folder: Path, engine: Any, rank: int, trainable_only: bool = 
         raise ckpt.CheckpointError(f"checkpoint.resume: DeepSpeed could not load {folder / TAG}")
     ckpt.load_rng(folder, rank)  # JSON, never a pickle
     return manifest
-
-
-class DeepSpeedModelReader:
-    """Consolidated fp32 model tensors of a DeepSpeed checkpoint (DeepSpeed's zero_to_fp32).
-
-    Lazy mode: the ranks' flat fp32 partitions are read once and each full tensor is assembled only
-    when the export writes it, so host memory holds the partitions plus one tensor (the eager path
-    materialised the whole fp32 model on top of the partitions: twice the model).
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def _state(self) -> dict[str, Any]:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(self.folder), tag=TAG, lazy_mode=True)
-
-    def items(self):  # -> Iterator[tuple[str, torch.Tensor]], names prefixed "model." like DCP's
-        for name, lazy in self._state().items():
-            yield f"model.{name}", lazy.contiguous() if hasattr(lazy, "contiguous") else lazy
-
-    def keys(self) -> list[str]:
-        return [f"model.{name}" for name in self._state()]

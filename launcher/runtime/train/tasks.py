@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launcher.runtime.dist import all_reduce_sum
-from launcher.runtime.loop import Context, _autocast, token_loss_sum
-from launcher.runtime.packing import IGNORE_INDEX, Batch
+from launcher.runtime.data.packing import IGNORE_INDEX, Batch
+from launcher.runtime.parallel.dist import all_reduce_sum
+from launcher.runtime.train.loop import Context, _autocast, token_loss_sum
 
 Evaluation = tuple[dict[str, Any], list[dict[str, Any]]]  # (metrics, predictions in dataset order)
 

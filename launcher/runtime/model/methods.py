@@ -1,9 +1,10 @@
-"""Parameter-efficient methods: peft LoRA and prompt tuning, QLoRA through bitsandbytes.
+"""The methods: `apply_method` (freeze, or peft's LoRA / prompt tuning; QLoRA's adapters too), and the
+adapters' own set-up, saving and merging.
 
 With qlora.py (the 4-bit base), the only modules that import peft or bitsandbytes (lazily, inside
 functions).
 
-- LoRA and prompt tuning wrap a model that is still on the meta device (build.py then shards,
+- LoRA and prompt tuning wrap a model that is still on the meta device (backends.py then shards,
   materialises and loads the base weights), so `init_adapters` must fill the adapter weights
   afterwards: each full tensor comes from a generator seeded by (run seed, parameter name), and a
   rank keeps only its shard. Every rank and every world size therefore starts from the same
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 
 from launcher.config.schema import LoraSection, MethodSection, RunConfig
-from launcher.runtime.model import ModelError, copy_full_into
+from launcher.runtime.model.build import copy_full_into, final_norms, find_blocks, head_modules
+from launcher.runtime.model.files import ModelError
 
 ADAPTER_MARKERS = ("lora_", "prompt_encoder")
 
@@ -69,8 +71,6 @@ def wrap_with_peft(module: nn.Module, method: MethodSection, task: str = "causal
 
     match method.name:
         case "lora" | "qlora":
-            from launcher.runtime.model import head_modules
-
             names = {id(m): n for n, m in module.named_modules()}
             heads = [names[id(h)] for h in head_modules(module, pooler=False)] if task == "classification" else None
             config = lora_config(method.lora, task, heads)
@@ -169,7 +169,7 @@ def write_adapter(read: Any, cfg: RunConfig, out: Path, heads: list[str] | None 
     from peft import PromptTuningConfig
     from safetensors.torch import save_file
 
-    from launcher.runtime.model import model_dir
+    from launcher.runtime.model.files import model_dir
 
     tensors: dict[str, torch.Tensor] = {}
     head_prefixes = tuple(f"base_model.model.{h}." for h in heads or [])
@@ -213,7 +213,7 @@ def merged_tensors(
     from safetensors import safe_open
     from transformers.pytorch_utils import Conv1D
 
-    from launcher.runtime.model import build_on_meta
+    from launcher.runtime.model.build import build_on_meta
 
     meta = build_on_meta(base, cfg.model, "sdpa", torch.float32, cfg.task, None if expected is None else ["_"] * 2)
     transposed = {f"{name}.weight" for name, module in meta.named_modules() if isinstance(module, Conv1D)}
@@ -254,3 +254,34 @@ def merged_tensors(
     yield from head_tensors
     if merged != len(pairs):
         raise ModelError(f"merged {merged} of {len(pairs)} LoRA pairs into {base}; the base does not match the checkpoint")
+
+
+def apply_method(module: nn.Module, method: MethodSection, layer_class: str = "", task: str = "causal_lm") -> nn.Module:
+    """Freeze what the method does not train; wrap with peft adapters for LoRA / prompt tuning."""
+    match method.name:
+        case "full":
+            return module
+        case "freeze":
+            keep: list[nn.Module] = []
+            blocks = find_blocks(module, layer_class)
+            count = method.freeze.trainable_last_layers
+            keep += blocks[len(blocks) - count :] if count else []
+            if method.freeze.train_head and task == "classification":
+                keep += head_modules(module)  # the classifier (and a pooler): "head only" with 0 blocks
+            elif method.freeze.train_head:
+                keep += [m for m in [module.get_output_embeddings()] if m is not None] + final_norms(module, blocks)  # type: ignore[operator]
+            if method.freeze.train_embeddings:
+                keep.append(module.get_input_embeddings())  # type: ignore[operator]
+            module.requires_grad_(False)
+            for kept in keep:
+                kept.requires_grad_(True)
+            return module
+        case "lora" | "qlora" | "prompt_tuning":
+            wrapped = wrap_with_peft(module, method, task)
+            if task == "classification":  # the new head is trained with the adapters
+                for head in head_modules(wrapped, pooler=False):
+                    head.requires_grad_(True)
+                    for param in head.parameters():
+                        param.data = param.data.float()
+            return wrapped
+    raise AssertionError(method.name)

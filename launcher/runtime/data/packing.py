@@ -74,7 +74,7 @@ def prepare_data(data: DataSection, data_source: str, tokenizer_dir: Path, cache
     from dataclasses import replace
 
     from launcher.runtime.data.prepare import build
-    from launcher.runtime.tiny import shipped_data
+    from launcher.runtime.model.tiny import shipped_data
 
     folder = cache_root / cache_key(data, data_source, tokenizer_dir, seed, task)
     if (folder / "COMPLETE").exists():

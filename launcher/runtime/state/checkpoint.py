@@ -4,7 +4,7 @@ Layout: checkpoints/step-NNNNNNNN/{model_optim/ (DCP), rng/rank-R.json, manifest
 `latest` symlink moved by atomic rename once COMPLETE exists. A checkpoint without COMPLETE, or
 whose files do not match the sizes and CRC-32s its manifest recorded, is never resumed from.
 Retention never deletes the newest complete checkpoint. DeepSpeed's own format goes through
-engine.py with the same layout.
+zero.py with the same layout.
 
 Checkpoints are data, never code: RNG states are JSON, DCP's pickled `.metadata` is read by an
 unpickler that builds only DCP's own metadata classes, and every other object is read with
@@ -45,7 +45,11 @@ from launcher.plan.resume import (  # noqa: F401  (the torch-free half, re-expor
     resume_candidates,
     step_dir,
 )
-from launcher.runtime.safe_state import SafeReader, load_rng, refuse_foreign_pickles, safe_load, save_rng  # noqa: F401  (re-exported)
+from launcher.runtime.state.safe_state import SafeReader, load_rng, refuse_foreign_pickles, safe_load, save_rng  # noqa: F401  (re-exported)
+
+# DeepSpeed's own folder inside a step folder (its save_checkpoint tag): written by parallel/zero.py,
+# read there on resume and by export.py.
+DEEPSPEED_TAG = "deepspeed"
 
 
 def _fsync_write(path: Path, text: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from launcher.config.resolve import TINY_MODEL
 from launcher.config.schema import ModelSection
-from launcher.runtime.tiny import ensure_tiny_model
+from launcher.runtime.model.tiny import ensure_tiny_model
 
 
 class ModelError(Exception):

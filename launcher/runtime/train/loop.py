@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from launcher.config.schema import OptimSection, RunConfig
-from launcher.runtime.dist import DistInfo, start_sum
-from launcher.runtime.metrics import Reporter
-from launcher.runtime.packing import IGNORE_INDEX, Batch, GlobalOrder, TokenData
-from launcher.runtime.shard import grad_sync, loss_scale
+from launcher.runtime.data.packing import IGNORE_INDEX, Batch, GlobalOrder, TokenData
+from launcher.runtime.parallel.dist import DistInfo, start_sum
+from launcher.runtime.parallel.native import grad_sync, loss_scale
+from launcher.runtime.train.metrics import Reporter
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -36,21 +36,6 @@ def lr_at(step: int, optim: OptimSection, max_steps: int) -> float:
     progress = min(max(progress, 0.0), 1.0)
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.scheduler == "cosine" else 1 - progress
     return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape)
-
-
-def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on 1-D parameters (norms, biases): the groups every backend uses.
-    Plain tensors (DDP, one process) get the fused kernel (one pass per tensor: half the foreach
-    step's time on CPU, the same update within float32 rounding); FSDP2's DTensors keep foreach."""
-    from torch.distributed.tensor import DTensor
-
-    from launcher.runtime.optim import parameter_groups
-
-    groups = parameter_groups(model, optim.weight_decay)
-    params = [p for g in groups for p in g["params"]]
-    fused = bool(params) and not any(isinstance(p, DTensor) for p in params) and {p.device.type for p in params} <= {"cpu", "cuda"}
-    kind = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, **kind)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from launcher.runtime.trackers import Kind, Trackers
+from launcher.runtime.train.trackers import Kind, Trackers
 
 
 class Reporter:

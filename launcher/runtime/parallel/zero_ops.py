@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.runtime.tiny import cache_dir
+from launcher.runtime.model.tiny import cache_dir
 
 # (DeepSpeed's builder class, the extension it writes): tests check these against DeepSpeed's own NAME.
 CPU_ADAM = ("CPUAdamBuilder", "cpu_adam")  # the optimizer of parallel.offload_optimizer: cpu | nvme
@@ -45,8 +45,6 @@ def prebuild_ops(plan_deepspeed: dict[str, Any] | None) -> str | None:
     if not missing:
         return None
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
-    from launcher.runtime.engine import build_op
-
     started = time.monotonic()
     for builder, name in missing:
         try:
@@ -56,3 +54,10 @@ def prebuild_ops(plan_deepspeed: dict[str, Any] | None) -> str | None:
             return f"warning: DeepSpeed's {name} could not be built before the ranks start ({reason}); the ranks will try themselves"
     names = ", ".join(name for _, name in missing)
     return f"launcher: built DeepSpeed's {names} in {time.monotonic() - started:.1f} s, once, before the ranks start ({extensions_dir()})"
+
+
+def build_op(builder: str) -> None:
+    """Compile one of DeepSpeed's JIT ops for this machine's accelerator."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder(builder).load(verbose=False)

@@ -1,4 +1,4 @@
-"""Build the model and tokenizer for a plan: meta device → method (freeze / LoRA) → shard → load.
+"""The model and tokenizer for a plan: meta device → method (methods.py) → shard (parallel/) → load.
 
 Any Hugging Face architecture: nothing here knows a module name. The model is built with its
 parameters on the meta device (buffers such as rotary frequencies are computed for real, on the
@@ -7,7 +7,7 @@ one tensor at a time (each rank keeps its own shard). Checkpoint keys are resolv
 `WeightMap` taken from the unwrapped model before any wrapping: key → (module, attribute). Wrappers
 (peft's LoRA layers keep the original module as `base_layer`, FSDP2 keeps module objects) never
 change which module a key fills, so biases, tied embeddings, Conv1D and buffers need no rewrites.
-QLoRA quantises through a `load_weights` hook (qlora.py; with adapters.py the only modules that
+QLoRA quantises through a `load_weights` hook (qlora.py; with methods.py the only modules that
 import bitsandbytes / peft).
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.config.schema import MethodSection, ModelSection
-from launcher.runtime.source import ModelError, model_dir
+from launcher.config.schema import ModelSection
+from launcher.runtime.model.files import ModelError, model_dir
 
 __all__ = ["DTYPES", "ModelError", "WeightMap", "model_dir"]
 
@@ -199,39 +199,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def apply_method(module: nn.Module, method: MethodSection, layer_class: str = "", task: str = "causal_lm") -> nn.Module:
-    """Freeze what the method does not train; wrap with peft adapters for LoRA / prompt tuning."""
-    match method.name:
-        case "full":
-            return module
-        case "freeze":
-            keep: list[nn.Module] = []
-            blocks = find_blocks(module, layer_class)
-            count = method.freeze.trainable_last_layers
-            keep += blocks[len(blocks) - count :] if count else []
-            if method.freeze.train_head and task == "classification":
-                keep += head_modules(module)  # the classifier (and a pooler): "head only" with 0 blocks
-            elif method.freeze.train_head:
-                keep += [m for m in [module.get_output_embeddings()] if m is not None] + final_norms(module, blocks)  # type: ignore[operator]
-            if method.freeze.train_embeddings:
-                keep.append(module.get_input_embeddings())  # type: ignore[operator]
-            module.requires_grad_(False)
-            for kept in keep:
-                kept.requires_grad_(True)
-            return module
-        case "lora" | "qlora" | "prompt_tuning":
-            from launcher.runtime.adapters import wrap_with_peft
-
-            wrapped = wrap_with_peft(module, method, task)
-            if task == "classification":  # the new head is trained with the adapters
-                for head in head_modules(wrapped, pooler=False):
-                    head.requires_grad_(True)
-                    for param in head.parameters():
-                        param.data = param.data.float()
-            return wrapped
-    raise AssertionError(method.name)
-
-
 def materialize(model: nn.Module, device: torch.device) -> None:
     """Allocate meta parameters (sharded or not) on `device`; move the real buffers there."""
     model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t.to(device))
@@ -313,7 +280,7 @@ def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def reinit_buffers(module: nn.Module, device: torch.device) -> None:
-    """Rotary frequencies of a model transformers built for ZeRO-3 (engine.py): rebuild them on `device`."""
+    """Rotary frequencies of a model transformers built for ZeRO-3 (zero.py): rebuild them on `device`."""
     for sub in module.modules():
         if hasattr(sub, "inv_freq") and hasattr(sub, "config"):
             fresh = type(sub)(sub.config)

@@ -12,12 +12,13 @@ from torch import nn
 
 from launcher.config.schema import CheckpointSection, RunConfig
 from launcher.plan import Plan
-from launcher.runtime import checkpoint as ckpt
-from launcher.runtime.blocks import apply_checkpointing, compile_blocks
-from launcher.runtime.dist import DistInfo
-from launcher.runtime.loop import build_optimizer
-from launcher.runtime.model import DTYPES, WeightMap, apply_method, build_on_meta, load_weights, materialize
-from launcher.runtime.shard import shard_model, wrap_ddp
+from launcher.runtime.model.blocks import apply_checkpointing, compile_blocks
+from launcher.runtime.model.build import DTYPES, WeightMap, build_on_meta, load_weights, materialize
+from launcher.runtime.model.methods import apply_method
+from launcher.runtime.parallel.dist import DistInfo
+from launcher.runtime.parallel.native import shard_model, wrap_ddp
+from launcher.runtime.parallel.optim import build_optimizer
+from launcher.runtime.state import checkpoint as ckpt
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Built:
 
     def saver(self, root: Path, info: DistInfo, checkpoint: CheckpointSection) -> Any:
         if self.engine is not None:
-            from launcher.runtime.engine import DeepSpeedSaver
+            from launcher.runtime.parallel.zero import DeepSpeedSaver
 
             return DeepSpeedSaver(root, info.rank, checkpoint.keep_last, self.engine, self.trainable_only)
         group = dist.new_group(backend="gloo") if checkpoint.async_save else None
@@ -39,7 +40,7 @@ class Built:
 
     def load(self, folder: Path, rank: int) -> dict[str, Any]:
         if self.engine is not None:
-            from launcher.runtime.engine import load_deepspeed
+            from launcher.runtime.parallel.zero import load_deepspeed
 
             return load_deepspeed(folder, self.engine, rank, self.trainable_only)
         return ckpt.load(folder, self.model, self.optimizer, rank, self.trainable_only)
@@ -56,20 +57,20 @@ def build_training_model(
     # an adapter method's frozen base stays in its storage dtype.
     frozen_dtype = DTYPES[cfg.model.dtype] if method.name in ("lora", "prompt_tuning") else torch.float32
     if method.name == "qlora":
-        from launcher.runtime.qlora import build_qlora
+        from launcher.runtime.model.qlora import build_qlora
 
         # meta → quantised skeleton → LoRA → shard → fill: each rank quantises one tensor at a
         # time and keeps its shard of the packed data (never the whole 4-bit base under FSDP2).
         model = build_qlora(path, cfg, info, attn_implementation, lambda m: shard_model(m, backend, plan.fsdp, info))
     elif backend == "deepspeed" and cfg.parallel.zero_stage == 3 and (method.name in ("full", "freeze") or _zero3_lora(cfg)):
-        from launcher.runtime.engine import zero3_model
+        from launcher.runtime.parallel.zero import zero3_model
 
         # LoRA: the frozen base partitioned as it loads; the adapters (new, small) are partitioned
         # by deepspeed.initialize like any parameter outside zero.Init.
         model = zero3_model(path, cfg, plan, attn_implementation, info.device, labels, frozen_dtype)
         model = apply_method(model, method, cfg.model.layer_class, task)
         if method.name == "lora":
-            from launcher.runtime.adapters import init_adapters
+            from launcher.runtime.model.methods import init_adapters
 
             init_adapters(model, cfg.run.seed)
         apply_checkpointing(model, checkpointing)
@@ -84,7 +85,7 @@ def build_training_model(
         materialize(model, info.device)
         load_weights(model, weights, path, cfg.run.seed)
         if method.name in ("lora", "prompt_tuning"):
-            from launcher.runtime.adapters import init_adapters
+            from launcher.runtime.model.methods import init_adapters
 
             init_adapters(model, cfg.run.seed)
     if cfg.kernels.liger:  # Liger's RMSNorm / SwiGLU / RoPE on this instance: parameters untouched, before any wrapper
@@ -92,7 +93,7 @@ def build_training_model(
 
         apply_liger_patches(model)
     if backend == "deepspeed":
-        from launcher.runtime.engine import deepspeed_engine
+        from launcher.runtime.parallel.zero import deepspeed_engine
 
         engine = deepspeed_engine(model, plan, cfg)
         return Built(model=engine, optimizer=engine.optimizer, engine=engine, trainable_only=adapters)

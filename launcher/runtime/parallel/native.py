@@ -1,4 +1,5 @@
-"""One `match` on the backend: fully_shard | DDP | none (DeepSpeed wraps in engine.py).
+"""torch's own backends, FSDP2, DDP and one process: one `match` on the backend to wrap (fully_shard |
+DDP | none; DeepSpeed wraps in zero.py).
 
 Also the one place that knows how each backend accumulates gradients, so the loop stays
 backend-agnostic: `no_sync(model, backend, last)` and `loss_scale(...)`.
@@ -12,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from launcher.runtime.dist import DistInfo
-from launcher.runtime.model import DTYPES, find_blocks
+from launcher.runtime.model.build import DTYPES, find_blocks
+from launcher.runtime.parallel.dist import DistInfo
 
 
 def apply_fsdp(model: nn.Module, fsdp: dict[str, Any], info: DistInfo) -> nn.Module:
@@ -42,7 +43,7 @@ def shard_model(model: nn.Module, backend: str, fsdp: dict[str, Any] | None, inf
             assert fsdp is not None
             return apply_fsdp(model, fsdp, info)
         case "ddp" | "single" | "deepspeed":
-            return model  # DDP wraps after materialisation (wrap_ddp); DeepSpeed in engine.py
+            return model  # DDP wraps after materialisation (wrap_ddp); DeepSpeed in zero.py
     raise AssertionError(backend)
 
 
@@ -87,6 +88,6 @@ def loss_scale(backend: str, world_size: int) -> float:
 
     FSDP and DDP average gradients over ranks, so each rank's share is multiplied by the world size
     to make the reduced gradient the gradient of the global token-mean loss. DeepSpeed averages too;
-    its engine.backward would also divide by the accumulation steps, which engine.py turns off.
+    its engine.backward would also divide by the accumulation steps, which zero.py turns off.
     """
     return float(world_size) if backend in ("fsdp", "ddp", "deepspeed") else 1.0

@@ -1,0 +1,1 @@
+"""Training: the loop, the tasks (loss, evaluation, metrics), signals, progress and trackers."""
