@@ -73,7 +73,9 @@ def worker(args: argparse.Namespace) -> None:
         saver.save(model, optimizer, {"step": 1})
         results["sync_block"].append(time.perf_counter() - begin)
 
-        saver = ckpt.Saver(root / f"async{repeat}", info.rank, keep_last=1, async_save=True, group=group)
+        saver = ckpt.Saver(
+            root / f"async{repeat}", info.rank, keep_last=1, async_save=True, group=group, poll_group=dist.new_group(backend="gloo")
+        )
         dist.barrier()
         begin = time.perf_counter()
         saver.save(model, optimizer, {"step": 1})

@@ -33,9 +33,16 @@ class Built:
             from launcher.runtime.parallel.zero import DeepSpeedSaver
 
             return DeepSpeedSaver(root, info.rank, checkpoint.keep_last, self.engine, self.trainable_only)
-        group = dist.new_group(backend="gloo") if checkpoint.async_save else None
+        # Asynchronous saves: one gloo group for DCP's background writes, another for the step's poll.
+        group, poll_group = (dist.new_group(backend="gloo"), dist.new_group(backend="gloo")) if checkpoint.async_save else (None, None)
         return ckpt.Saver(
-            root, info.rank, checkpoint.keep_last, async_save=checkpoint.async_save, group=group, trainable_only=self.trainable_only
+            root,
+            info.rank,
+            checkpoint.keep_last,
+            async_save=checkpoint.async_save,
+            group=group,
+            poll_group=poll_group,
+            trainable_only=self.trainable_only,
         )
 
     def load(self, folder: Path, rank: int) -> dict[str, Any]:

@@ -129,6 +129,23 @@ class _Held:
         return self.future.result()
 
 
+def _test_slow_writer(path: Path, rank: int) -> Any:
+    """LAUNCHER_TEST_SLOW_ASYNC_WRITE=RANK:SECONDS (a test hook): that rank's asynchronous write waits
+    first, in DCP's background thread, as a slow file system would; None (DCP's own writer) otherwise."""
+    spec = os.environ.get("LAUNCHER_TEST_SLOW_ASYNC_WRITE", "")
+    if not spec or spec.split(":")[0] != str(rank):
+        return None
+    seconds = float(spec.split(":")[1])
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class SlowWriter(FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            time.sleep(seconds)
+            return super().write_data(plan, planner)
+
+    return SlowWriter(str(path))
+
+
 @dataclass
 class Saver:
     """Saves on every rank; rank 0 finalises (manifest, COMPLETE, latest, retention)."""
@@ -138,6 +155,10 @@ class Saver:
     keep_last: int
     async_save: bool = False
     group: Any = None  # a separate gloo group: async writes must not share the training group
+    # The step boundary's "is the save done everywhere?" all-reduce: a gloo group of its own. DCP's
+    # background thread runs collectives on `group` (plan and final gathers) while the training thread
+    # polls; on one group the ranks would pair a poll with a gather and hang (issue 24).
+    poll_group: Any = None
     trainable_only: bool = False  # adapter methods: the frozen base is the model's own files, not saved again
     _pending: Any = None
     _pending_finish: Any = None
@@ -165,7 +186,10 @@ class Saver:
             model_sd = trainable_entries(model, model_sd) if self.trainable_only else model_sd
             state = {"model": model_sd, "optim": optim_sd}
             if self.async_save:
-                self._pending = dcp.async_save(state, checkpoint_id=str(folder / "model_optim"), process_group=self.group)
+                writer = _test_slow_writer(folder / "model_optim", self.rank)
+                self._pending = dcp.async_save(
+                    state, checkpoint_id=str(folder / "model_optim"), process_group=self.group, storage_writer=writer
+                )
                 if os.environ.get("LAUNCHER_TEST_HOLD_ASYNC_SAVE"):  # test hook: in flight until waited for
                     self._pending = _Held(self._pending)
                 self._pending_finish = (folder, manifest)
@@ -183,8 +207,8 @@ class Saver:
         if self._pending is None:
             return True
         done = torch.tensor([1.0 if self._pending.done() else 0.0])
-        dist.all_reduce(done, group=self.group)
-        if int(done.item()) == dist.get_world_size(self.group):
+        dist.all_reduce(done, group=self.poll_group)
+        if int(done.item()) == dist.get_world_size(self.poll_group):
             self.wait()
             return True
         return False
