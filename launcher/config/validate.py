@@ -28,6 +28,10 @@ SBATCH_OPTION = re.compile(r"^--[a-z][a-z0-9-]*(=[^\s\"'\\`$;]+)?$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
+# train.precision -> the dtype FSDP2 gathers parameters in (plan/fsdp.py's mixed_precision.param_dtype), and back
+_PARAM_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_PRECISION = {dtype: precision for precision, dtype in _PARAM_DTYPE.items()}
+
 
 def validate(cfg: RunConfig, explicit: set[str] | None = None) -> None:
     """Raise ConfigError with every problem found; `explicit` is the set of keys the user set."""
@@ -289,6 +293,18 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
                 f"{quant.quant_storage_dtype} differs from model.dtype {cfg.model.dtype}; "
                 f'{par.backend} flattens parameters of one dtype ("Must flatten tensors with uniform dtype")',
                 f"set method.quant.quant_storage_dtype: {cfg.model.dtype}",
+            )
+        elif par.backend == "fsdp" and quant.quant_storage_dtype != _PARAM_DTYPE[cfg.train.precision]:
+            # FSDP2's MixedPrecisionPolicy casts every parameter to param_dtype (train.precision) for its
+            # all-gather: the packed 4-bit bytes are reinterpreted as numbers and scrambled (fp16 storage
+            # under bf16 gave errors of ~50 on outputs of ~40) or the cast fails (bf16 under fp32).
+            param = _PARAM_DTYPE[cfg.train.precision]
+            yield Problem(
+                "method.quant.quant_storage_dtype",
+                f"{quant.quant_storage_dtype} differs from FSDP2's param_dtype {param} (train.precision {cfg.train.precision}), "
+                "which FSDP2 casts the packed 4-bit weights to",
+                f"set method.quant.quant_storage_dtype and model.dtype to {param}"
+                + (f", or train.precision to {_PRECISION[quant.quant_storage_dtype]}" if quant.quant_storage_dtype != "float16" else ""),
             )
         if par.backend == "deepspeed" and par.zero_stage < 2:
             yield Problem("parallel.zero_stage", f"QLoRA runs with ZeRO-2, not ZeRO-{par.zero_stage}", "set parallel.zero_stage: 2")

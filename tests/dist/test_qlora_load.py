@@ -59,16 +59,17 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def built(path: Path, sharded: bool, overrides: list[str] | None = None) -> torch.nn.Module:
+def built(path: Path, sharded: bool, overrides: list[str] | None = None, param_dtype: str = "bfloat16") -> torch.nn.Module:
     """The training model as the runtime builds it for tiny-cpu-qlora.yaml (world of one)."""
     from launcher.config import load_config
-    from launcher.runtime.parallel.dist import DistInfo
     from launcher.runtime.model.qlora import build_qlora
+    from launcher.runtime.parallel.dist import DistInfo
     from launcher.runtime.parallel.native import apply_fsdp
 
     cfg = load_config("tiny-cpu-qlora.yaml", [f"model.name_or_path={path}", *(overrides or [])])
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    shard: Callable[[torch.nn.Module], torch.nn.Module] = (lambda m: apply_fsdp(m, FSDP_ONE, info)) if sharded else (lambda m: m)
+    plan = {**FSDP_ONE, "mixed_precision": {**FSDP_ONE["mixed_precision"], "param_dtype": param_dtype}}
+    shard: Callable[[torch.nn.Module], torch.nn.Module] = (lambda m: apply_fsdp(m, plan, info)) if sharded else (lambda m: m)
     return build_qlora(path, cfg, info, "sdpa", shard)
 
 
@@ -120,6 +121,31 @@ def test_quantised_base_equals_from_pretrained(sharded: bool, one_rank: None) ->
         expected = reference.eval()(ids).logits.float()
         got = ours.eval()(ids).logits.float()
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(("storage", "precision"), [("bfloat16", "bf16"), ("float32", "fp32")])
+def test_each_accepted_storage_and_precision_pair_shards_without_changing_the_outputs(storage: str, precision: str, one_rank: None) -> None:
+    """FSDP2 casts every parameter to its param_dtype (train.precision) for the all-gather: the packed
+    4-bit data survives only when that is its storage dtype. Those pairs equal the unsharded model;
+    every other pair is refused at validation, naming both keys (issue 24)."""
+    from launcher.config import ConfigError, load_config
+    from launcher.runtime.model.tiny import ensure_tiny_model
+
+    path = ensure_tiny_model()
+    overrides = [f"model.dtype={storage}", f"method.quant.quant_storage_dtype={storage}", f"train.precision={precision}"]
+    sharded = built(path, True, overrides, param_dtype={"bf16": "bfloat16", "fp32": "float32"}[precision])
+    plain = built(path, False, overrides)
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(sharded.eval()(ids).logits.float(), plain.eval()(ids).logits.float())
+    refused = {"bfloat16": "fp32", "float32": "bf16"}[storage]  # the same storage under the other precision
+    for dtype, other in ((storage, refused), ("float16", precision)):
+        with pytest.raises(ConfigError) as caught:
+            load_config(
+                "tiny-cpu-qlora.yaml",
+                ["parallel.backend=fsdp", f"model.dtype={dtype}", f"method.quant.quant_storage_dtype={dtype}", f"train.precision={other}"],
+            )
+        assert "method.quant.quant_storage_dtype" in str(caught.value) and "train.precision" in str(caught.value)
 
 
 def test_biased_fp32_checkpoint_equals_from_pretrained(one_rank: None) -> None:
