@@ -31,6 +31,7 @@ POLL_SECONDS = 0.05
 # After a rank failed, the others' time to leave before SIGKILL (torchrun's too); tests shorten it.
 FAILURE_GRACE_SECONDS = float(os.environ.get("LAUNCHER_TEST_FAILURE_GRACE_SECONDS", 30))
 Tee = Callable[[str, IO[str]], None]  # (line, console stream): write it to the console and the log
+SUPERVISOR_PID = "LAUNCHER_SUPERVISOR_PID"  # in each rank's environment: the `launcher run` that started it
 
 
 @dataclass
@@ -66,7 +67,24 @@ def rank_env(base: dict[str, str], plan: Plan, rank: int, port: int, restart: in
         "TORCHELASTIC_RUN_ID": str(plan.config["run"]["name"]),
         "TORCHELASTIC_RESTART_COUNT": str(restart),
         "TORCHELASTIC_MAX_RESTARTS": str(plan.config["cluster"]["max_restarts"]),
+        SUPERVISOR_PID: str(os.getpid()),
     }
+
+
+def die_with_supervisor() -> None:
+    """In a rank `launcher run` started: be SIGKILLed when that process dies (Linux PR_SET_PDEATHSIG),
+    so a `launcher run` killed with SIGKILL or by the OOM killer leaves no rank running under init,
+    its output unread; exit at once if it is already gone. The last complete checkpoint stays: a
+    save cut off has no COMPLETE marker. Nothing to do under torchrun (no LAUNCHER_SUPERVISOR_PID)."""
+    supervisor = os.environ.get(SUPERVISOR_PID)
+    if not supervisor or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != int(supervisor):  # it died before the line above: nobody would ever kill us
+        os._exit(1)
 
 
 def worker_argv(plan: Plan) -> list[str]:

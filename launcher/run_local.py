@@ -9,6 +9,7 @@ logs/launcher.log; a failed run ends with one line naming the rank that failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ from launcher.plot import plot_after_run
 from launcher.ranks import Ranks, send_signal
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+# SIGHUP: the terminal closed (the ranks, in their own sessions, get nothing from it); SIGQUIT: Ctrl-\.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT)
 RUN_TOKEN = "LAUNCHER_RUN_TOKEN"
 
 
@@ -92,8 +94,9 @@ def _supervise(plan: Plan, log: IO[str]) -> int:
         with lock:
             log.write(line)
             log.flush()
-            sink.write(line)
-            sink.flush()
+            with contextlib.suppress(OSError, ValueError):  # a closed terminal (SIGHUP) must not stop the pumps
+                sink.write(line)
+                sink.flush()
 
     ranks = Ranks(plan, env, tee)
     received: list[int] = []
@@ -102,14 +105,10 @@ def _supervise(plan: Plan, log: IO[str]) -> int:
         received.append(signum)
         if len(received) == 1:
             name = signal.Signals(signum).name
-            print(
-                f"launcher: {name}: the ranks save at the next step boundary and stop (Ctrl-C again to stop at once)",
-                file=sys.stderr,
-                flush=True,
-            )
+            say(f"launcher: {name}: the ranks save at the next step boundary and stop (Ctrl-C again to stop at once)")
             ranks.send(signum)  # once, to every rank
         elif signum == signal.SIGINT:
-            print("launcher: second Ctrl-C: stopping every process of the run now, without saving", file=sys.stderr, flush=True)
+            say("launcher: second Ctrl-C: stopping every process of the run now, without saving")
             _kill_all(token)
 
     previous = {signum: signal.signal(signum, on_signal) for signum in FORWARDED}
@@ -122,6 +121,13 @@ def _supervise(plan: Plan, log: IO[str]) -> int:
     if signal.SIGINT in received[1:]:
         return EXIT_INTERRUPTED
     return code
+
+
+def say(line: str) -> None:
+    """One line on stderr from a signal handler: not through tee's lock (the main thread may hold it),
+    and never an exception when the terminal is gone (SIGHUP)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
 
 
 def _run_pids(token: str) -> list[int]:

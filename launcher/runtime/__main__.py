@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", required=True, help="RUN_DIR/plan.json written by `launcher plan`")
     parser.add_argument("--prepare-only", action="store_true", help="build the tiny model and data cache, then exit")
     args = parser.parse_args(argv)
+    if not args.prepare_only:
+        from launcher.ranks import die_with_supervisor
+
+        die_with_supervisor()  # before anything slow: a `launcher run` killed now must not leave this rank behind
     plan = Plan.load(args.plan)
     cfg = plan.run_config
 

@@ -154,3 +154,40 @@ def test_a_rank_that_raises_ends_the_run_with_one_line(tmp_path: Path, launcher)
     assert raised and all(line.startswith("[default1]:") for line in raised), log[-3000:]
     status = _status(run)
     assert status.splitlines()[0].startswith("state: failed (job local, attempt 1") and last.removeprefix("launcher: ") in status, status
+
+
+def test_a_closed_terminal_saves_and_leaves_no_rank(tmp_path: Path) -> None:
+    """SIGHUP (the terminal closed) reaches `launcher run` only, the ranks being in their own sessions:
+    it is passed on like SIGTERM, so they save and stop rather than train on under init (issue 24)."""
+    run = tmp_path / "run"
+    proc = _start(run)
+    _wait_for_steps(proc, run, 2)
+    proc.send_signal(signal.SIGHUP)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 75, output
+    assert "launcher: received SIGHUP; saving at the next step boundary" in output
+    stopped_at = int((run / "checkpoints" / "REQUEUE").read_text().strip().removeprefix("step-"))
+    assert ckpt.is_complete(ckpt.step_dir(run / "checkpoints", stopped_at))[0]
+    assert _leftovers(run) == [], output
+
+
+def test_a_killed_launcher_run_takes_its_ranks_with_it(tmp_path: Path) -> None:
+    """SIGKILL (or the OOM killer) gives `launcher run` no chance to pass anything on: each rank has
+    asked the kernel to kill it when its parent dies (PR_SET_PDEATHSIG), so none is left running. The
+    ranks log rarely here, as a real job's do: a print into the dead pipe would have ended them anyway."""
+    run = tmp_path / "run"
+    proc = _start(run, extra=["train.max_steps=20000", "train.log_every=10000"])
+    assert proc.stdout is not None
+    seen = ""
+    while "step 1/20000" not in seen:  # rank 0's first step: both ranks are past start-up, training, silent
+        line = proc.stdout.readline()
+        assert line, f"launcher run ended before its first step:\n{seen}"
+        seen += line
+    assert len([line for line in _leftovers(run) if "launcher.runtime" in line]) == 2
+    time.sleep(1)
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    while _leftovers(run) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _leftovers(run) == []

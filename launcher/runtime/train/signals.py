@@ -1,4 +1,4 @@
-"""SIGUSR1 / SIGTERM / SIGINT → stop at the next step boundary, after a checkpoint, with the requeue code.
+"""SIGUSR1 / SIGTERM / SIGINT (and SIGHUP / SIGQUIT) → stop at the next step boundary, after a checkpoint, with the requeue code.
 
 The handler only records the signal; the loop asks every rank at each step boundary (one small
 all-reduce, or a place in the step's loss all-reduce on a log step: `carry`), so a signal that
@@ -16,7 +16,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+# SIGHUP and SIGQUIT too: torchrun passes them on (plan/torchrun.py), and so does `launcher run`.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 class StopFlag:
