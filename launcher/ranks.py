@@ -31,6 +31,7 @@ POLL_SECONDS = 0.05
 # After a rank failed, the others' time to leave before SIGKILL (torchrun's too); tests shorten it.
 FAILURE_GRACE_SECONDS = float(os.environ.get("LAUNCHER_TEST_FAILURE_GRACE_SECONDS", 30))
 Tee = Callable[[str, IO[str]], None]  # (line, console stream): write it to the console and the log
+BAD_INPUT_EXIT_CODE = 2  # a rank's exit for bad input (launcher/runtime/__main__.py): never restarted
 SUPERVISOR_PID = "LAUNCHER_SUPERVISOR_PID"  # in each rank's environment: the `launcher run` that started it
 
 
@@ -41,11 +42,14 @@ class Rank:
     pumps: list[threading.Thread] = field(default_factory=list)
 
 
-def free_port() -> int:
-    """A port nobody listens on now; rank 0's store binds it a moment later (as torchrun's standalone does)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def store_socket() -> socket.socket:
+    """The rendezvous port, bound and listening here, then handed to rank 0 (LAUNCHER_STORE_FD), whose
+    store serves on it (runtime/parallel/dist.py): chosen and used without ever being free between,
+    so no other process can take it (a port found free and released could be)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
 
 
 def rank_env(base: dict[str, str], plan: Plan, rank: int, port: int, restart: int) -> dict[str, str]:
@@ -67,6 +71,9 @@ def rank_env(base: dict[str, str], plan: Plan, rank: int, port: int, restart: in
         "TORCHELASTIC_RUN_ID": str(plan.config["run"]["name"]),
         "TORCHELASTIC_RESTART_COUNT": str(restart),
         "TORCHELASTIC_MAX_RESTARTS": str(plan.config["cluster"]["max_restarts"]),
+        "GROUP_WORLD_SIZE": "1",  # one node, one agent (this process)
+        # Where torch's @record error handler (and libraries using it) write a failure, as under torchrun.
+        "TORCHELASTIC_ERROR_FILE": os.path.join(plan.run_dir, "logs", "torchrun", f"attempt_{restart}", str(rank), "error.json"),
         SUPERVISOR_PID: str(os.getpid()),
     }
 
@@ -123,8 +130,12 @@ class RankGroup:
         self._restart = restart
 
     def start(self) -> None:
-        port = free_port()
+        listener = store_socket()
+        port = int(listener.getsockname()[1])
         for rank in range(int(self.plan.topology["world_size"])):
+            env = rank_env(self._env, self.plan, rank, port, self._restart)
+            os.makedirs(os.path.dirname(env["TORCHELASTIC_ERROR_FILE"]), exist_ok=True)
+            env.update({"LAUNCHER_STORE_FD": str(listener.fileno())} if rank == 0 else {"LAUNCHER_STORE_CLIENT": "1"})
             proc = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
@@ -132,7 +143,8 @@ class RankGroup:
                 stderr=subprocess.PIPE,
                 text=True,
                 start_new_session=True,  # a Ctrl-C at the terminal reaches `launcher run` only; it passes one on
-                env=rank_env(self._env, self.plan, rank, port, self._restart),
+                env=env,
+                pass_fds=(listener.fileno(),) if rank == 0 else (),
             )
             member = Rank(rank, proc)
             for source, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
@@ -140,6 +152,7 @@ class RankGroup:
                 pump.start()
                 member.pumps.append(pump)
             self.ranks.append(member)
+        listener.close()  # rank 0 holds it now
 
     def _pump(self, prefix: str, source: IO[str] | None, sink: IO[str]) -> None:
         assert source is not None
@@ -213,7 +226,8 @@ class Ranks:
             if self._stopped is not None and not self.group.signalled:  # it came while they were starting
                 self.group.send(self._stopped)
             code = self.group.wait()
-            if code in (0, REQUEUE_EXIT_CODE) or self._stopped is not None or restart == restarts:
+            # Bad input (exit 2: a missing file, a refused checkpoint) fails the same way every time.
+            if code in (0, REQUEUE_EXIT_CODE, BAD_INPUT_EXIT_CODE) or self._stopped is not None or restart == restarts:
                 return code
             self._tee(f"launcher: restarting the ranks ({restart + 1} of cluster.max_restarts={restarts})\n", sys.stderr)
         return 1  # not reached: the last attempt returns above

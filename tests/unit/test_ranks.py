@@ -6,6 +6,7 @@ runtime under it is run by every integration test that calls `launcher run`."""
 from __future__ import annotations
 
 import io
+import os
 import signal
 import sys
 import threading
@@ -16,7 +17,7 @@ import pytest
 
 from launcher.config import load_config
 from launcher.plan import build_plan
-from launcher.ranks import Ranks, free_port, rank_env
+from launcher.ranks import Ranks, rank_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,15 +45,20 @@ if act.startswith("wait"):
     while not ready.with_name("ready-0").exists():
         time.sleep(0.01)
     act = act[4:]
-if act == "restart" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
-    sys.exit(1)
+if act.startswith("restart") and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    sys.exit(int(act[7:] or 1))
+if r == "0" and "LAUNCHER_STORE_FD" in os.environ:  # the rendezvous socket, handed over listening
+    import socket
+    store = socket.socket(fileno=int(os.environ["LAUNCHER_STORE_FD"]))
+    assert store.getsockname()[1] == int(os.environ["MASTER_PORT"]) and store.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    print("store", r, os.environ["GROUP_WORLD_SIZE"], os.environ["TORCHELASTIC_ERROR_FILE"], os.environ["LAUNCHER_SUPERVISOR_PID"], flush=True)
 sys.exit(int(act) if act.isdigit() else 0)
 """
 
 
 @pytest.fixture(scope="module")
-def plan():
-    return build_plan(load_config(ROOT / "recipes" / "tiny-cpu.yaml"), "/scratch/runs/fake")
+def plan(tmp_path_factory):
+    return build_plan(load_config(ROOT / "recipes" / "tiny-cpu.yaml"), str(tmp_path_factory.mktemp("fake")))
 
 
 def _run(plan, fake: dict[str, str], tmp: Path, send: int | None = None) -> tuple[int, str, str, float]:
@@ -88,6 +94,9 @@ def test_each_rank_gets_torchruns_environment_and_a_prefix(plan, tmp_path):
     assert envs == [["env", "0", "0", "2", "127.0.0.1", port, "0", "1"], ["env", "1", "1", "2", "127.0.0.1", port, "0", "1"]]
     assert "[default0]:env 0" in out and "[default1]:env 1" in out  # torchrun's prefixes, by stream
     assert "[default0]:to stderr 0" in err and "[default1]:to stderr 1" in err
+    # Rank 0 got the rendezvous port still bound and listening (nobody could take it in between).
+    [store] = [line.split(":", 1)[1].split() for line in out.splitlines() if ":store " in line]
+    assert store == ["store", "0", "1", f"{plan.run_dir}/logs/torchrun/attempt_0/0/error.json", str(os.getpid())]
 
 
 def test_the_first_failure_sets_the_code_and_stops_the_others(plan, tmp_path):
@@ -106,11 +115,17 @@ def test_a_killed_rank_is_named_and_reads_128_plus_the_signal(plan, tmp_path):
 
 
 def test_a_failed_group_is_restarted_up_to_max_restarts(tmp_path):
-    plan = build_plan(load_config(ROOT / "recipes" / "tiny-cpu.yaml", ["cluster.max_restarts=1"]), "/scratch/runs/fake")
+    plan = build_plan(load_config(ROOT / "recipes" / "tiny-cpu.yaml", ["cluster.max_restarts=1"]), str(tmp_path / "run"))
     code, out, err, _ = _run(plan, {"FAKE_0": "restart", "FAKE_1": "restart"}, tmp_path)
     assert code == 0, err
     assert "launcher: restarting the ranks (1 of cluster.max_restarts=1)" in err
     assert sorted(line.split()[6] for line in out.splitlines() if " env " in f" {line.split(':', 1)[1]}") == ["0", "0", "1", "1"]
+
+
+def test_bad_input_is_not_restarted(tmp_path):
+    plan = build_plan(load_config(ROOT / "recipes" / "tiny-cpu.yaml", ["cluster.max_restarts=1"]), str(tmp_path / "run"))
+    code, _, err, _ = _run(plan, {"FAKE_0": "restart2", "FAKE_1": "restart2"}, tmp_path)
+    assert code == 2 and "restarting" not in err, err
 
 
 def test_a_signal_reaches_every_rank_once_and_is_not_restarted(plan, tmp_path):
@@ -136,6 +151,6 @@ def test_after_a_signal_ranks_still_running_at_the_shutdown_timeout_are_killed(p
 
 
 def test_rank_env_is_the_plans_env_under_the_rank_variables(plan):
-    env = rank_env({"RANK": "9", "KEEP": "1"}, plan, 1, free_port(), 0)
+    env = rank_env({"RANK": "9", "KEEP": "1"}, plan, 1, 29511, 0)
     assert env["RANK"] == "1" and env["KEEP"] == "1" and env["PYTHONSAFEPATH"] == "1"
     assert env["TORCHELASTIC_MAX_RESTARTS"] == "0" and env["TORCHELASTIC_RUN_ID"] == plan.config["run"]["name"]

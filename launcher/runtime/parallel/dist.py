@@ -11,6 +11,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,25 @@ def init_distributed(accelerator: str, cpu_offload: bool = False) -> DistInfo:
         backend = "gloo"
     if "MASTER_ADDR" not in os.environ:  # a plain `python -m launcher.runtime`: a world of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group(backend=backend, rank=rank, world_size=world, device_id=device if accelerator == "cuda" else None)
+    device_id = device if accelerator == "cuda" else None
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, device_id=device_id, store=_launcher_store(rank, world))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def _launcher_store(rank: int, world: int) -> Any:
+    """Under `launcher run` (launcher/ranks.py), the rendezvous store on the socket `launcher run`
+    bound and listened on before starting the ranks, passed to rank 0 as LAUNCHER_STORE_FD: the port
+    is never free between being chosen and being used, so another process cannot take it. None
+    elsewhere (torchrun, SLURM): init_process_group's env:// store."""
+    if "LAUNCHER_STORE_FD" not in os.environ and "LAUNCHER_STORE_CLIENT" not in os.environ:
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if rank == 0:
+        fd = int(os.environ["LAUNCHER_STORE_FD"])
+        return dist.TCPStore(host, port, world, is_master=True, master_listen_fd=fd, timeout=default_pg_timeout, use_libuv=False)
+    return dist.TCPStore(host, port, world, is_master=False, timeout=default_pg_timeout)
 
 
 def seed_everything(seed: int) -> None:
