@@ -11,7 +11,6 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
