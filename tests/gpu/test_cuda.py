@@ -29,6 +29,19 @@ def test_tiny_recipe_on_one_gpu(extra: list[str], tmp_path: Path, launcher, metr
     assert train[-1]["loss"] < train[0]["loss"] - 1.0
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [["parallel.backend=fsdp"], ["parallel.backend=fsdp", "parallel.fsdp.cpu_offload=true"]],
+    ids=["fsdp", "fsdp-offload"],
+)
+def test_qlora_on_one_gpu(extra: list[str], tmp_path: Path, launcher, metrics) -> None:
+    """QLoRA's bf16-stored 4-bit base under FSDP2 (param_dtype bf16: the only accepted pair with bf16
+    training), and with the base offloaded to the host (Answer.AI's 70B-on-two-24-GB-GPUs set-up)."""
+    launcher("run", "tiny-cpu-qlora.yaml", *GPU_TINY, *extra, "--out", str(tmp_path / "run"))
+    train, _ = metrics(tmp_path / "run")
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+
+
 @pytest.mark.parametrize("micro_batch", [1, 2, 4])
 @pytest.mark.parametrize("implementation", ["flash_attention_2", "launcher_sdpa"])
 def test_varlen_isolates_documents_on_cuda(implementation: str, micro_batch: int) -> None:

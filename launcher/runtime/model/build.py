@@ -199,9 +199,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate meta parameters (sharded or not) on `device`; move the real buffers there."""
+def materialize(model: nn.Module, device: torch.device, buffer_device: torch.device | None = None) -> None:
+    """Allocate meta parameters (sharded or not) on `device`; move the real buffers to `buffer_device`
+    (default `device`): with FSDP2's CPU offload the parameters live on the host, the buffers (rotary
+    tables) where the compute is."""
     model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t.to(device))
+    if buffer_device is not None and buffer_device != device:
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(buffer_device)
     base = unwrap(model)
     if not any(type(m).__name__.startswith("FSDP") for m in base.modules()):
         # `_apply` gives each module its own new parameter; FSDP2 keeps shared parameters shared itself.

@@ -159,9 +159,17 @@ def quantizer(quant: QuantSection, dtype: torch.dtype, device: torch.device) -> 
     return convert
 
 
-def build_qlora(path: Path, cfg: RunConfig, info: DistInfo, attn_implementation: str, shard: Callable[[nn.Module], nn.Module]) -> nn.Module:
+def build_qlora(
+    path: Path,
+    cfg: RunConfig,
+    info: DistInfo,
+    attn_implementation: str,
+    shard: Callable[[nn.Module], nn.Module],
+    param_device: torch.device | None = None,
+) -> nn.Module:
     """4-bit base + LoRA adapters, never whole on a rank: meta skeleton, peft, checkpointing,
-    `shard` (FSDP2, or nothing), materialise on the rank's device, fill, then the adapters."""
+    `shard` (FSDP2, or nothing), materialise on `param_device` (default the rank's device), fill,
+    then the adapters."""
     from launcher.runtime.model.blocks import apply_checkpointing
     from launcher.runtime.model.build import WeightMap, build_on_meta, load_weights, materialize
     from launcher.runtime.model.methods import init_adapters, keep_4bit_layout, wrap_with_peft
@@ -180,8 +188,9 @@ def build_qlora(path: Path, cfg: RunConfig, info: DistInfo, attn_implementation:
         apply_checkpointing(model, cfg.train.checkpointing)
     adapted = wrap_with_peft(model, cfg.method)
     adapted = shard(adapted)
-    materialize(adapted, info.device)
-    load_weights(adapted, weights, path, cfg.run.seed, convert=quantizer(cfg.method.quant, dtype, info.device))
+    home = param_device or info.device  # the host under FSDP2's CPU offload (parallel/native.py parameter_device)
+    materialize(adapted, home, buffer_device=info.device)
+    load_weights(adapted, weights, path, cfg.run.seed, convert=quantizer(cfg.method.quant, dtype, home))
     keep_4bit_layout(adapted)
     init_adapters(adapted, cfg.run.seed)  # the same adapters on every rank, whatever peft drew
     return adapted

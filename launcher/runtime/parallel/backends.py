@@ -16,7 +16,7 @@ from launcher.runtime.model.blocks import apply_checkpointing, compile_blocks
 from launcher.runtime.model.build import DTYPES, WeightMap, build_on_meta, load_weights, materialize
 from launcher.runtime.model.methods import apply_method
 from launcher.runtime.parallel.dist import DistInfo
-from launcher.runtime.parallel.native import shard_model, wrap_ddp
+from launcher.runtime.parallel.native import parameter_device, shard_model, wrap_ddp
 from launcher.runtime.parallel.optim import build_optimizer
 from launcher.runtime.state import checkpoint as ckpt
 
@@ -68,7 +68,8 @@ def build_training_model(
 
         # meta → quantised skeleton → LoRA → shard → fill: each rank quantises one tensor at a
         # time and keeps its shard of the packed data (never the whole 4-bit base under FSDP2).
-        model = build_qlora(path, cfg, info, attn_implementation, lambda m: shard_model(m, backend, plan.fsdp, info))
+        home = parameter_device(plan.fsdp, info.device)
+        model = build_qlora(path, cfg, info, attn_implementation, lambda m: shard_model(m, backend, plan.fsdp, info), home)
     elif backend == "deepspeed" and cfg.parallel.zero_stage == 3 and (method.name in ("full", "freeze") or _zero3_lora(cfg)):
         from launcher.runtime.parallel.zero import zero3_model
 
@@ -89,7 +90,7 @@ def build_training_model(
         if cfg.train.compile:  # after checkpointing, before sharding (torchtitan's order); validate refuses DeepSpeed and QLoRA
             compile_blocks(model, cfg.model.layer_class)
         model = shard_model(model, backend, plan.fsdp, info)
-        materialize(model, info.device)
+        materialize(model, parameter_device(plan.fsdp, info.device), buffer_device=info.device)
         load_weights(model, weights, path, cfg.run.seed)
         if method.name in ("lora", "prompt_tuning"):
             from launcher.runtime.model.methods import init_adapters

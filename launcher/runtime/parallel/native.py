@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from launcher.runtime.model.build import DTYPES, find_blocks
@@ -35,6 +36,14 @@ def apply_fsdp(model: nn.Module, fsdp: dict[str, Any], info: DistInfo) -> nn.Mod
         fully_shard(layer, reshard_after_forward=reshard, **common)
     fully_shard(model, reshard_after_forward=fsdp["reshard_root_after_forward"], **common)
     return model
+
+
+def parameter_device(fsdp: dict[str, Any] | None, device: torch.device) -> torch.device:
+    """Where the rank's parameters are materialised and loaded: the host when FSDP2 offloads them
+    (CPUOffloadPolicy expects its sharded parameters in CPU memory: materialised on the GPU, the
+    DTensor would still say cuda and the first forward fails), else the rank's device (torchtitan
+    builds on the CPU when offloading too)."""
+    return torch.device("cpu") if fsdp is not None and fsdp.get("cpu_offload") else device
 
 
 def shard_model(model: nn.Module, backend: str, fsdp: dict[str, Any] | None, info: DistInfo) -> nn.Module:
