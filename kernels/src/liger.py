@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,8 +33,18 @@ def liger_linear_cross_entropy_sum(
         dtype = torch.get_autocast_dtype("cuda")
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    loss = liger_fused_linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX, reduction="sum")
+    # The LM head's gradient accumulates over token chunks: in fp32, not in bf16 (Liger's default is
+    # the input dtype), where a long sequence's small contributions round away. Liger >= 0.6 takes it.
+    accumulate = {"accum_dtype": torch.float32} if "accum_dtype" in _parameters(liger_fused_linear_cross_entropy) else {}
+    loss = liger_fused_linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX, reduction="sum", **accumulate)
     return loss.float()  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _parameters(function: Any) -> frozenset[str]:
+    import inspect
+
+    return frozenset(inspect.signature(function).parameters)
 
 
 def apply_liger_patches(model: nn.Module) -> bool:
