@@ -53,14 +53,16 @@ def log_once(line: str) -> None:
         print(f"launcher: {line}", flush=True)
 
 
-def attn_implementation(setting: str, device_type: str) -> str:
-    """Recipe `kernels.attention` → the attn_implementation name the model is built with."""
+def attn_implementation(setting: str, device_type: str, softcap: bool = False) -> str:
+    """Recipe `kernels.attention` → the attn_implementation name the model is built with. `softcap`:
+    the model caps its attention scores (Gemma-2), which SDPA cannot: auto takes eager then, unless
+    flash-attn (which applies it) runs (validation refuses sdpa for such a model)."""
     flash = setting == "flash" or (setting == "auto" and device_type == "cuda" and has_flash_attn())
     if flash and not has_flash_attn():
         raise RuntimeError("kernels.attention: flash needs the flash-attn package (pip install launcher[flash]); or use auto")
     if flash:
         name = "flash_attention_2"
-    elif setting == "eager":
+    elif setting == "eager" or softcap:
         name = "eager"
     else:
         from launcher.kernels.sdpa_varlen import register

@@ -45,6 +45,7 @@ class Architecture:
     block_classes: tuple[str, ...] = ()  # `_no_split_modules` of the model's PreTrainedModel
     classes: frozenset[str] = field(default_factory=frozenset)  # every class the modeling code defines
     source: str = ""  # where the numbers came from, for messages
+    attn_softcap: float | None = None  # attn_logit_softcapping (Gemma-2): tanh-capped attention scores
 
     @property
     def is_encoder(self) -> bool:
@@ -96,7 +97,9 @@ def read_architecture(config_file: Path) -> Architecture:
     if numbers["tie_word_embeddings"] is None:
         numbers["tie_word_embeddings"] = True  # PreTrainedConfig's own default
     blocks, classes = _modeling_classes(model_type, config_file.parent, raw.get("auto_map"))
-    return Architecture(model_type=model_type, numbers=numbers, block_classes=blocks, classes=classes, source=where)
+    softcap = _lookup(raw, "attn_logit_softcapping", attribute_map, defaults)
+    softcap = float(softcap) if isinstance(softcap, int | float) and not isinstance(softcap, bool) else None
+    return Architecture(model_type=model_type, numbers=numbers, block_classes=blocks, classes=classes, source=where, attn_softcap=softcap)
 
 
 def architecture_of(model_type: str) -> Architecture:

@@ -127,6 +127,8 @@ def resolve_model(model: ModelSection) -> ModelSection:
         known = dict(arch.numbers) if arch else {}
         architecture, layer_class = (arch.model_type, arch.layer_class) if arch else ("", "")
     filled = {name: value for name, value in known.items() if getattr(model, name) is None}
+    if arch is not None and arch.attn_softcap is not None and model.attn_logit_softcapping is None:
+        filled["attn_logit_softcapping"] = arch.attn_softcap
     model = dataclasses.replace(model, **filled)  # type: ignore[arg-type]
     if model.num_key_value_heads is None and model.num_attention_heads is not None:
         model = dataclasses.replace(model, num_key_value_heads=model.num_attention_heads)

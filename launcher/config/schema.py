@@ -58,6 +58,9 @@ class ModelSection:
     vocab_size: int | None = None
     tie_word_embeddings: bool | None = None
     head_dim: int | None = None  # attention head width when not hidden_size / heads (Gemma)
+    # Gemma-2's attn_logit_softcapping, from config.json: SDPA cannot apply it, so kernels.attention
+    # auto picks flash (CUDA, flash-attn) or eager for such a model, and sdpa is refused at plan time.
+    attn_logit_softcapping: float | None = None
     architecture: str = ""  # the config's model_type (llama, gpt2, bert, ...); filled in from config.json
     # The repeated block FSDP2 shards one unit per instance of (and activation checkpointing wraps).
     # Empty: found from the model (`_no_split_modules`, the repeated block list); set only to override.

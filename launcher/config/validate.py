@@ -273,6 +273,13 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
         yield Problem(
             "train.precision", f"fp16 on {par.backend} runs without a gradient scaler", "use bf16, or parallel.backend: deepspeed for fp16"
         )
+    if cfg.model.attn_logit_softcapping is not None and cfg.kernels.attention == "sdpa":
+        yield Problem(
+            "kernels.attention",
+            f"sdpa cannot apply this model's attention softcapping (attn_logit_softcapping {cfg.model.attn_logit_softcapping:g} "
+            "in its config.json); it would fail at the first forward",
+            "use auto (flash on CUDA with flash-attn, else eager), eager or flash",
+        )
     if cpu and cfg.kernels.attention == "flash":
         yield Problem("kernels.attention", "flash needs CUDA but cluster.accelerator is cpu", "use auto or sdpa")
     if cpu and cfg.kernels.loss == "liger":
