@@ -4,7 +4,8 @@ A packed micro-batch is [B, S] input ids / labels / position ids; position ids r
 document, and padding is a document of its own. `model_inputs` turns it into what the model's
 forward takes, for every implementation:
 
-- flash_attention_2/3 (CUDA) and `launcher_sdpa` (our SDPA, kernels/src/sdpa_varlen.py): the micro-batch
+- flash_attention_2/3 (CUDA), `launcher_varlen` (torch's own varlen FlashAttention kernel on CUDA,
+  kernels/src/varlen.py) and `launcher_sdpa` (our SDPA, kernels/src/sdpa_varlen.py): the micro-batch
   flattened to one row [1, T] without the documents that carry no target (padding), with position
   ids and the explicit varlen kwargs transformers' attention functions take (`cu_seq_lens_q/k`,
   `max_length_q/k`). FlashAttention consumes them directly at any micro-batch size (position ids
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
-VARLEN = ("flash_attention_2", "flash_attention_3", "launcher_sdpa")
+VARLEN = ("flash_attention_2", "flash_attention_3", "launcher_sdpa", "launcher_varlen")
 
 
 @functools.cache
@@ -64,12 +65,22 @@ def attn_implementation(setting: str, device_type: str, softcap: bool = False) -
         name = "flash_attention_2"
     elif setting == "eager" or softcap:
         name = "eager"
+    elif setting == "auto" and device_type == "cuda" and _torch_varlen():
+        from launcher.kernels.varlen import register as register_varlen  # one kernel call per layer (kernels/src/varlen.py)
+
+        name = register_varlen()
     else:
         from launcher.kernels.sdpa_varlen import register
 
         name = register()
     log_once(f"attention: {name} (kernels.attention: {setting})")
     return name
+
+
+def _torch_varlen() -> bool:
+    from launcher.kernels.varlen import available
+
+    return available()
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:

@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--attention", nargs="+", default=["flash_attention_2", "launcher_sdpa"])
+    parser.add_argument("--attention", nargs="+", default=["flash_attention_2", "launcher_varlen", "launcher_sdpa"])
     parser.add_argument("--layouts", nargs="+", default=["packed", "padded"])
     parser.add_argument("--losses", nargs="+", default=["fused", "plain"])
     parser.add_argument("--compile", nargs="+", default=["off", "on"])
@@ -178,6 +178,12 @@ def main() -> None:
     from launcher.kernels.liger import has_liger
 
     attn_implementation("sdpa", "cuda")  # registers launcher_sdpa
+    from launcher.kernels import varlen
+
+    if varlen.available():
+        varlen.register()  # launcher_varlen: torch's varlen kernel, one call per layer
+    else:
+        args.attention = [a for a in args.attention if a != "launcher_varlen"]
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     fused = "liger" if has_liger() else "chunked"

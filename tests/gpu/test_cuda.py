@@ -43,7 +43,7 @@ def test_qlora_on_one_gpu(extra: list[str], tmp_path: Path, launcher, metrics) -
 
 
 @pytest.mark.parametrize("micro_batch", [1, 2, 4])
-@pytest.mark.parametrize("implementation", ["flash_attention_2", "launcher_sdpa"])
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "launcher_varlen", "launcher_sdpa"])
 def test_varlen_isolates_documents_on_cuda(implementation: str, micro_batch: int) -> None:
     """The packing contract on the real kernels: packed logits equal each document run alone."""
     if not torch.cuda.is_available():
@@ -53,6 +53,11 @@ def test_varlen_isolates_documents_on_cuda(implementation: str, micro_batch: int
     if implementation == "flash_attention_2" and not has_flash_attn():
         pytest.skip("flash-attn is not installed (pip install launcher[flash])")
     attn_implementation("sdpa", "cuda")  # registers launcher_sdpa
+    from launcher.kernels import varlen
+
+    if implementation == "launcher_varlen" and not varlen.available():
+        pytest.skip("torch's varlen FlashAttention kernel needs torch >= 2.10 and an sm80+ GPU")
+    varlen.register()
     from transformers import AutoModelForCausalLM
 
     from launcher.runtime.model.tiny import ensure_tiny_model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from launcher.kernels import sdpa_varlen
+from launcher.kernels import sdpa_varlen, varlen
 from launcher.kernels.attention import IGNORE_INDEX, attn_implementation, in_token_order, model_inputs, next_token_targets
 from transformers import AttentionInterface, AutoModelForCausalLM
 
@@ -34,6 +34,7 @@ def _configs() -> dict[str, object]:
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
     attn_implementation("sdpa", "cpu")  # registers launcher_sdpa
+    varlen.register()  # launcher_varlen: torch's varlen kernel (CUDA), served here by a reference kernel
     torch.manual_seed(0)
     return {name: AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval() for name, cfg in _configs().items()}
 
@@ -86,6 +87,40 @@ def flash_reference(monkeypatch):
     monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", reference_varlen)
 
 
+KERNEL_CALLS: list[int] = []
+
+
+def reference_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False, **_):
+    """torch.nn.attention.varlen.varlen_attn's contract, computed naively per document: [T, heads,
+    dim] in and out, int32 cu_seqlens over the row, (left, right) window, K/V heads as they are."""
+    assert q.dim() == 3 and q.shape[0] == int(cu_q[-1]) and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
+    assert max_q == max_k == int(cu_q.diff().max())
+    assert enable_gqa == (q.shape[1] != k.shape[1])  # grouped K/V heads passed as they are, never repeated
+    KERNEL_CALLS.append(q.shape[0])
+    groups, left, right = q.shape[1] // k.shape[1], window_size[0], window_size[1]
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+        qi = q[a:b].transpose(0, 1)
+        ki, vi = (x[a:b].transpose(0, 1).repeat_interleave(groups, 0) for x in (k, v))
+        i, j = torch.arange(b - a)[:, None], torch.arange(b - a)[None]
+        allowed = torch.ones(b - a, b - a, dtype=torch.bool)
+        if right >= 0:
+            allowed &= j <= i + right
+        if left >= 0:
+            allowed &= j >= i - left
+        scores = ((qi @ ki.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
+        out[a:b] = (scores.softmax(-1) @ vi).transpose(0, 1)
+    return out
+
+
+@pytest.fixture
+def varlen_kernel(monkeypatch):
+    """launcher_varlen's kernel is CUDA-only: the reference above stands in for it."""
+    KERNEL_CALLS.clear()
+    monkeypatch.setattr(varlen, "kernel", lambda: reference_varlen_kernel)
+
+
 def _learning(docs) -> list[torch.Tensor]:
     """The documents that predict something (a one-token document has no next token: dropped)."""
     return [d for row in docs for d in row if len(d) > 1]
@@ -110,14 +145,16 @@ def _packed(model, implementation: str, docs, ids, labels, positions) -> tuple[t
     return logits, targets
 
 
-IMPLEMENTATIONS = ["flash_attention_2", "launcher_sdpa", "sdpa", "eager"]
+IMPLEMENTATIONS = ["flash_attention_2", "launcher_varlen", "launcher_sdpa", "sdpa", "eager"]
 
 
 @pytest.mark.parametrize("micro_batch", [1, 2, 4])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "mistral", "gemma"])
 @torch.no_grad()
-def test_packed_logits_equal_documents_alone(models, flash_reference, arch: str, implementation: str, micro_batch: int) -> None:
+def test_packed_logits_equal_documents_alone(
+    models, flash_reference, varlen_kernel, arch: str, implementation: str, micro_batch: int
+) -> None:
     model = models[arch]
     docs, ids, labels, positions = packed_batch(ROWS[micro_batch], seed=micro_batch)
     alone = _alone(model, docs)
@@ -144,6 +181,41 @@ def test_flash_path_fails_without_flattening_or_cu_seqlens(models, flash_referen
     kwargs.update(cu_seq_lens_q=whole, cu_seq_lens_k=whole, max_length_q=int(whole[1]), max_length_k=int(whole[1]))
     leaky = model(**kwargs).logits[0]
     assert (leaky - _alone(model, docs)).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 4])
+def test_torch_varlen_is_one_kernel_call_per_layer(models, varlen_kernel, micro_batch: int) -> None:
+    """launcher_varlen (CUDA without flash-attn): the whole packed micro-batch in one kernel call per
+    layer, whatever its documents' lengths (launcher_sdpa needs a call per distinct length), and its
+    gradients equal the eager mask path's."""
+    model = models["mistral"]  # grouped K/V heads and a sliding window
+    docs, ids, labels, positions = packed_batch(ROWS[micro_batch], seed=micro_batch)
+    grads = {}
+    for implementation in ("launcher_varlen", "eager"):
+        KERNEL_CALLS.clear()
+        model.zero_grad()
+        logits, targets = _packed(model, implementation, docs, ids, labels, positions)
+        torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum").backward()
+        grads[implementation] = [p.grad.clone() for p in model.parameters()]
+        if implementation == "launcher_varlen":
+            assert len(KERNEL_CALLS) == model.config.num_hidden_layers, KERNEL_CALLS
+            assert len({len(d) for row in docs for d in row if len(d) > 1}) > 1  # several lengths, still one call
+    model.zero_grad()
+    for a, b in zip(grads["launcher_varlen"], grads["eager"], strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_takes_torch_varlen_on_cuda_without_flash_attn(monkeypatch) -> None:
+    from launcher.kernels import attention
+
+    monkeypatch.setattr(attention, "has_flash_attn", lambda: False)
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: True)
+    assert attention.attn_implementation("auto", "cuda") == "launcher_varlen"
+    assert attention.attn_implementation("sdpa", "cuda") == "launcher_sdpa"  # asked for by name
+    assert attention.attn_implementation("auto", "cuda", softcap=True) == "eager"  # Gemma-2: SDPA and this kernel cannot cap
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: False)  # an older torch, or a GPU below sm80
+    assert attention.attn_implementation("auto", "cuda") == "launcher_sdpa"
+    assert varlen.window(True, None) == (-1, 0) and varlen.window(True, 6) == (5, 0) and varlen.window(False, None) == (-1, -1)
 
 
 def test_sdpa_varlen_gradients_equal_reference(models) -> None:
