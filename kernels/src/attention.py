@@ -54,18 +54,21 @@ def log_once(line: str) -> None:
         print(f"launcher: {line}", flush=True)
 
 
-def attn_implementation(setting: str, device_type: str, softcap: bool = False) -> str:
+def attn_implementation(setting: str, device_type: str, softcap: bool = False, half: bool = True) -> str:
     """Recipe `kernels.attention` → the attn_implementation name the model is built with. `softcap`:
     the model caps its attention scores (Gemma-2), which SDPA cannot: auto takes eager then, unless
-    flash-attn (which applies it) runs (validation refuses sdpa for such a model)."""
-    flash = setting == "flash" or (setting == "auto" and device_type == "cuda" and has_flash_attn())
+    flash-attn (which applies it) runs (validation refuses sdpa for such a model). `half`: the run
+    computes in bf16 / fp16 (train.precision); auto takes a FlashAttention kernel only then, and only
+    on sm80+ GPUs (flash-attn installed on a V100 or T4 node fails at the first forward)."""
+    flash_fits = device_type == "cuda" and half and _ampere_or_newer()
+    flash = setting == "flash" or (setting == "auto" and flash_fits and has_flash_attn())
     if flash and not has_flash_attn():
         raise RuntimeError("kernels.attention: flash needs the flash-attn package (pip install launcher[flash]); or use auto")
     if flash:
         name = "flash_attention_2"
     elif setting == "eager" or softcap:
         name = "eager"
-    elif setting == "auto" and device_type == "cuda" and _torch_varlen():
+    elif setting == "auto" and flash_fits and _torch_varlen():
         from launcher.kernels.varlen import register as register_varlen  # one kernel call per layer (kernels/src/varlen.py)
 
         name = register_varlen()
@@ -75,6 +78,11 @@ def attn_implementation(setting: str, device_type: str, softcap: bool = False) -
         name = register()
     log_once(f"attention: {name} (kernels.attention: {setting})")
     return name
+
+
+@functools.cache
+def _ampere_or_newer() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
 
 def _torch_varlen() -> bool:

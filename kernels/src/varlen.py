@@ -75,7 +75,11 @@ def varlen_attention(
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, dim] views
+    # The kernel takes one half-precision dtype and is not autocast-aware: under autocast with fp32
+    # weights the rotary tables (fp32) promote q and k back to fp32 while v stays bf16.
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
+    q, k, v = (x[0].transpose(0, 1).to(dtype) for x in (query, key, value))  # [T, heads, dim], one dtype
     out = kernel()(
         q,
         k,
@@ -88,7 +92,7 @@ def varlen_attention(
         window_size=window(causal, sliding_window),
         enable_gqa=query.shape[1] != key.shape[1],
     )
-    return out[None], None
+    return out.to(query.dtype)[None], None
 
 
 def register() -> str:

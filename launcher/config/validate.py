@@ -301,15 +301,18 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
                 f'{par.backend} flattens parameters of one dtype ("Must flatten tensors with uniform dtype")',
                 f"set method.quant.quant_storage_dtype: {cfg.model.dtype}",
             )
-        elif par.backend == "fsdp" and quant.quant_storage_dtype != _PARAM_DTYPE[cfg.train.precision]:
+        elif (par.backend == "fsdp" or (par.backend == "deepspeed" and cfg.train.precision != "fp32")) and (
+            quant.quant_storage_dtype != _PARAM_DTYPE[cfg.train.precision]
+        ):
             # FSDP2's MixedPrecisionPolicy casts every parameter to param_dtype (train.precision) for its
             # all-gather: the packed 4-bit bytes are reinterpreted as numbers and scrambled (fp16 storage
             # under bf16 gave errors of ~50 on outputs of ~40) or the cast fails (bf16 under fp32).
+            # DeepSpeed in bf16 / fp16 casts every parameter it does not partition, frozen ones too.
             param = _PARAM_DTYPE[cfg.train.precision]
             yield Problem(
                 "method.quant.quant_storage_dtype",
-                f"{quant.quant_storage_dtype} differs from FSDP2's param_dtype {param} (train.precision {cfg.train.precision}), "
-                "which FSDP2 casts the packed 4-bit weights to",
+                f"{quant.quant_storage_dtype} differs from {'FSDP2' if par.backend == 'fsdp' else 'DeepSpeed'}'s parameter dtype "
+                f"{param} (train.precision {cfg.train.precision}), which it casts the packed 4-bit weights to",
                 f"set method.quant.quant_storage_dtype and model.dtype to {param}"
                 + (f", or train.precision to {_PRECISION[quant.quant_storage_dtype]}" if quant.quant_storage_dtype != "float16" else ""),
             )

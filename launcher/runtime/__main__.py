@@ -158,7 +158,9 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
         (run_dir / "labels.json").write_text(json.dumps(labels) + "\n")
     cfg = resolve_schedule(cfg, len(train_data))  # epochs, warmup ratio, per-epoch intervals: from the prepared rows
     eval_prompts = [json.loads(line) for line in (folder / "eval_prompts.jsonl").read_text().splitlines()]
-    impl = attn_implementation(cfg.kernels.attention, info.device.type, softcap=cfg.model.attn_logit_softcapping is not None)
+    impl = attn_implementation(
+        cfg.kernels.attention, info.device.type, softcap=cfg.model.attn_logit_softcapping is not None, half=cfg.train.precision != "fp32"
+    )
     built = build_training_model(plan, cfg, info, path, impl, labels)
 
     saver = built.saver(run_dir / "checkpoints", info, cfg.checkpoint)

@@ -148,6 +148,32 @@ def test_each_accepted_storage_and_precision_pair_shards_without_changing_the_ou
         assert "method.quant.quant_storage_dtype" in str(caught.value) and "train.precision" in str(caught.value)
 
 
+def test_deepspeed_casts_the_4bit_storage_too_so_it_must_be_the_precisions_dtype() -> None:
+    """DeepSpeed in bf16 / fp16 casts every parameter it does not partition, the frozen 4-bit ones too."""
+    from launcher.config import ConfigError, load_config
+
+    zero2 = ["parallel.backend=deepspeed", "parallel.zero_stage=2", "train.precision=bf16"]
+    assert load_config("tiny-cpu-qlora.yaml", [*zero2, "method.quant.quant_storage_dtype=bfloat16"])
+    with pytest.raises(ConfigError, match=r"method\.quant\.quant_storage_dtype: float32 differs from DeepSpeed's parameter dtype bfloat16"):
+        load_config("tiny-cpu-qlora.yaml", [*zero2, "method.quant.quant_storage_dtype=float32"])
+
+
+def test_offloaded_4bit_weights_keep_their_quant_state_where_the_kernels_run() -> None:
+    """FSDP2 CPU offload: the packed data is filled on the host, but bitsandbytes' kernels read the
+    quant state (absmax, code map) on the GPU: it goes to the compute device (meta stands in for it)."""
+    import bitsandbytes as bnb
+
+    from launcher.config.schema import QuantSection
+    from launcher.runtime.model.qlora import quantizer
+
+    owner = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", quant_storage=torch.bfloat16)
+    convert = quantizer(QuantSection(), torch.bfloat16, torch.device("cpu"), state_device=torch.device("meta"))
+    packed = convert(owner, "weight", torch.randn(64, 64))
+    assert packed.device.type == "cpu"
+    state = owner.quant_state
+    assert {state.absmax.device.type, state.code.device.type, state.state2.absmax.device.type} == {"meta"}
+
+
 def test_biased_fp32_checkpoint_equals_from_pretrained(one_rank: None) -> None:
     """Qwen2 (biased q/k/v) saved in fp32: cast to the model dtype, then quantised, as from_pretrained does."""
     from _archs import tiny_arch

@@ -96,6 +96,7 @@ def reference_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, wi
     assert q.dim() == 3 and q.shape[0] == int(cu_q[-1]) and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
     assert max_q == max_k == int(cu_q.diff().max())
     assert enable_gqa == (q.shape[1] != k.shape[1])  # grouped K/V heads passed as they are, never repeated
+    assert q.dtype == k.dtype == v.dtype, (q.dtype, k.dtype, v.dtype)  # the kernel takes one dtype
     KERNEL_CALLS.append(q.shape[0])
     groups, left, right = q.shape[1] // k.shape[1], window_size[0], window_size[1]
     scale = scale if scale is not None else q.shape[-1] ** -0.5
@@ -210,12 +211,32 @@ def test_auto_takes_torch_varlen_on_cuda_without_flash_attn(monkeypatch) -> None
 
     monkeypatch.setattr(attention, "has_flash_attn", lambda: False)
     monkeypatch.setattr(attention, "_torch_varlen", lambda: True)
+    monkeypatch.setattr(attention, "_ampere_or_newer", lambda: True)
     assert attention.attn_implementation("auto", "cuda") == "launcher_varlen"
     assert attention.attn_implementation("sdpa", "cuda") == "launcher_sdpa"  # asked for by name
     assert attention.attn_implementation("auto", "cuda", softcap=True) == "eager"  # Gemma-2: SDPA and this kernel cannot cap
-    monkeypatch.setattr(attention, "_torch_varlen", lambda: False)  # an older torch, or a GPU below sm80
+    monkeypatch.setattr(attention, "_ampere_or_newer", lambda: True)
+    assert attention.attn_implementation("auto", "cuda", half=False) == "launcher_sdpa"  # fp32: no FlashAttention kernel takes it
+    monkeypatch.setattr(attention, "has_flash_attn", lambda: True)
+    monkeypatch.setattr(attention, "_ampere_or_newer", lambda: False)  # flash-attn installed on a V100 / T4 node
+    assert attention.attn_implementation("auto", "cuda") == "launcher_sdpa"
+    monkeypatch.setattr(attention, "has_flash_attn", lambda: False)
+    monkeypatch.setattr(attention, "_ampere_or_newer", lambda: True)
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: False)  # an older torch
     assert attention.attn_implementation("auto", "cuda") == "launcher_sdpa"
     assert varlen.window(True, None) == (-1, 0) and varlen.window(True, 6) == (5, 0) and varlen.window(False, None) == (-1, -1)
+
+
+def test_torch_varlen_gets_one_dtype_under_autocast(models, varlen_kernel) -> None:
+    """fp32 weights under bf16 autocast: the projections come out bf16 but the rotary tables (fp32)
+    promote q and k back to fp32; the kernel (no autocast rule of its own) must get one dtype."""
+    model = models["llama"]
+    _, ids, labels, positions = packed_batch(ROWS[2])
+    model.config._attn_implementation = "launcher_varlen"
+    kwargs, _ = model_inputs(ids, labels, positions, "launcher_varlen")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(**kwargs).logits
+    assert len(KERNEL_CALLS) == model.config.num_hidden_layers and torch.isfinite(logits).all()
 
 
 def test_sdpa_varlen_gradients_equal_reference(models) -> None:

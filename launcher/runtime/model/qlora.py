@@ -138,7 +138,9 @@ def quantize_kept(weight: torch.Tensor, quant: QuantSection, target: torch.Tenso
     return packed, bnb.functional.QuantState(absmax=nested, offset=offset, state2=state2, **common)
 
 
-def quantizer(quant: QuantSection, dtype: torch.dtype, device: torch.device) -> Callable[[nn.Module, str, torch.Tensor], torch.Tensor]:
+def quantizer(
+    quant: QuantSection, dtype: torch.dtype, device: torch.device, state_device: torch.device | None = None
+) -> Callable[[nn.Module, str, torch.Tensor], torch.Tensor]:
     """The load_weights hook: a 4-bit layer's full checkpoint weight → its packed data (the rank's
     rows filled; what its shard is cut from); the layer keeps the quant state. Other tensors pass through."""
     import bitsandbytes as bnb
@@ -151,6 +153,8 @@ def quantizer(quant: QuantSection, dtype: torch.dtype, device: torch.device) -> 
         if issubclass(getattr(owner, "source_cls", nn.Linear), Conv1D):
             weight = weight.T  # GPT-2 stores [in, out]; bitsandbytes quantises [out, in]
         packed, state = quantize_kept(weight.contiguous(), quant, owner.weight)
+        if state_device is not None and state_device != device:  # CPU offload: the packed data is on the
+            state.to(state_device)  # host (in place), FSDP2 gathers it to the GPU, where the kernels read the state
         owner.quant_state = state
         if isinstance(owner.weight, bnb.nn.Params4bit):  # unsharded (DDP, single): the parameter carries it too
             owner.weight.quant_state = state
@@ -190,7 +194,7 @@ def build_qlora(
     adapted = shard(adapted)
     home = param_device or info.device  # the host under FSDP2's CPU offload (parallel/native.py parameter_device)
     materialize(adapted, home, buffer_device=info.device)
-    load_weights(adapted, weights, path, cfg.run.seed, convert=quantizer(cfg.method.quant, dtype, home))
+    load_weights(adapted, weights, path, cfg.run.seed, convert=quantizer(cfg.method.quant, dtype, home, state_device=info.device))
     keep_4bit_layout(adapted)
     init_adapters(adapted, cfg.run.seed)  # the same adapters on every rank, whatever peft drew
     return adapted
