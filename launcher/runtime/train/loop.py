@@ -158,8 +158,8 @@ def step_tokens(ctx: Context, step: int) -> tuple[int, int]:
 
 def _optimizer_step(ctx: Context) -> Any:
     if ctx.engine is not None:  # DeepSpeed clipped and stepped at the accumulation boundary
-        norm = ctx.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        norm = ctx.engine.get_global_grad_norm()  # a device tensor under ZeRO: read on log steps only, as below
+        return norm if norm is not None else 0.0
     max_norm = ctx.cfg.optim.max_grad_norm or math.inf
     norm = torch.nn.utils.clip_grad_norm_([p for p in ctx.model.parameters() if p.requires_grad], max_norm, foreach=True)
     if hasattr(norm, "full_tensor"):
