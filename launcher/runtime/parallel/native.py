@@ -1,13 +1,15 @@
 """torch's own backends, FSDP2, DDP and one process: one `match` on the backend to wrap (fully_shard |
 DDP | none; DeepSpeed wraps in zero.py).
 
-Also the one place that knows how each backend accumulates gradients, so the loop stays
-backend-agnostic: `no_sync(model, backend, last)` and `loss_scale(...)`.
+Also the one place that knows how these backends accumulate, clip and step, so the loop stays
+backend-agnostic: `grad_sync(model, backend, last)`, `loss_scale(...)` and `clip_and_step(...)`
+(DeepSpeed's counterparts: zero.py's `backward_and_step` and `grad_norm`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,3 +102,16 @@ def loss_scale(backend: str, world_size: int) -> float:
     its engine.backward would also divide by the accumulation steps, which zero.py turns off.
     """
     return float(world_size) if backend in ("fsdp", "ddp", "deepspeed") else 1.0
+
+
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> torch.Tensor:
+    """Clip the trainable gradients to `max_grad_norm` (none: measure only), step, zero the gradients;
+    returns the norm before clipping (an FSDP2 DTensor norm made whole), a tensor the caller reads
+    when it logs."""
+    max_norm = max_grad_norm or math.inf
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm, foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm

@@ -134,3 +134,16 @@ def load_deepspeed(folder: Path, engine: Any, rank: int, trainable_only: bool = 
         raise ckpt.CheckpointError(f"checkpoint.resume: DeepSpeed could not load {folder / TAG}")
     ckpt.load_rng(folder, rank)  # JSON, never a pickle
     return manifest
+
+
+def backward_and_step(engine: Any, loss: torch.Tensor) -> None:
+    """One micro-batch: DeepSpeed's backward (the loss already carries the accumulation scale, so its
+    own division is off), then its step, which steps the optimizer, clipped, at the accumulation boundary."""
+    engine.backward(loss, scale_wrt_gas=False)
+    engine.step()
+
+
+def grad_norm(engine: Any) -> Any:
+    """The norm DeepSpeed measured at the boundary (a device tensor under ZeRO), 0.0 when it has none."""
+    norm = engine.get_global_grad_norm()
+    return norm if norm is not None else 0.0

@@ -19,8 +19,9 @@ from torch import nn
 
 from launcher.config.schema import OptimSection, RunConfig
 from launcher.runtime.data.packing import IGNORE_INDEX, Batch, GlobalOrder, TokenData
+from launcher.runtime.parallel import zero
 from launcher.runtime.parallel.dist import DistInfo, start_sum
-from launcher.runtime.parallel.native import grad_sync, loss_scale
+from launcher.runtime.parallel.native import clip_and_step, grad_sync, loss_scale
 from launcher.runtime.train.metrics import Reporter
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -120,8 +121,7 @@ def train_step(ctx: Context, step: int, log: bool = True) -> dict[str, float]:
         with grad_sync(ctx.model, ctx.backend, i == len(micro_batches) - 1, defer):
             summed, _ = ctx.task.loss_sum(ctx, batch)
             if ctx.engine is not None:
-                ctx.engine.backward(summed * scale, scale_wrt_gas=False)
-                ctx.engine.step()
+                zero.backward_and_step(ctx.engine, summed * scale)
             else:
                 (summed * scale).backward()
         loss_sum += summed.detach().double()
@@ -157,16 +157,11 @@ def step_tokens(ctx: Context, step: int) -> tuple[int, int]:
 
 
 def _optimizer_step(ctx: Context) -> Any:
-    if ctx.engine is not None:  # DeepSpeed clipped and stepped at the accumulation boundary
-        norm = ctx.engine.get_global_grad_norm()  # a device tensor under ZeRO: read on log steps only, as below
-        return norm if norm is not None else 0.0
-    max_norm = ctx.cfg.optim.max_grad_norm or math.inf
-    norm = torch.nn.utils.clip_grad_norm_([p for p in ctx.model.parameters() if p.requires_grad], max_norm, foreach=True)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    ctx.optimizer.step()
-    ctx.optimizer.zero_grad(set_to_none=True)
-    return norm  # a tensor: read on log steps only
+    """Clip and step as the backend does it (parallel/native.py, parallel/zero.py); the gradient norm
+    comes back as a tensor, read on log steps only."""
+    if ctx.engine is not None:
+        return zero.grad_norm(ctx.engine)
+    return clip_and_step(ctx.model, ctx.optimizer, ctx.cfg.optim.max_grad_norm)
 
 
 def train(ctx: Context, start_step: int, on_step_end: Callable[[int], bool]) -> int:
