@@ -242,7 +242,9 @@ def _submit(args: argparse.Namespace, plan: Any) -> int:
         print(f"error: sbatch failed: {done.stderr.strip()}", file=sys.stderr)
         return done.returncode
     job_id = done.stdout.strip().split(";")[0]
-    (Path(plan.run_dir) / "logs" / "job_id").write_text(job_id + "\n")
+    from launcher.runfiles import replace_file
+
+    replace_file(Path(plan.run_dir) / "logs" / "job_id", job_id + "\n")
     print(job_id)
     return 0
 

@@ -27,6 +27,7 @@ from launcher.plan import Plan
 from launcher.plan.slurm import REQUEUE_EXIT_CODE
 from launcher.plot import plot_after_run
 from launcher.ranks import Ranks, send_signal
+from launcher.runfiles import replace_file
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 # SIGHUP: the terminal closed (the ranks, in their own sessions, get nothing from it); SIGQUIT: Ctrl-\.
@@ -76,7 +77,7 @@ def run_local(plan: Plan) -> int:
         write_state(run_dir, "preempted", job="local", attempt=1)
     else:
         line = failure_line(run_dir, code)
-        (logs / "failure").write_text(line + "\n")
+        replace_file(logs / "failure", line + "\n")
         write_state(run_dir, "failed", job="local", attempt=1)
         print(f"launcher: {line}", file=sys.stderr, flush=True)
     return code
@@ -157,7 +158,7 @@ def _kill_all(token: str) -> None:
 def write_state(run_dir: Path, state: str, job: str, attempt: int) -> None:
     """logs/state: `STATE JOB ATTEMPT TIME` (job.sbatch writes the same line)."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (run_dir / "logs" / "state").write_text(f"{state} {job} {attempt} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+    replace_file(run_dir / "logs" / "state", f"{state} {job} {attempt} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
 
 
 def rank_errors(run_dir: Path) -> list[dict]:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from launcher.plan.fsdp import build_fsdp_plan
 from launcher.plan.slurm import build_launch_script, build_sbatch
 from launcher.plan.topology import Topology, build_topology
 from launcher.plan.torchrun import build_torchrun_argv
+from launcher.runfiles import replace_file, umask
 from launcher.versions import report as versions_report
 
 PLAN_FILE = "plan.json"
@@ -181,19 +181,13 @@ def auto_candidates(estimate: dict[str, float]) -> dict[int, float]:
 PRIVATE = ("config.yaml", PLAN_FILE, "launch.sh", "job.sbatch")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_run_dir(plan: Plan) -> list[Path]:
     """Write the plan's files into its run directory, each replaced atomically. Private files are
     0600 (scripts 0700); the others follow the umask. A write that fails (ENOSPC, EROFS, EACCES)
     is one ConfigError line naming the path; a file being replaced keeps its old content."""
     run_dir = Path(plan.run_dir)
     files = render_files(plan)
-    mask = _umask()
+    mask = umask()
     target = run_dir / "logs"
     written = []
     try:
@@ -202,16 +196,7 @@ def write_run_dir(plan: Plan) -> list[Path]:
             target = run_dir / name
             script = name.endswith((".sh", ".sbatch"))
             mode = (0o700 if script else 0o600) if name in PRIVATE else (0o777 if script else 0o666) & ~mask
-            fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{name}.")
-            try:
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(text)
-                os.chmod(tmp, mode)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            written.append(target)
+            written.append(replace_file(target, text, mode))
     except OSError as exc:
         raise ConfigError([Problem(str(target), f"cannot write ({exc.strerror})", "free some space, or choose a writable --out")]) from None
     return written

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from launcher.runfiles import replace_file
 from launcher.runtime.train.trackers import Kind, Trackers
 
 
@@ -79,7 +80,7 @@ class Reporter:
         shown = {k: v for k, v in metrics.items() if not isinstance(v, list)}
         self.print("eval " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
         run_dir = self.path.parent
-        (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        replace_file(run_dir / "eval.json", json.dumps(metrics, indent=2) + "\n")
         with (run_dir / "eval_predictions.jsonl").open("w") as handle:
             handle.writelines(json.dumps(record) + "\n" for record in predictions)
 

@@ -1,0 +1,51 @@
+"""What a run writes into its directory never goes through something planted there (issue 27): a
+symbolic link at run.lock, data_report.json or plan.json is refused or replaced, never followed, so
+the file it points to (another run's, or any file root can write) keeps its content; a FIFO at
+run.lock is refused at once instead of blocking."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+QUICK = ["train.max_steps=2", "optim.warmup_steps=1"]
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    path = tmp_path / "victim.txt"
+    path.write_text("precious\n")
+    return path
+
+
+def test_a_linked_run_lock_is_refused_and_its_target_kept(tmp_path: Path, victim: Path, launcher) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.lock").symlink_to(victim)
+    done = launcher("plan", "tiny-cpu.yaml", *QUICK, "--out", str(run), check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"error: {run / 'run.lock'}: is a symbolic link, not the run's lock file" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert victim.read_text() == "precious\n" and not (run / "plan.json").exists()
+
+
+def test_a_fifo_at_run_lock_is_refused_without_blocking(tmp_path: Path, launcher) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / "run.lock")
+    done = launcher("plan", "tiny-cpu.yaml", *QUICK, "--out", str(run), check=False, timeout=60)
+    assert done.returncode == 2 and "is not a regular file" in done.stderr, done.stderr
+
+
+def test_linked_plan_files_and_data_report_are_replaced_not_followed(tmp_path: Path, victim: Path, launcher) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("plan.json", "config.yaml", "data_report.json"):
+        (run / name).symlink_to(victim)
+    launcher("prepare", "tiny-cpu.yaml", *QUICK, "--out", str(run))
+    assert victim.read_text() == "precious\n"
+    for name in ("plan.json", "config.yaml", "data_report.json"):
+        assert (run / name).is_file() and not (run / name).is_symlink(), name
+    assert '"cache"' in (run / "data_report.json").read_text()
