@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--best", action="store_true", help="the checkpoint early stopping recorded as best")
     cmd.add_argument("--out", required=True, help="output directory")
     cmd.add_argument("--merge", action="store_true", help="LoRA/QLoRA: merge the adapter into the base model")
+    cmd.add_argument("--force", action="store_true", help="write into --out even if it already holds files")
     cmd.set_defaults(func=cmd_export)
 
     cmd = sub.add_parser("doctor", help="check this machine for a recipe: torch, CUDA, kernels, extras, paths, port")
@@ -266,7 +267,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.runtime.state.export import export_run
 
-    return export_run(args.run_dir, args.out, step=args.step, merge=args.merge, best=args.best)
+    return export_run(args.run_dir, args.out, step=args.step, merge=args.merge, best=args.best, force=args.force)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

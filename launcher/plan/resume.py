@@ -73,7 +73,9 @@ def is_complete(folder: Path, verify: bool = False) -> tuple[bool, str]:
     sums = manifest.get("checksums", {})
     for name, size in manifest.get("files", {}).items():
         path = folder / name
-        if ".." in Path(name).parts or not path.is_file():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return False, f"the manifest names {name}, outside the checkpoint (refused)"
+        if not path.is_file():
             return False, f"{name} is missing"
         if path.stat().st_size != size:
             return False, f"{name} has {path.stat().st_size} bytes, the manifest recorded {size} (truncated?)"

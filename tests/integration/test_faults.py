@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from launcher.plan.resume import MANIFEST, step_dir
 
@@ -232,3 +233,47 @@ def test_read_only_output_is_one_line(tmp_path: Path) -> None:
         assert "Read-only file system" in stderr[0]  # the plan's one line (read from its run above, not a third start)
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_export_verifies_checksums_like_resume(reference: Path, tmp_path: Path, export) -> None:
+    """A same-size corrupted shard (sizes match, the CRC-32 does not): export passes over that
+    checkpoint to the one before, saying so, and refuses it when --step names it (issue 27)."""
+    from launcher.cli import main
+
+    run = _copy(reference, tmp_path / "run")
+    _corrupt(sorted((step_dir(run / "checkpoints", 12) / "model_optim").glob("*.distcp"))[0])
+    with pytest.raises(AssertionError, match=r"step-00000012 cannot be exported: model_optim/.* does not match its checksum"):
+        export(str(run), "--step", "12", "--out", str(tmp_path / "named"))
+    assert not (tmp_path / "named").exists()
+    assert main(["export", str(run), "--out", str(tmp_path / "newest")]) == 0
+    import safetensors.torch
+
+    exported = safetensors.torch.load_file(str(tmp_path / "newest" / "model.safetensors"))
+    step8 = tmp_path / "step8"
+    export(str(run), "--step", "8", "--out", str(step8))
+    assert all(torch.equal(t, safetensors.torch.load_file(str(step8 / "model.safetensors"))[k]) for k, t in exported.items())
+
+
+def test_export_refuses_a_manifest_naming_files_outside_the_checkpoint(reference: Path, tmp_path: Path) -> None:
+    from launcher.cli import main
+
+    run = _copy(reference, tmp_path / "run")
+    folder = step_dir(run / "checkpoints", 12)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"]["/etc/hostname"] = Path("/etc/hostname").stat().st_size
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    assert main(["export", str(run), "--step", "12", "--out", str(tmp_path / "e")]) == 2
+    assert not (tmp_path / "e").exists()
+
+
+def test_export_into_a_folder_holding_files_needs_force(reference: Path, tmp_path: Path, export, capsys) -> None:
+    from launcher.cli import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}\n')
+    assert main(["export", str(reference), "--out", str(out)]) == 2
+    assert f"error: --out {out}: is not empty (it holds config.json); choose a new folder, or add --force" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == '{"mine": true}\n'
+    export(str(reference), "--force", "--out", str(out))
+    assert json.loads((out / "config.json").read_text()).get("mine") is None

@@ -31,12 +31,13 @@ class ExportError(Exception):
     pass
 
 
-def export_run(run_dir: str, out: str, step: int | None = None, merge: bool = False, best: bool = False) -> int:
+def export_run(run_dir: str, out: str, step: int | None = None, merge: bool = False, best: bool = False, force: bool = False) -> int:
     try:
         if best:
             if step is not None:
                 raise ExportError("--best and --step: give one of them")
             step = best_step(Path(run_dir))
+        refuse_occupied(Path(out), force)
         written = export(Path(run_dir), Path(out), step, merge)
     except (ExportError, ckpt.CheckpointError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -46,6 +47,19 @@ def export_run(run_dir: str, out: str, step: int | None = None, merge: bool = Fa
         return 2
     print(f"launcher: exported {written} tensors to {out}")
     return 0
+
+
+def refuse_occupied(out: Path, force: bool) -> None:
+    """An export writes config.json, model*.safetensors, the tokenizer files: into a folder holding
+    anything already, only when asked (--force), never silently over a user's files."""
+    if force or not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a folder; choose a new folder")
+    held = sorted(p.name for p in out.iterdir())
+    if held:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ExportError(f"--out {out}: is not empty (it holds {shown}); choose a new folder, or add --force to write over it")
 
 
 def best_step(run_dir: Path) -> int:
@@ -58,17 +72,22 @@ def best_step(run_dir: Path) -> int:
 
 
 def pick_checkpoint(run_dir: Path, step: int | None) -> Path:
+    """The checkpoint to export, its files checked against the sizes and CRC-32s its manifest
+    recorded (as a resume checks them): the newest that passes, saying which were passed over, or
+    the one --step names, refused if it fails."""
     root = run_dir / "checkpoints"
     if step is None:
-        found = ckpt.find_resume(root, "auto")
-        if found is None:
-            raise ExportError(f"{root}: no complete checkpoint to export")
-        return found
+        for folder in ckpt.checkpoints(root):
+            ok, reason = ckpt.is_complete(folder, verify=True)
+            if ok:
+                return folder
+            print(f"warning: {folder} cannot be exported: {reason}; trying the one before", file=sys.stderr)
+        raise ExportError(f"{root}: no complete, intact checkpoint to export")
     folder = ckpt.step_dir(root, step)
     if not folder.is_dir():
         steps = ", ".join(str(int(p.name.removeprefix("step-"))) for p in reversed(ckpt.checkpoints(root))) or "none"
         raise ExportError(f"--step {step}: {root} has no checkpoint at step {step}; steps saved: {steps}")
-    ok, reason = ckpt.is_complete(folder)
+    ok, reason = ckpt.is_complete(folder, verify=True)
     if not ok:
         raise ExportError(f"--step {step}: {folder} cannot be exported: {reason}")
     return folder
