@@ -106,7 +106,19 @@ def _children(node: Any) -> list[Any]:
 
 def parse_yaml(text: str, where: str) -> Any:
     """YAML text → Python data within the limits; ConfigError naming `where` otherwise."""
-    loader = _BoundedLoader(text)
+    try:
+        loader = _BoundedLoader(text)  # the reader checks every character here, before any parsing
+    except yaml.reader.ReaderError as exc:  # a control character, or a byte that was not UTF-8 (an override's)
+        raise ConfigError(
+            [
+                Problem(
+                    where,
+                    f"contains U+{exc.character:04X} at character {exc.position}, which YAML does not allow "
+                    "(a control character, or a byte that is not UTF-8)",
+                    "remove it, or write it as an escape inside double quotes",
+                )
+            ]
+        ) from None
     try:
         node = loader.get_single_node()
         if node is None:

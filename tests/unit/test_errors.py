@@ -321,3 +321,17 @@ def test_changed_max_steps_is_announced_with_the_way_back() -> None:
     assert "train.max_steps=200" in note, "offers to keep the old schedule"
     assert schedule_note({"step": 100, "max_steps": 300}, cfg) is None
     assert schedule_note({"step": 100}, cfg) is None  # an older manifest: nothing to compare
+
+
+def test_a_control_character_in_a_recipe_or_a_bad_byte_in_an_override_is_one_line(tmp_path: Path, capsys) -> None:
+    """YAML's reader refuses them before parsing: that was a yaml.reader.ReaderError traceback (issue 27)."""
+    from launcher.cli import main
+
+    recipe = tmp_path / "ctl.yaml"
+    recipe.write_bytes(b'run:\n  name: "a\x01b"\n')
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {recipe}: contains U+0001 at character 15, which YAML does not allow") and "Traceback" not in err
+    undecodable = b"run.name=a\xffb".decode("utf-8", "surrogateescape")  # what argv holds for a byte that is not UTF-8
+    assert main(["validate", "tiny-cpu.yaml", undecodable]) == 2
+    assert capsys.readouterr().err.startswith("error: run.name: contains U+DCFF at character 1")
