@@ -10,6 +10,7 @@ manifest recorded.
 from __future__ import annotations
 
 import json
+import stat
 import zlib
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     """manifest.json as data; CheckpointError if missing, too large or not a JSON object."""
     path = folder / MANIFEST
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever
+            raise CheckpointError(f"{path} is not a regular file (a FIFO, a device or a folder)")
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise CheckpointError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
         data = json.loads(path.read_text(encoding="utf-8"))

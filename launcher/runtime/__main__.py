@@ -34,8 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.ranks import die_with_supervisor
 
         die_with_supervisor()  # before anything slow: a `launcher run` killed now must not leave this rank behind
-    plan = Plan.load(args.plan)
-    cfg = plan.run_config
+    from launcher.config.errors import ConfigError
+
+    try:
+        plan = Plan.load(args.plan)
+        cfg = plan.run_config
+    except ConfigError as exc:  # not a regular file, or a plan.json edited into an invalid config
+        print(str(exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     from launcher.runlock import RunDirBusy
     from launcher.runtime.data import DataError

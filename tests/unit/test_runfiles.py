@@ -49,3 +49,26 @@ def test_linked_plan_files_and_data_report_are_replaced_not_followed(tmp_path: P
     for name in ("plan.json", "config.yaml", "data_report.json"):
         assert (run / name).is_file() and not (run / name).is_symlink(), name
     assert '"cache"' in (run / "data_report.json").read_text()
+
+
+def test_fifos_where_a_run_reads_are_refused_without_blocking(tmp_path: Path, capsys) -> None:
+    """A FIFO as plan.json or as a checkpoint's manifest.json blocked the reader forever (issue 27)."""
+    import subprocess
+    import sys
+
+    from launcher.cli import main
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000004").mkdir(parents=True)
+    os.mkfifo(run / "plan.json")
+    assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 2
+    assert "plan.json: is not a regular file" in capsys.readouterr().err
+    rank = subprocess.run(
+        [sys.executable, "-m", "launcher.runtime", "--plan", str(run / "plan.json")], capture_output=True, text=True, timeout=60
+    )
+    assert rank.returncode == 2 and "is not a regular file" in rank.stderr and "Traceback" not in rank.stderr
+    from launcher.plan.resume import CheckpointError, read_manifest
+
+    os.mkfifo(run / "checkpoints" / "step-00000004" / "manifest.json")
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        read_manifest(run / "checkpoints" / "step-00000004")

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from launcher.config.errors import ConfigError
 from launcher.plan import Plan
 from launcher.runtime.model.build import DTYPES
 from launcher.runtime.model.files import ModelError, model_dir
@@ -41,6 +42,9 @@ def export_run(run_dir: str, out: str, step: int | None = None, merge: bool = Fa
         written = export(Path(run_dir), Path(out), step, merge)
     except (ExportError, ckpt.CheckpointError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:  # plan.json not a regular file, or edited into an invalid config
+        print(str(exc), file=sys.stderr)
         return 2
     except OSError as exc:  # ENOSPC, EROFS, EACCES: one line naming the file
         print(f"error: {exc.filename or out}: cannot write ({exc.strerror}); free some space, or choose a writable --out", file=sys.stderr)
