@@ -242,3 +242,25 @@ def test_data_keys_are_checked_at_load(override: str, message: str) -> None:
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(ROOT / "recipes" / "tiny-cpu.yaml", override.split(" ; "))
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["parts", "parts-and-strings"])
+def test_content_as_a_list_of_parts_is_trained_on_its_text(mixed: bool, tmp_path: Path, tiny_dir: Path, tokenizer: Any) -> None:
+    """OpenAI's content parts ([{type: text, text: ...}]) are the text they hold; they were trained on
+    as their Python repr (an answer read "[{'type': 'text', 'text': '2'}]"), issue 27."""
+    parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in CHAT]
+    rows = [{"messages": parts}]
+    if mixed:  # another row with plain strings: the same file holds both shapes
+        rows.append({"messages": [{"role": "user", "content": "copy: fox"}, {"role": "assistant", "content": "fox"}]})
+    folder = _prepare(tmp_path, rows, tiny_dir, "data.template=chat")
+    train = TokenData(folder, "train")
+    rendered = [([int(t) for t in train.input_ids[int(train.offsets[i]) : int(train.offsets[i + 1])]], i) for i in range(len(train))]
+    expected = _chat_reference(tokenizer, CHAT)[0]
+    assert expected in [ids for ids, _ in rendered]
+    assert all("'type'" not in tokenizer.decode(ids) for ids, _ in rendered)
+
+
+def test_a_content_part_that_is_not_text_is_refused_by_name(tmp_path: Path, tiny_dir: Path) -> None:
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}, CHAT[1]]}]
+    with pytest.raises(DataError, match=r"row 1, column 'messages': a turn's content holds a part of type 'image_url'"):
+        _prepare(tmp_path, rows, tiny_dir, "data.template=chat")

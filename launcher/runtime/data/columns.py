@@ -169,5 +169,30 @@ def _messages(turns: Any, system: Any, form: str, path: str, index: int, column:
         role = _ROLE_NAMES.get(str(raw_role).lower())
         if role is None:
             raise DataError(f"{where}: unknown role {raw_role!r}; use system, user or assistant (ShareGPT: system, human, gpt)")
-        out.append({"role": role, "content": _text(content, form)})
+        out.append({"role": role, "content": _text(_content_text(content, where), form)})
     return out
+
+
+# OpenAI's content parts that carry text; any other part (image_url, input_audio, file) is refused by
+# name: the model takes text, and training on a part's repr (as once happened) teaches nothing.
+_TEXT_PARTS = ("text", "input_text", "output_text")
+
+
+def _content_text(content: Any, where: str) -> Any:
+    """A turn's content as text: a string as it is; OpenAI's list of parts
+    ([{"type": "text", "text": ...}, ...], or bare strings) as its text parts joined by newlines."""
+    if not isinstance(content, list | dict):
+        return content
+    parts = [content] if isinstance(content, dict) else content
+    texts = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(part, dict) and (kind in _TEXT_PARTS or (kind is None and isinstance(part.get("text"), str))):
+            texts.append(part.get("text") or "")
+            continue
+        what = f"a part of type {kind!r}" if kind else f"a part that is a {type(part).__name__}"
+        raise DataError(f"{where}: a turn's content holds {what}; this run trains on text only: drop those rows or keep their text parts")
+    return "\n".join(texts)

@@ -30,8 +30,9 @@ from launcher.runtime.data import IGNORE_INDEX, fingerprint, source_files
 from launcher.runtime.data.store import pack_lengths
 
 # Bump when the on-disk rows change (2: no length sort; 3: classification, shifted label counts;
-# 5: Arrow pipeline, mixes, report per data set; target mask and document lengths, see data/store.py).
-CACHE_VERSION = 5
+# 5: Arrow pipeline, mixes, report per data set; target mask and document lengths, see data/store.py;
+# 6: OpenAI content parts read as their text, not their repr).
+CACHE_VERSION = 6
 SPLITS = ("train", "val")
 __all__ = ["CACHE_VERSION", "Batch", "GlobalOrder", "TokenData", "cache_key", "pack_lengths", "prepare_data"]
 
