@@ -206,44 +206,75 @@ def last_complete(run_dir: Path) -> str:
     return next((p.name for p in complete_checkpoints(run_dir)), "none")
 
 
+def _read_small(path: Path, limit: int = 1 << 16) -> str | None:
+    """A small text file the run wrote, or None when it is absent or not a regular file (a FIFO
+    would block); undecodable bytes are replaced, never raised (`launcher status` reads what it finds)."""
+    import stat
+
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None
+        with path.open("rb") as handle:
+            return handle.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def _last_logged(metrics: Path) -> dict | None:
+    """The last complete training record of metrics.jsonl (lines being written, or damaged, skipped)."""
+    import stat
+
+    last = None
+    try:
+        if not stat.S_ISREG(metrics.stat().st_mode):
+            return None
+        lines = metrics.read_bytes().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line still being written
+            continue
+        if isinstance(record, dict) and all(isinstance(record.get(k), int | float) for k in ("step", "loss")):
+            last = record
+    return last
+
+
 def status(run_dir: str) -> int:
     """State (running, preempted, requeued, failed with its line, done), SLURM job and attempt, last
-    logged step, last complete checkpoint."""
+    logged step, last complete checkpoint. Whatever it finds in the run directory, it prints: a
+    damaged or missing file is shown as unknown, never a traceback."""
     folder = Path(run_dir)
-    if not (folder / "plan.json").exists():
+    if not (folder / "plan.json").is_file():
         print(f"error: {run_dir}: not a run directory (no plan.json)", file=sys.stderr)
         return 2
-    job_file = folder / "logs" / "job_id"
-    if job_file.exists() and shutil.which("scontrol"):
-        job = job_file.read_text().strip()
+    job = (_read_small(folder / "logs" / "job_id") or "").strip()
+    if job and job.isdigit() and shutil.which("scontrol"):
         done = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
         fields = dict(item.split("=", 1) for item in done.stdout.split() if "=" in item)
         state = fields.get("JobState", "unknown (not known to slurmctld any more)")
         restarts = fields.get("Restarts", "?")
         attempt = int(restarts) + 1 if restarts.isdigit() else "?"
         print(f"job {job}: {state}  attempt {attempt}  restarts {restarts}  nodes {fields.get('NodeList', '?')}")
-    state_file = folder / "logs" / "state"
-    if state_file.exists():
-        word, job, attempt, when = (state_file.read_text().split() + ["?"] * 4)[:4]
-        failure = folder / "logs" / "failure"
-        reason = f": {failure.read_text().strip()}" if word == "failed" and failure.exists() else ""
-        print(f"state: {word} (job {job}, attempt {attempt}, since {when}){reason}")
+    text = _read_small(folder / "logs" / "state")
+    if text is not None:
+        word, job_name, attempt, when = (text.split() + ["?"] * 4)[:4]
+        failure = _read_small(folder / "logs" / "failure") if word == "failed" else None
+        reason = f": {failure.strip()}" if failure else ""
+        print(f"state: {word} (job {job_name}, attempt {attempt}, since {when}){reason}")
     else:
         print("state: not started")
-    last = None
-    metrics = folder / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line still being written
-                continue
-            if "loss" in record:
-                last = record
+    last = _last_logged(folder / "metrics.jsonl")
     if last is None:
         print("step: none logged yet")
     else:
-        print(f"step {last['step']}  loss {last['loss']:.4f}  lr {last['lr']:.2e}  elapsed {last['elapsed']:.0f}s")
+        extras = "".join(
+            f"  {name} {format(value, spec)}"
+            for name, spec, value in (("lr", ".2e", last.get("lr")), ("elapsed", ".0f", last.get("elapsed")))
+            if isinstance(value, int | float)
+        )
+        print(f"step {last['step']}  loss {last['loss']:.4f}{extras}" + ("s" if isinstance(last.get("elapsed"), int | float) else ""))
     print(f"last complete checkpoint: {last_complete(folder)}")
     return 0
 

@@ -72,3 +72,25 @@ def test_fifos_where_a_run_reads_are_refused_without_blocking(tmp_path: Path, ca
     os.mkfifo(run / "checkpoints" / "step-00000004" / "manifest.json")
     with pytest.raises(CheckpointError, match="is not a regular file"):
         read_manifest(run / "checkpoints" / "step-00000004")
+
+
+def test_status_prints_whatever_it_finds_and_never_raises(tmp_path: Path, capsys) -> None:
+    """Damaged files in a run directory: `launcher status` shows what it can (issue 27: two tracebacks)."""
+    from launcher.cli import main
+
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    (run / "plan.json").write_text('{"launcher_version": "0"}\n')  # missing every other field
+    (run / "logs" / "state").write_bytes(b"fail\xffed 12 1\n")
+    (run / "logs" / "job_id").write_bytes(b"\xfe\xfe")
+    (run / "metrics.jsonl").write_text('[1, 2]\n{"step": "x", "loss": 1}\n{"step": 3, "loss": 2.5}\n{"step": 4, "loss": ')
+    assert main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "state: fail\ufffded (job 12, attempt 1" in out and "step 3  loss 2.5000" in out
+    (run / "logs" / "state").unlink()
+    os.mkfifo(run / "logs" / "state")  # would block a plain read
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")
+    assert main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "state: not started" in out and "step: none logged yet" in out
