@@ -46,6 +46,7 @@ class Architecture:
     classes: frozenset[str] = field(default_factory=frozenset)  # every class the modeling code defines
     source: str = ""  # where the numbers came from, for messages
     attn_softcap: float | None = None  # attn_logit_softcapping (Gemma-2): tanh-capped attention scores
+    remote_code: bool = False  # config.json names its own code (auto_map) for a model_type transformers does not ship
 
     @property
     def is_encoder(self) -> bool:
@@ -99,7 +100,23 @@ def read_architecture(config_file: Path) -> Architecture:
     blocks, classes = _modeling_classes(model_type, config_file.parent, raw.get("auto_map"))
     softcap = _lookup(raw, "attn_logit_softcapping", attribute_map, defaults)
     softcap = float(softcap) if isinstance(softcap, int | float) and not isinstance(softcap, bool) else None
-    return Architecture(model_type=model_type, numbers=numbers, block_classes=blocks, classes=classes, source=where, attn_softcap=softcap)
+    remote = isinstance(raw.get("auto_map"), dict) and not ships(model_type)
+    return Architecture(
+        model_type=model_type,
+        numbers=numbers,
+        block_classes=blocks,
+        classes=classes,
+        source=where,
+        attn_softcap=softcap,
+        remote_code=remote,
+    )
+
+
+def ships(model_type: str) -> bool:
+    """transformers has its own code for `model_type` (its configuration_<type>.py exists)."""
+    root = _transformers_root()
+    name = model_type.replace("-", "_")
+    return root is not None and (root / "models" / name / f"configuration_{name}.py").is_file()
 
 
 def architecture_of(model_type: str) -> Architecture:

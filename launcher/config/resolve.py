@@ -135,6 +135,15 @@ def resolve_model(model: ModelSection) -> ModelSection:
     if model.tie_word_embeddings is None:
         model = dataclasses.replace(model, tie_word_embeddings=False)
     problems: list[Problem] = []
+    if arch is not None and arch.remote_code and not model.trust_remote_code:
+        problems.append(
+            Problem(
+                "model.trust_remote_code",
+                f"{arch.source} names its own modeling code (auto_map) for model_type {arch.model_type!r}, which transformers "
+                "does not ship; that code runs on every rank only when trusted",
+                f"set model.trust_remote_code: true if you trust the code in {Path(arch.source).parent}, or use a model transformers implements",
+            )
+        )
     if arch is not None and model.architecture and not arch.classes:
         problems.append(
             Problem(

@@ -136,3 +136,27 @@ def test_epochs_and_max_steps_are_exclusive() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(TINY, ["train.epochs=2", "train.max_steps=10"])
     assert "train.epochs" in err.value.keys
+
+
+def test_remote_code_is_refused_by_name_at_plan_time_unless_trusted(tmp_path: Path) -> None:
+    """A config.json whose model_type transformers does not ship and whose auto_map names the model's
+    own code: one line naming model.trust_remote_code at `launcher plan`, not a traceback from
+    transformers on every rank after start-up (issue 27). A shipped model_type with an auto_map
+    (common in Hub repos) is built from transformers' own code and is not refused."""
+    numbers = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 300}
+    auto_map = {"AutoConfig": "configuration_mine.MineConfig", "AutoModelForCausalLM": "modeling_mine.MineForCausalLM"}
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps({"model_type": "mine-lm", "auto_map": auto_map, **numbers}))
+    (remote / "modeling_mine.py").write_text(
+        "class MineDecoderLayer: ...\nclass MineForCausalLM:\n    _no_split_modules = ['MineDecoderLayer']\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config("tiny-cpu.yaml", [f"model.name_or_path={remote}"])
+    assert str(caught.value).startswith(f"error: model.trust_remote_code: {remote / 'config.json'} names its own modeling code")
+    trusted = load_config("tiny-cpu.yaml", [f"model.name_or_path={remote}", "model.trust_remote_code=true", "data.packing=false"])
+    assert trusted.model.layer_class == "MineDecoderLayer"
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": auto_map, **numbers}))
+    assert load_config("tiny-cpu.yaml", [f"model.name_or_path={shipped}"]).model.architecture == "llama"
