@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import ConfigError, RunConfig, load_config
+from launcher.config.errors import Problem
 
 EXIT_BAD_INPUT = 2
 
@@ -146,6 +147,12 @@ def _planned(args: argparse.Namespace, data: bool = False) -> Iterator[Any]:  # 
     out = getattr(args, "out", None)
     if out is not None and check_run_dir(out, "--out"):
         raise ConfigError(check_run_dir(out, "--out"))
+    if out is not None and os.path.islink(out.rstrip("/") or out):
+        # a link to another run's folder would have this run rewrite that run's config.yaml and plan.json
+        target = os.path.realpath(out)
+        raise ConfigError(
+            [Problem("--out", f"{out} is a symbolic link (to {target})", f"give the folder itself (--out {target}) or a new one")]
+        )
     cfg = _load(args)
     run_dir = os.path.abspath(out) if out else default_run_dir(cfg)
     problems = check_run_dir(run_dir, "--out" if out else "run.output_dir")  # the working directory counts too

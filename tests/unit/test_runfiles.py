@@ -94,3 +94,31 @@ def test_status_prints_whatever_it_finds_and_never_raises(tmp_path: Path, capsys
     assert main(["status", str(run)]) == 0
     out = capsys.readouterr().out
     assert "state: not started" in out and "step: none logged yet" in out
+
+
+def test_an_out_that_is_a_link_to_another_run_is_refused(tmp_path: Path, launcher) -> None:
+    """`--out` pointing by a symbolic link at another run had this one rewrite that run's config.yaml
+    and plan.json (issue 27): refused, naming where it points."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text("mine\n")
+    link = tmp_path / "link"
+    link.symlink_to(other)
+    done = launcher("plan", "tiny-cpu.yaml", *QUICK, "--out", str(link), check=False)
+    assert done.returncode == 2 and f"error: --out: {link} is a symbolic link (to {other})" in done.stderr, done.stderr
+    assert (other / "config.yaml").read_text() == "mine\n" and not (other / "plan.json").exists()
+
+
+def test_fifos_as_weights_or_dcp_metadata_are_refused_without_blocking(tmp_path: Path) -> None:
+    from launcher.plan.resume import CheckpointError
+    from launcher.runtime.model.build import load_weights
+    from launcher.runtime.model.files import ModelError
+    from launcher.runtime.state.safe_state import SafeReader
+
+    os.mkfifo(tmp_path / "model.safetensors")
+    with pytest.raises(ModelError, match="model.safetensors: is not a regular file"):
+        load_weights(None, None, tmp_path, 0)  # type: ignore[arg-type]  # refused before the model is touched
+    (tmp_path / "dcp").mkdir()
+    os.mkfifo(tmp_path / "dcp" / ".metadata")
+    with pytest.raises(CheckpointError, match=r"\.metadata is not a regular file"):
+        SafeReader(str(tmp_path / "dcp")).read_metadata()

@@ -233,6 +233,9 @@ def load_weights(
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelError(f"{path}: no *.safetensors weights found")
+    odd = next((f for f in files if not f.is_file()), None)
+    if odd is not None:  # a FIFO would block safe_open forever
+        raise ModelError(f"{odd}: is not a regular file (a FIFO, a device or a folder); replace it with the weights file")
     filled: set[int] = set()
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:

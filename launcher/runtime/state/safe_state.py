@@ -97,6 +97,8 @@ class SafeReader(dcp.FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         path = Path(self.path) / ".metadata"
+        if path.exists() and not path.is_file():  # a FIFO would block the read forever
+            raise CheckpointError(f"{path} is not a regular file (a FIFO, a device or a folder)")
         try:
             with path.open("rb") as handle:
                 metadata = _MetadataUnpickler(handle).load()
