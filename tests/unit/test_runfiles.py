@@ -116,7 +116,7 @@ def test_fifos_as_weights_or_dcp_metadata_are_refused_without_blocking(tmp_path:
     from launcher.runtime.state.safe_state import SafeReader
 
     os.mkfifo(tmp_path / "model.safetensors")
-    with pytest.raises(ModelError, match="model.safetensors: is not a regular file"):
+    with pytest.raises(ModelError, match=r"model\.safetensors: is not a regular file"):
         load_weights(None, None, tmp_path, 0)  # type: ignore[arg-type]  # refused before the model is touched
     (tmp_path / "dcp").mkdir()
     os.mkfifo(tmp_path / "dcp" / ".metadata")
