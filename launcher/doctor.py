@@ -147,15 +147,14 @@ def check_extras(cfg: RunConfig | None) -> Iterator[Check]:
 
 def check_versions() -> Iterator[Check]:
     """The watched packages against the versions the suite passed on (launcher/versions.py)."""
-    from launcher.versions import LOCK_NAME, canonical, in_series, installed, locked, series
+    from launcher.versions import LOCK_NAME, installed, locked, series, untested
 
     tested, found = locked(), installed()
-    outside = {name: version for name, version in found.items() if name in tested and not in_series(version, tested[name])}
-    for name, version in outside.items():
-        want = tested[name].split("+")[0]
-        yield Check("warn", "versions", f"{name} {version} is outside the tested range {series(want)}", f"pip install '{name}=={want}'")
+    outside = untested(found, tested)
+    for name, want in outside.items():
+        yield Check("warn", "versions", f"{name} {found[name]} is outside the tested range {series(want)}", f"pip install '{name}=={want}'")
     if not outside:
-        checked = sorted(canonical(name) for name in found if name in tested)
+        checked = [name for name in found if name in tested]
         yield Check("ok", "versions", f"{len(checked)} watched packages within the tested range ({LOCK_NAME})")
 
 

@@ -206,32 +206,26 @@ def last_complete(run_dir: Path) -> str:
     return next((p.name for p in complete_checkpoints(run_dir)), "none")
 
 
-def _read_small(path: Path, limit: int = 1 << 16) -> str | None:
-    """A small text file the run wrote, or None when it is absent or not a regular file (a FIFO
-    would block); undecodable bytes are replaced, never raised (`launcher status` reads what it finds)."""
-    import stat
-
+def _read_small(path: Path, limit: int | None = 1 << 16) -> str | None:
+    """A text file the run wrote (its first `limit` bytes; None: all of it), or None when it is absent
+    or not a regular file (a FIFO would block); undecodable bytes are replaced, never raised
+    (`launcher status` reads what it finds)."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
+        if not path.is_file():
             return None
         with path.open("rb") as handle:
-            return handle.read(limit).decode("utf-8", "replace")
+            return handle.read(-1 if limit is None else limit).decode("utf-8", "replace")
     except OSError:
         return None
 
 
 def _last_logged(metrics: Path) -> dict | None:
     """The last complete training record of metrics.jsonl (lines being written, or damaged, skipped)."""
-    import stat
-
-    last = None
-    try:
-        if not stat.S_ISREG(metrics.stat().st_mode):
-            return None
-        lines = metrics.read_bytes().decode("utf-8", "replace").splitlines()
-    except OSError:
+    text = _read_small(metrics, limit=None)
+    if text is None:
         return None
-    for line in lines:
+    last = None
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:  # a line still being written

@@ -97,18 +97,24 @@ def in_series(version: str, tested: str) -> bool:
     return _release(version)[:2] == _release(tested)[:2]
 
 
+def untested(found: Mapping[str, str], tested: Mapping[str, str]) -> dict[str, str]:
+    """Each installed package outside its tested series -> the tested version to install (without
+    the wheel's local label: `2.13.0+cpu` -> `2.13.0`)."""
+    return {name: tested[name].split("+")[0] for name, version in found.items() if name in tested and not in_series(version, tested[name])}
+
+
 def outside_tested(found: Mapping[str, str], tested: Mapping[str, str], planned: Mapping[str, str] | None = None) -> list[str]:
     """One warning line per watched package outside its tested series, or (within it) not the
     version the run was planned with."""
     lines: list[str] = []
+    outside = untested(found, tested)
     for name, version in found.items():
-        want = tested.get(name)
         was = (planned or {}).get(name)
-        if want is not None and not in_series(version, want):
+        if name in outside:
             note = f"; planned with {was}" if was and was != version else ""
             lines.append(
-                f"warning: {name} {version} is outside the tested range {series(want)} ({LOCK_NAME}{note}); "
-                f"if the run misbehaves, install the tested one: pip install '{name}=={want.split('+')[0]}'"
+                f"warning: {name} {version} is outside the tested range {series(outside[name])} ({LOCK_NAME}{note}); "
+                f"if the run misbehaves, install the tested one: pip install '{name}=={outside[name]}'"
             )
         elif was is not None and was != version:
             lines.append(f"warning: {name} {version} here, {was} where the run was planned; plan and ranks should share one environment")
@@ -121,7 +127,8 @@ def report() -> dict[str, str]:
 
 
 def warnings_for(planned: Mapping[str, str] | None = None) -> list[str]:
-    """This process's out-of-range lines (rank 0 prints them at start, `launcher doctor` shows them)."""
+    """This process's out-of-range lines (rank 0 prints them at start; `launcher doctor` has its own
+    check lines from `untested`)."""
     return outside_tested(installed(), locked(), {k: v for k, v in (planned or {}).items() if k != "python"})
 
 

@@ -60,7 +60,7 @@ def attn_implementation(setting: str, device_type: str, softcap: bool = False, h
     flash-attn (which applies it) runs (validation refuses sdpa for such a model). `half`: the run
     computes in bf16 / fp16 (train.precision); auto takes a FlashAttention kernel only then, and only
     on sm80+ GPUs (flash-attn installed on a V100 or T4 node fails at the first forward)."""
-    flash_fits = device_type == "cuda" and half and _ampere_or_newer()
+    flash_fits = device_type == "cuda" and half and ampere_or_newer()
     flash = setting == "flash" or (setting == "auto" and flash_fits and has_flash_attn())
     if flash and not has_flash_attn():
         raise RuntimeError("kernels.attention: flash needs the flash-attn package (pip install launcher[flash]); or use auto")
@@ -81,7 +81,8 @@ def attn_implementation(setting: str, device_type: str, softcap: bool = False, h
 
 
 @functools.cache
-def _ampere_or_newer() -> bool:
+def ampere_or_newer() -> bool:
+    """A CUDA GPU FlashAttention kernels run on (sm80+: A100, H100, L4; not V100 or T4), probed once."""
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
 

@@ -31,7 +31,9 @@ def available() -> bool:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available() and torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability() >= (8, 0)
+    from launcher.kernels.attention import ampere_or_newer
+
+    return ampere_or_newer() and torch.backends.cuda.is_flash_attention_available()
 
 
 def kernel() -> Any:

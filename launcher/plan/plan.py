@@ -90,13 +90,7 @@ class Plan:
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         """plan.json; a path that is not a regular file (a FIFO would block the read forever) is
         refused with a ConfigError naming it."""
-        import stat
-
-        try:
-            regular = stat.S_ISREG(os.stat(path).st_mode)
-        except OSError:
-            regular = True  # missing or unreadable: the read below says so, as before
-        if not regular:
+        if Path(path).exists() and not Path(path).is_file():  # missing: the read below says so, as before
             raise ConfigError([Problem(str(path), "is not a regular file (a FIFO, a device or a folder)", "give the run's plan.json")])
         return cls.from_json(Path(path).read_text())
 

@@ -52,9 +52,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     """manifest.json as data; CheckpointError if missing, too large or not a JSON object."""
     path = folder / MANIFEST
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read forever
             raise CheckpointError(f"{path} is not a regular file (a FIFO, a device or a folder)")
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
+        if info.st_size > MAX_MANIFEST_BYTES:
             raise CheckpointError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

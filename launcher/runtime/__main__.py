@@ -21,6 +21,7 @@ from typing import Any
 from launcher.config import RunConfig
 from launcher.plan import Plan
 from launcher.plan.slurm import REQUEUE_EXIT_CODE
+from launcher.runfiles import replace_file
 
 EXIT_FAILURE, EXIT_BAD_INPUT = 1, 2
 
@@ -130,8 +131,6 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Path:
     if run_dir is not None:
         meta = json.loads((folder / "meta.json").read_text())
         report = {k: meta[k] for k in ("sources", "train", "val") if k in meta}
-        from launcher.runfiles import replace_file
-
         replace_file(run_dir / "data_report.json", json.dumps({**report, "cache": str(folder)}, indent=2) + "\n")
         print("\n".join(lines(meta)), flush=True)
     return folder
@@ -163,8 +162,6 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     train_data, val_data = TokenData(folder, "train"), TokenData(folder, "val")
     labels = json.loads((folder / "meta.json").read_text()).get("labels")
     if labels and info.is_main:  # the label map belongs to the run (export writes it into config.json)
-        from launcher.runfiles import replace_file
-
         replace_file(run_dir / "labels.json", json.dumps(labels) + "\n")
     cfg = resolve_schedule(cfg, len(train_data))  # epochs, warmup ratio, per-epoch intervals: from the prepared rows
     eval_prompts = [json.loads(line) for line in (folder / "eval_prompts.jsonl").read_text().splitlines()]
@@ -235,8 +232,6 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
     def signal_saved(folder: Path, note: str) -> None:
         """checkpoints/REQUEUE names the signal save (job.sbatch requeues on it), and one line says so."""
         if info.is_main:
-            from launcher.runfiles import replace_file
-
             replace_file(run_dir / "checkpoints" / "REQUEUE", folder.name + "\n")
             reporter.print(f"launcher: saved {folder} after a signal; exiting with {REQUEUE_EXIT_CODE} ({note})")
 

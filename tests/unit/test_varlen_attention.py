@@ -211,17 +211,17 @@ def test_auto_takes_torch_varlen_on_cuda_without_flash_attn(monkeypatch) -> None
 
     monkeypatch.setattr(attention, "has_flash_attn", lambda: False)
     monkeypatch.setattr(attention, "_torch_varlen", lambda: True)
-    monkeypatch.setattr(attention, "_ampere_or_newer", lambda: True)
+    monkeypatch.setattr(attention, "ampere_or_newer", lambda: True)
     assert attention.attn_implementation("auto", "cuda") == "launcher_varlen"
     assert attention.attn_implementation("sdpa", "cuda") == "launcher_sdpa"  # asked for by name
     assert attention.attn_implementation("auto", "cuda", softcap=True) == "eager"  # Gemma-2: SDPA and this kernel cannot cap
-    monkeypatch.setattr(attention, "_ampere_or_newer", lambda: True)
+    monkeypatch.setattr(attention, "ampere_or_newer", lambda: True)
     assert attention.attn_implementation("auto", "cuda", half=False) == "launcher_sdpa"  # fp32: no FlashAttention kernel takes it
     monkeypatch.setattr(attention, "has_flash_attn", lambda: True)
-    monkeypatch.setattr(attention, "_ampere_or_newer", lambda: False)  # flash-attn installed on a V100 / T4 node
+    monkeypatch.setattr(attention, "ampere_or_newer", lambda: False)  # flash-attn installed on a V100 / T4 node
     assert attention.attn_implementation("auto", "cuda") == "launcher_sdpa"
     monkeypatch.setattr(attention, "has_flash_attn", lambda: False)
-    monkeypatch.setattr(attention, "_ampere_or_newer", lambda: True)
+    monkeypatch.setattr(attention, "ampere_or_newer", lambda: True)
     monkeypatch.setattr(attention, "_torch_varlen", lambda: False)  # an older torch
     assert attention.attn_implementation("auto", "cuda") == "launcher_sdpa"
     assert varlen.window(True, None) == (-1, 0) and varlen.window(True, 6) == (5, 0) and varlen.window(False, None) == (-1, -1)
