@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -47,6 +48,8 @@ class Architecture:
     source: str = ""  # where the numbers came from, for messages
     attn_softcap: float | None = None  # attn_logit_softcapping (Gemma-2): tanh-capped attention scores
     remote_code: bool = False  # config.json names its own code (auto_map) for a model_type transformers does not ship
+    given: frozenset[str] = field(default_factory=frozenset)  # numbers config.json states itself (not class defaults)
+    quantized: bool = False  # config.json has a quantization_config: its weights are packed, not the shapes above
 
     @property
     def is_encoder(self) -> bool:
@@ -79,10 +82,16 @@ def read_architecture(config_file: Path) -> Architecture:
         raise ConfigError([Problem("model.name_or_path", f"{where} has no model_type", "use a config.json written by transformers")])
     attribute_map, defaults = _config_class(model_type)
     numbers: dict[str, int | bool | None] = {}
+    given: set[str] = set()
     for ours, canonical in CANONICAL.items():
-        value = _lookup(raw, canonical, attribute_map, defaults)
+        value = _lookup(raw, canonical, attribute_map, {})
+        if value is not None:
+            given.add(ours)
+        else:
+            value = _lookup(raw, canonical, attribute_map, defaults)
         if ours == "intermediate_size" and value is None:
             value = next((raw[k] for k in _FFN_ALIASES if raw.get(k) is not None), None)
+            given.update(["intermediate_size"] if value is not None else [])
             if value is None and isinstance(numbers.get("hidden_size"), int):
                 value = 4 * int(numbers["hidden_size"] or 0)  # GPT-2 style MLP width
         if value is not None:
@@ -109,6 +118,8 @@ def read_architecture(config_file: Path) -> Architecture:
         source=where,
         attn_softcap=softcap,
         remote_code=remote,
+        given=frozenset(given),
+        quantized=raw.get("quantization_config") is not None,
     )
 
 
@@ -117,6 +128,39 @@ def ships(model_type: str) -> bool:
     root = _transformers_root()
     name = model_type.replace("-", "_")
     return root is not None and (root / "models" / name / f"configuration_{name}.py").is_file()
+
+
+# `("llama", "LlamaConfig")` / `"llama": "LlamaConfig"`: an entry of transformers' model-type table.
+_CONFIG_ENTRY = re.compile(r"""["']([\w.-]+)["']\s*[,:]\s*["'](\w+Config)["']""")
+_HEAD_SPLIT = re.compile(r"hidden_size\s*%\s*self\.num_attention_heads")
+
+
+@lru_cache(maxsize=1)
+def known_model_types() -> frozenset[str]:
+    """Every model_type the installed transformers maps to a config class (its auto table, read as
+    text: `gemma3_text` lives in gemma3/, `gpt-sw3` has no folder of its own); empty when
+    transformers is absent or the table moved, and then nothing is refused for it."""
+    root = _transformers_root()
+    found: set[str] = set()
+    for name in ("auto_mappings.py", "configuration_auto.py"):
+        path = root / "models" / "auto" / name if root else None
+        if path is not None and path.is_file():
+            found.update(m.group(1) for m in _CONFIG_ENTRY.finditer(path.read_text(encoding="utf-8")))
+    return frozenset(found)
+
+
+def checks_head_split(model_type: str) -> bool:
+    """The config class of `model_type` itself refuses a hidden_size that is not a multiple of the
+    attention heads (transformers' `validate_architecture`): AutoConfig fails on every rank."""
+    root = _transformers_root()
+    name = model_type.replace("-", "_")
+    path = root / "models" / name / f"configuration_{name}.py" if root else None
+    return path is not None and path.is_file() and _HEAD_SPLIT.search(_source(path)) is not None
+
+
+@lru_cache(maxsize=64)
+def _source(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
 
 
 def architecture_of(model_type: str) -> Architecture:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from launcher.config.arch import CANONICAL, Architecture, architecture_of, read_architecture
 from launcher.config.errors import ConfigError, Problem
+from launcher.config.modelfiles import config_problems, file_problems
 from launcher.config.schema import DataSection, ModelSection, RunConfig, TrainSection
 
 TINY_MODEL = "tiny-llama"
@@ -144,6 +145,11 @@ def resolve_model(model: ModelSection) -> ModelSection:
                 f"set model.trust_remote_code: true if you trust the code in {Path(arch.source).parent}, or use a model transformers implements",
             )
         )
+    if arch is not None and arch.source.endswith("config.json"):  # read from a file, not named in the recipe
+        found = config_problems(arch)
+        if Path(model.name_or_path).is_dir():  # a local directory: its files too (a Hub id is fetched by the run)
+            found += file_problems(Path(model.name_or_path), arch)
+        problems += [Problem("model.name_or_path", what, fix) for what, fix in found]
     if arch is not None and model.architecture and not arch.classes:
         problems.append(
             Problem(

@@ -160,3 +160,13 @@ def test_remote_code_is_refused_by_name_at_plan_time_unless_trusted(tmp_path: Pa
     shipped.mkdir()
     (shipped / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": auto_map, **numbers}))
     assert load_config("tiny-cpu.yaml", [f"model.name_or_path={shipped}"]).model.architecture == "llama"
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_model_files_of_every_architecture_pass_the_header_checks(name: str) -> None:
+    """The plan-time header checks (config/modelfiles.py) know no false positive on a model transformers
+    itself saved: biases, tied embeddings, Conv1D, an explicit head_dim, an encoder."""
+    from launcher.config.modelfiles import config_problems, file_problems
+
+    arch = read_architecture(tiny_arch(name) / "config.json")
+    assert config_problems(arch) == [] and file_problems(tiny_arch(name), arch) == []

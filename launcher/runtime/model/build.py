@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from launcher.config.modelfiles import Refused, read_header
 from launcher.config.schema import ModelSection
 from launcher.runtime.model.files import ModelError, model_dir
 
@@ -233,9 +234,11 @@ def load_weights(
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelError(f"{path}: no *.safetensors weights found")
-    odd = next((f for f in files if not f.is_file()), None)
-    if odd is not None:  # a FIFO would block safe_open forever
-        raise ModelError(f"{odd}: is not a regular file (a FIFO, a device or a folder); replace it with the weights file")
+    for file in files:  # the plan's header checks again (a FIFO would block safe_open forever): one line, not a traceback
+        try:
+            read_header(file)
+        except Refused as exc:
+            raise ModelError(f"{exc}; {exc.fix}") from None
     filled: set[int] = set()
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:

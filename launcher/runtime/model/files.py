@@ -30,9 +30,29 @@ def model_dir(model: ModelSection) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model.name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+        fetched = Path(snapshot_download(model.name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
     except Exception as exc:
         raise ModelError(
             f"model.name_or_path: {model.name_or_path} is not a local directory and could not be fetched "
             f"({type(exc).__name__}); download it first (huggingface-cli download) and point at the directory"
         ) from None
+    return checked(fetched)
+
+
+def checked(path: Path) -> Path:
+    """A directory the plan could not check (fetched from the Hub after it): the same header checks
+    (config/modelfiles.py), the first problem as one line before any rank loads it."""
+    from launcher.config.arch import read_architecture
+    from launcher.config.errors import ConfigError
+    from launcher.config.modelfiles import file_problems
+
+    if not (path / "config.json").is_file():
+        return path  # nothing to check against: the build says what is missing
+    try:
+        problems = file_problems(path, read_architecture(path / "config.json"))
+    except ConfigError as exc:
+        problems = [(exc.problems[0].what, exc.problems[0].fix)]
+    if problems:
+        what, fix = problems[0]
+        raise ModelError(f"model.name_or_path: {what}; {fix}")
+    return path
