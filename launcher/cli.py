@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     ):
         cmd = recipe_command(name, help_text)
         cmd.add_argument("--out", help="run directory (default: run.output_dir or runs/<run.name>)")
+        cmd.add_argument("--force", action="store_true", help="write the run into a folder that holds other files")
         cmd.set_defaults(func=func)
         if name == "submit":
             cmd.add_argument("--dry-run", action="store_true", help="plan and print the sbatch command, submit nothing")
@@ -142,6 +143,7 @@ def _planned(args: argparse.Namespace, data: bool = False) -> Iterator[Any]:  # 
     from launcher.plan import build_plan, default_run_dir, write_run_dir
     from launcher.plan.backend import with_backend
     from launcher.plan.resume import check_resume
+    from launcher.runfiles import foreign_folder
     from launcher.runlock import holding
 
     out = getattr(args, "out", None)
@@ -155,7 +157,11 @@ def _planned(args: argparse.Namespace, data: bool = False) -> Iterator[Any]:  # 
         )
     cfg = _load(args)
     run_dir = os.path.abspath(out) if out else default_run_dir(cfg)
-    problems = check_run_dir(run_dir, "--out" if out else "run.output_dir")  # the working directory counts too
+    key = "--out" if out else "run.output_dir"
+    problems = check_run_dir(run_dir, key)  # the working directory counts too
+    foreign = None if problems or args.force else foreign_folder(Path(run_dir))
+    if foreign is not None:  # its config.yaml, launch.sh, logs/ would be written over the files there
+        problems = [Problem(f"{key} {run_dir}", foreign, "choose a new folder, or add --force to write the run into this one")]
     if problems:
         raise ConfigError(problems)
     plan = build_plan(cfg, run_dir)

@@ -23,11 +23,12 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from launcher.config.errors import one_line
 from launcher.plan import Plan
 from launcher.plan.slurm import REQUEUE_EXIT_CODE
 from launcher.plot import plot_after_run
 from launcher.ranks import Ranks, send_signal
-from launcher.runfiles import replace_file
+from launcher.runfiles import open_append, read_small, replace_file
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 # SIGHUP: the terminal closed (the ranks, in their own sessions, get nothing from it); SIGQUIT: Ctrl-\.
@@ -54,18 +55,18 @@ def run_local(plan: Plan) -> int:
             file=sys.stderr,
         )
         return 2
-    code = prepare(plan)
-    if code != 0:
-        return code
     run_dir = Path(plan.run_dir)
     logs = run_dir / "logs"
-    (run_dir / "checkpoints" / "REQUEUE").unlink(missing_ok=True)
-    for stale in (logs / "exit_code", logs / "failure", *(logs / "errors").glob("rank-*.json")):
-        stale.unlink(missing_ok=True)
-    write_state(run_dir, "running", job="local", attempt=1)
-    world = plan.topology["world_size"]
-    print(f"launcher: {world} process(es) on this machine (the same run under torchrun: bash {run_dir / 'launch.sh'})", flush=True)
-    with open(logs / "launcher.log", "a", encoding="utf-8") as log:
+    with open_append(logs / "launcher.log") as log:  # never through a link planted there: refused before anything runs
+        code = prepare(plan)
+        if code != 0:
+            return code
+        (run_dir / "checkpoints" / "REQUEUE").unlink(missing_ok=True)
+        for stale in (logs / "exit_code", logs / "failure", *(logs / "errors").glob("rank-*.json")):
+            stale.unlink(missing_ok=True)
+        write_state(run_dir, "running", job="local", attempt=1)
+        world = plan.topology["world_size"]
+        print(f"launcher: {world} process(es) on this machine (the same run under torchrun: bash {run_dir / 'launch.sh'})", flush=True)
         code = _supervise(plan, log)
     if code not in (0, EXIT_INTERRUPTED) and (logs / "exit_code").exists():
         # The first rank to fail may be one that lost its peers; rank 0 recorded what the run meant (2 bad input, 75 saved).
@@ -206,22 +207,9 @@ def last_complete(run_dir: Path) -> str:
     return next((p.name for p in complete_checkpoints(run_dir)), "none")
 
 
-def _read_small(path: Path, limit: int | None = 1 << 16) -> str | None:
-    """A text file the run wrote (its first `limit` bytes; None: all of it), or None when it is absent
-    or not a regular file (a FIFO would block); undecodable bytes are replaced, never raised
-    (`launcher status` reads what it finds)."""
-    try:
-        if not path.is_file():
-            return None
-        with path.open("rb") as handle:
-            return handle.read(-1 if limit is None else limit).decode("utf-8", "replace")
-    except OSError:
-        return None
-
-
 def _last_logged(metrics: Path) -> dict | None:
     """The last complete training record of metrics.jsonl (lines being written, or damaged, skipped)."""
-    text = _read_small(metrics, limit=None)
+    text = read_small(metrics, limit=1 << 22, tail=True)  # its last 4 MiB hold the last step
     if text is None:
         return None
     last = None
@@ -230,47 +218,70 @@ def _last_logged(metrics: Path) -> dict | None:
             record = json.loads(line)
         except ValueError:  # a line still being written
             continue
-        if isinstance(record, dict) and all(isinstance(record.get(k), int | float) for k in ("step", "loss")):
-            last = record
+        if isinstance(record, dict) and _step(record.get("step")) and _number(record.get("loss")) is not None:
+            last = {**record, "loss": _number(record["loss"])}
     return last
+
+
+def _step(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: object) -> float | None:
+    """A metrics value as a float, or None: not a number (a bool, a string) or past a float's range."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def status(run_dir: str) -> int:
     """State (running, preempted, requeued, failed with its line, done), SLURM job and attempt, last
     logged step, last complete checkpoint. Whatever it finds in the run directory, it prints: a
-    damaged or missing file is shown as unknown, never a traceback."""
+    damaged or missing file is shown as unknown, never a traceback; what the files say is printed
+    with its control characters escaped (a planted escape sequence cannot drive the terminal)."""
     folder = Path(run_dir)
-    if not (folder / "plan.json").is_file():
-        print(f"error: {run_dir}: not a run directory (no plan.json)", file=sys.stderr)
+    if read_small(folder / "plan.json", limit=1) is None:
+        print(one_line(f"error: {run_dir}: not a run directory (no plan.json); give a folder `launcher plan` wrote"), file=sys.stderr)
         return 2
-    job = (_read_small(folder / "logs" / "job_id") or "").strip()
-    if job and job.isdigit() and shutil.which("scontrol"):
-        done = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
+    for line in _status_lines(folder):
+        print(one_line(line))
+    return 0
+
+
+def _status_lines(folder: Path) -> Iterator[str]:
+    job = (read_small(folder / "logs" / "job_id") or "").strip()
+    if job.isascii() and job.isdigit() and shutil.which("scontrol"):
+        try:
+            done = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, errors="replace")
+        except OSError:
+            done = subprocess.CompletedProcess([], 1, "", "")
         fields = dict(item.split("=", 1) for item in done.stdout.split() if "=" in item)
         state = fields.get("JobState", "unknown (not known to slurmctld any more)")
         restarts = fields.get("Restarts", "?")
-        attempt = int(restarts) + 1 if restarts.isdigit() else "?"
-        print(f"job {job}: {state}  attempt {attempt}  restarts {restarts}  nodes {fields.get('NodeList', '?')}")
-    text = _read_small(folder / "logs" / "state")
+        attempt = int(restarts) + 1 if restarts.isascii() and restarts.isdigit() else "?"
+        yield f"job {job}: {state}  attempt {attempt}  restarts {restarts}  nodes {fields.get('NodeList', '?')}"
+    text = read_small(folder / "logs" / "state")
     if text is not None:
         word, job_name, attempt, when = (text.split() + ["?"] * 4)[:4]
-        failure = _read_small(folder / "logs" / "failure") if word == "failed" else None
+        failure = read_small(folder / "logs" / "failure") if word == "failed" else None
         reason = f": {failure.strip()}" if failure else ""
-        print(f"state: {word} (job {job_name}, attempt {attempt}, since {when}){reason}")
+        yield f"state: {word} (job {job_name}, attempt {attempt}, since {when}){reason}"
     else:
-        print("state: not started")
+        yield "state: not started"
     last = _last_logged(folder / "metrics.jsonl")
     if last is None:
-        print("step: none logged yet")
+        yield "step: none logged yet"
     else:
-        extras = "".join(
-            f"  {name} {format(value, spec)}"
-            for name, spec, value in (("lr", ".2e", last.get("lr")), ("elapsed", ".0f", last.get("elapsed")))
-            if isinstance(value, int | float)
-        )
-        print(f"step {last['step']}  loss {last['loss']:.4f}{extras}" + ("s" if isinstance(last.get("elapsed"), int | float) else ""))
-    print(f"last complete checkpoint: {last_complete(folder)}")
-    return 0
+        lr, elapsed = _number(last.get("lr")), _number(last.get("elapsed"))
+        extras = (f"  lr {lr:.2e}" if lr is not None else "") + (f"  elapsed {elapsed:.0f}s" if elapsed is not None else "")
+        yield f"step {last['step']}  loss {last['loss']:.4f}{extras}"
+    try:
+        yield f"last complete checkpoint: {last_complete(folder)}"
+    except OSError as exc:  # a checkpoints folder it may not read
+        yield f"last complete checkpoint: unknown ({exc.strerror})"
 
 
 def main(argv: list[str]) -> int:

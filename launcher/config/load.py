@@ -20,11 +20,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from launcher.config.errors import ConfigError, Problem
 from launcher.config.read import parse_override_value, parse_yaml, read_text
-from launcher.config.resolve import resolve
+from launcher.config.resolve import DEFAULT_MAX_STEPS, resolve
 from launcher.config.resolved import hints as _hints
 from launcher.config.schema import RunConfig
 from launcher.config.validate import check_combinations, check_fields
-from launcher.config.values import check_model_numbers, control_problem
+from launcher.config.values import check_model_numbers, control_problem, null_problem, unset_length
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
 MAX_REPORTED = 20  # problem lines for unknown keys, at most
@@ -50,7 +50,7 @@ def config_from_dict(raw: dict[str, Any], user_written: bool = True) -> RunConfi
     base = OmegaConf.structured(RunConfig)
     known = []
     for path, value in leaves(raw, RunConfig, ""):
-        problem = _shape_problem(path, value) or _resolver_problem(path, value)
+        problem = _shape_problem(path, value) or _resolver_problem(path, value) or _null_problem(path, value)
         if problem is None:
             known.append((path, value))
         else:
@@ -78,6 +78,9 @@ def config_from_dict(raw: dict[str, Any], user_written: bool = True) -> RunConfi
         raise ConfigError([Problem(str(key), _first_line(exc), "a `${...}` value must name a recipe key; write a literal value")]) from None
     assert isinstance(cfg, RunConfig)
     explicit = {path for path, _ in leaves(good, RunConfig, "")} if user_written else set()
+    if user_written:
+        nulls = {path for path, value in known if value is None}
+        problems += unset_length(cfg.train.max_steps, cfg.train.epochs, nulls, DEFAULT_MAX_STEPS)
     problems += check_fields(cfg)
     try:
         cfg = resolve(cfg)
@@ -194,7 +197,9 @@ def unknown_keys(raw: Any, schema: type, prefix: str) -> list[Problem]:
         if sub is not None:
             if isinstance(value, dict):
                 problems += unknown_keys(value, sub, f"{path}.")
-            elif value is not None:
+            elif value is None:  # would drop every key a base recipe set there
+                problems.append(Problem(path, "is null (a section with nothing under it)", "remove the line, or indent its keys under it"))
+            else:
                 problems.append(Problem(path, f"must be a mapping of {', '.join(_fields(sub))}", "indent its keys under it"))
     return problems
 
@@ -257,6 +262,11 @@ def _resolver_problem(path: str, value: Any) -> Problem | None:
                 "leave secrets out of the recipe: export them in the shell (launcher run and sbatch pass the environment on)",
             )
     return None
+
+
+def _null_problem(path: str, value: Any) -> Problem | None:
+    section, _, name = path.rpartition(".")
+    return null_problem(path, _hints(_schema_at(section))[name], _type_fix(path)) if value is None else None
 
 
 def _schema_at(section: str) -> type:

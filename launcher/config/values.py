@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,23 @@ def numbers(obj: Any, prefix: str = "") -> Iterator[Problem]:
             yield Problem(key, f"{value} is not a finite number", "give a finite number")
         elif isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
             yield Problem(key, f"{value} does not fit in 64 bits", "give a smaller number")
+
+
+def null_problem(key: str, hint: Any, fix: str) -> Problem | None:
+    """`key: null` (or `key=null`) for a key that has no null: refused naming the key, never
+    read as its default. An optional key's null is its "unset" (derived, or read from the model)."""
+    if type(None) in typing.get_args(hint):
+        return None
+    return Problem(key, "is null, which this key cannot be", f"remove the key, or {fix}")
+
+
+def unset_length(max_steps: int | None, epochs: float | None, nulls: set[str], default: int) -> list[Problem]:
+    """An explicit null for train.max_steps (or train.epochs) that leaves neither set would silently
+    train the default number of steps; null beside the other one set clears an inherited value."""
+    if max_steps is not None or epochs is not None:
+        return []
+    return [
+        Problem(key, f"is null, which would silently mean the default {default} steps", "remove the key, or give a number")
+        for key in ("train.max_steps", "train.epochs")
+        if key in nulls
+    ]

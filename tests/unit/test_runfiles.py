@@ -44,7 +44,8 @@ def test_linked_plan_files_and_data_report_are_replaced_not_followed(tmp_path: P
     run.mkdir()
     for name in ("plan.json", "config.yaml", "data_report.json"):
         (run / name).symlink_to(victim)
-    launcher("prepare", "tiny-cpu.yaml", *QUICK, "--out", str(run))
+    # --force: a folder whose plan.json is not a run's is refused without it (test_run_dir.py)
+    launcher("prepare", "tiny-cpu.yaml", *QUICK, "--out", str(run), "--force")
     assert victim.read_text() == "precious\n"
     for name in ("plan.json", "config.yaml", "data_report.json"):
         assert (run / name).is_file() and not (run / name).is_symlink(), name

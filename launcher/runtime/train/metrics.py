@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from launcher.runfiles import replace_file
+from launcher.config.errors import ConfigError
+from launcher.plan.resume import CheckpointError
+from launcher.runfiles import open_append, replace_file
 from launcher.runtime.train.trackers import Kind, Trackers
 
 
@@ -28,8 +30,12 @@ class Reporter:
         self._bar: Any = None
         self._file: TextIO | None = None
         if enabled:
-            # A run from step 0 starts the file afresh; a resumed one continues it.
-            self._file = self.path.open("a" if start_step > 0 else "w")
+            # A run from step 0 starts the file afresh; a resumed one continues it. Never through a
+            # link planted at the name (the file it points to would be emptied, or grow).
+            try:
+                self._file = open_append(self.path, truncate=start_step == 0)
+            except ConfigError as exc:
+                raise CheckpointError(str(exc).removeprefix("error: ")) from None  # the ranks' one-line error
             if sys.stderr.isatty():
                 from tqdm import tqdm
 
@@ -81,8 +87,7 @@ class Reporter:
         self.print("eval " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
         run_dir = self.path.parent
         replace_file(run_dir / "eval.json", json.dumps(metrics, indent=2) + "\n")
-        with (run_dir / "eval_predictions.jsonl").open("w") as handle:
-            handle.writelines(json.dumps(record) + "\n" for record in predictions)
+        replace_file(run_dir / "eval_predictions.jsonl", "".join(json.dumps(record) + "\n" for record in predictions))
 
     def print(self, text: str) -> None:
         if not self.enabled:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from launcher.config.errors import one_line
+from launcher.runfiles import read_small, replace_file
 
 Kind = Literal["train", "eval"]
 
@@ -60,8 +61,8 @@ class Wandb:
         folder.mkdir(parents=True, exist_ok=True)
         # One id per run directory, so a resumed run continues the same W&B run.
         id_file = folder / "launcher-run-id"
-        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:16]
-        id_file.write_text(run_id + "\n")
+        run_id = (read_small(id_file, limit=256) or "").strip() or uuid.uuid4().hex[:16]
+        replace_file(id_file, run_id + "\n")  # never through a link planted there
         mode: Literal["offline"] | None = None if os.environ.get("WANDB_MODE") else "offline"  # None: wandb reads WANDB_MODE
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT") or "launcher",
@@ -102,12 +103,13 @@ class Mlflow:
         experiment = self.client.get_experiment_by_name(experiment_name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(experiment_name)
         id_file = run_dir / "mlflow-run-id"  # a resumed run continues the same MLflow run
-        if id_file.exists():
-            self.run_id = id_file.read_text().strip()
+        saved = (read_small(id_file, limit=256) or "").strip()  # a FIFO or a folder there is not read
+        if saved:
+            self.run_id = saved
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
-            id_file.write_text(self.run_id + "\n")
+            replace_file(id_file, self.run_id + "\n")
             params = [Param(key, str(value)[:6000]) for key, value in flatten(config).items()]
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[start : start + 100])
