@@ -14,6 +14,7 @@ import pytest
 from launcher.config import load_config
 from launcher.runtime.data import IGNORE_INDEX, CleanReport, DataError, clean, load_records, tokenize
 from launcher.runtime.data.packing import GlobalOrder, TokenData, pack_lengths, prepare_data
+from launcher.runtime.data.sources import INVALID
 from launcher.runtime.model.tiny import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,8 +136,13 @@ def test_prepared_cache_is_reused_and_keyed(tmp_path: Path, tiny_dir: Path) -> N
 def test_corrupt_file_is_one_line_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{not json\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl"):
-        load_records(str(bad), "auto", "train")
+    # a line that is not JSON is one row the pipeline counts as invalid (then drops, or refuses past
+    # data.max_dropped_fraction), named by its line
+    records = load_records(str(bad), "auto", "train", cache_dir=str(tmp_path / "work"))
+    assert [r.get(INVALID) for r in records] == [None, "line 2 is not JSON (Expecting property name enclosed in double quotes)"]
+    (tmp_path / "bad.json").write_text('[{"prompt": "a"},\n{not json]\n')
+    with pytest.raises(DataError, match=r"bad\.json: cannot be read as json \("):
+        load_records(str(tmp_path / "bad.json"), "auto", "train", cache_dir=str(tmp_path / "work"))
 
 
 def test_launcher_run_with_corrupt_data_fails_before_launch(tmp_path: Path) -> None:

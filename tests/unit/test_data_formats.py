@@ -143,7 +143,7 @@ def test_alpaca_dedup_keeps_rows_that_differ_in_input(tmp_path: Path, tiny_dir: 
         (
             [{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}],
             ["data.template=chat"],
-            r"row 1, column 'messages': unknown role 'bot'",
+            r"1 of 1 rows dropped \(100%: 1 invalid\).*\(row 1: unknown role 'bot'; use system, user or assistant",
         ),
         (
             [{"instruction": "a", "output": "b"}],
@@ -193,8 +193,9 @@ def test_val_split_of_a_dataset_dict_never_holds_training_rows(tmp_path: Path, t
     )
     path = str(tmp_path / "dd")
     folder = prepare_data(_data(f"data.path={path}", "data.val_split=validation"), path, tiny_dir, tmp_path / "cache", seed=1)
-    (report,) = json.loads((folder / "meta.json").read_text())["sources"]
-    assert (report["kept"], report["val"], report["val_overlap"]) == (40, 8, 2)
+    meta = json.loads((folder / "meta.json").read_text())
+    (report,), (val_report,) = meta["sources"], meta["val_sources"]
+    assert (report["read"], report["kept"], val_report["read"], val_report["val"], val_report["val_overlap"]) == (40, 40, 10, 8, 2)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
@@ -262,5 +263,137 @@ def test_content_as_a_list_of_parts_is_trained_on_its_text(mixed: bool, tmp_path
 
 def test_a_content_part_that_is_not_text_is_refused_by_name(tmp_path: Path, tiny_dir: Path) -> None:
     rows = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}, CHAT[1]]}]
-    with pytest.raises(DataError, match=r"row 1, column 'messages': a turn's content holds a part of type 'image_url'"):
+    with pytest.raises(DataError, match=r"\(row 1: a turn's content holds a part of type 'image_url'; this run trains on text only"):
         _prepare(tmp_path, rows, tiny_dir, "data.template=chat")
+
+
+# Hostile rows (issue 27): a row the pipeline cannot read is counted, named by its row number and
+# dropped within data.max_dropped_fraction; the file as a whole is refused only past it. Every count
+# adds up to the rows read.
+GOOD = [{"messages": [{"role": "user", "content": f"copy: w{i}"}, {"role": "assistant", "content": f"w{i}"}]} for i in range(30)]
+STRICT = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _lines(rows: list[Any]) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+def _prepare_bytes(tmp_path: Path, raw: bytes, tiny_dir: Path, *overrides: str, name: str = "d.jsonl") -> dict[str, Any]:
+    source = tmp_path / name
+    source.write_bytes(raw)
+    data = _data(f"data.path={source}", "data.template=chat", *overrides)
+    folder = prepare_data(data, str(source), tiny_dir, tmp_path / "cache", seed=1)
+    return json.loads((folder / "meta.json").read_text())
+
+
+def _accounted(report: dict[str, Any]) -> int:
+    dropped = ("missing", "empty", "invalid", "duplicates", "too_long", "untrainable", "val_overlap", "val", "kept")
+    return sum(report[k] for k in dropped)
+
+
+BAD_ROWS = [
+    (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}\n', "line 31 is not valid UTF-8"),
+    (b'{"messages": [\n', "line 31 is not JSON"),
+    (b"[1, 2]\n", "line 31 is a JSON list, not an object"),
+    (b'{"messages": 5}\n', "column 'messages' holds a number, not a list of turns"),
+    (b'{"messages": [{"role": "bot", "content": "x"}]}\n', "unknown role 'bot'"),
+    (
+        b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": {"a": 1}}]}\n',
+        "content holds a part without a 'type'",
+    ),
+    (_lines([{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}]), "chat template refused it"),
+]
+
+
+@pytest.mark.parametrize(("line", "why"), BAD_ROWS, ids=[w.split(" (")[0] for _, w in BAD_ROWS])
+def test_a_row_that_cannot_be_read_is_counted_with_its_number(line: bytes, why: str, tmp_path: Path, tiny_dir: Path) -> None:
+    """Each was a traceback (UnicodeDecodeError, TypeError, jinja2's TemplateError) or a whole-file refusal."""
+    meta = _prepare_bytes(tmp_path, _lines(GOOD) + line, tiny_dir, f"data.chat_template={json.dumps(STRICT)}")
+    (report,) = meta["sources"]
+    assert (report["read"], report["invalid"], report["kept"]) == (31, 1, 30) and _accounted(report) == 31
+    assert report["problems"][0].startswith("row 31: ") and why in report["problems"][0], report["problems"]
+    many = _lines(GOOD[:2]) + line * 3
+    with pytest.raises(DataError, match=r"d\.jsonl: 3 of 5 rows dropped \(60%: 3 invalid\).*fix or remove those rows \(row 3: ") as caught:
+        _prepare_bytes(tmp_path, many, tiny_dir, f"data.chat_template={json.dumps(STRICT)}", "data.dedup=false")
+    assert why.replace("line 31 ", "") in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_one_json_document_with_a_bad_byte_is_refused_with_its_line(tmp_path: Path, tiny_dir: Path) -> None:
+    raw = b'[\n{"messages": [{"role": "user", "content": "a"}]},\n{"messages": [{"role": "user", "content": "\xff"}]}\n]\n'
+    with pytest.raises(DataError, match=r"d\.json: line 3 is not valid UTF-8 or JSON; fix or remove it"):
+        _prepare_bytes(tmp_path, raw, tiny_dir, name="d.json")
+
+
+def test_missing_and_empty_rows_are_counted_apart(tmp_path: Path, tiny_dir: Path) -> None:
+    rows = [{"text": f"w{i} w{i}"} for i in range(20)] + [{"other": "x"}, {"text": None}, {"text": " "}]
+    meta = _prepare_bytes(tmp_path, _lines(rows), tiny_dir, "data.template=text")
+    (report,) = meta["sources"]
+    assert (report["read"], report["missing"], report["empty"], report["kept"]) == (23, 2, 1, 20) and _accounted(report) == 23
+
+
+def test_a_template_that_never_finishes_is_refused_in_bounded_time(tmp_path: Path, tiny_dir: Path, monkeypatch) -> None:
+    from launcher.runtime.data import templates
+
+    monkeypatch.setattr(templates, "RENDER_SECONDS", 0.3)
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0].content }}"
+    with pytest.raises(DataError, match=r"^data\.chat_template: rendering row 1 took over 0\.3 s; the template does not finish"):
+        _prepare_bytes(tmp_path, _lines(GOOD), tiny_dir, f"data.chat_template={json.dumps(loop)}")
+    with pytest.raises(DataError, match=r"^data\.chat_template \(inline\): is not a valid Jinja template \(line 1\): unexpected '}'"):
+        _prepare_bytes(tmp_path, _lines(GOOD), tiny_dir, f"data.chat_template={json.dumps('{% for m in messages %}{{ m }')}")
+
+
+@pytest.mark.parametrize("val", ["fraction", "path"])
+def test_the_report_adds_up_with_an_over_long_row_in_each_split(val: str, tmp_path: Path, tiny_dir: Path) -> None:
+    """One over-long validation row vanished from the counts (404 read, 403 accounted for)."""
+
+    def long(i: int) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": f"go {i}"}, {"role": "assistant", "content": " ".join(["cat"] * 200)}]}
+
+    train = GOOD[:20] + [long(i) for i in range(6)]
+    held = [{"messages": [{"role": "user", "content": f"copy: v{i}"}, {"role": "assistant", "content": f"v{i}"}]} for i in range(9)]
+    (tmp_path / "v.jsonl").write_bytes(_lines([*held, long(99)]))
+    split = ["data.val_fraction=0.5"] if val == "fraction" else [f"data.val_path={tmp_path / 'v.jsonl'}"]
+    meta = _prepare_bytes(tmp_path, _lines(train), tiny_dir, "data.max_seq_len=64", "data.max_dropped_fraction=0.3", *split)
+    reports = meta["sources"] + meta["val_sources"]
+    assert all(_accounted(r) == r["read"] for r in reports), reports
+    assert sum(r["val"] for r in reports) == meta["val"]["documents"]
+    if val == "path":
+        assert [(r["read"], r["too_long"]) for r in reports] == [(26, 6), (10, 1)]
+    else:
+        assert reports[0]["too_long"] == 6 and reports[0]["val"] < 13  # over-long held-out rows were not counted
+
+
+def test_a_50_mb_row_is_prepared_in_bounded_memory(tmp_path: Path, tiny_dir: Path) -> None:
+    """Each row was tokenised whole before the max_seq_len check: 50 MB took 62 s and 7 GB; a cell is
+    now cut where it must be over-long (columns.char_limit), so memory follows max_seq_len."""
+    import subprocess
+    import sys
+
+    rows = [{"text": f"w{i} w{i}"} for i in range(20)] + [{"text": "cat " * (50 << 18)}]
+    (tmp_path / "d.jsonl").write_bytes(_lines(rows))
+    script = (
+        "import json, resource, sys\n"
+        "from pathlib import Path\n"
+        "from launcher.config import load_config\n"
+        "from launcher.runtime.data.packing import prepare_data\n"
+        "tmp, tiny = Path(sys.argv[1]), Path(sys.argv[2])\n"
+        "data = load_config(Path(sys.argv[3]), [f'data.path={tmp / \"d.jsonl\"}', 'data.template=text', 'data.packing=false',\n"
+        "    'data.val_fraction=0', 'train.eval_exact_match=0']).data\n"
+        "folder = prepare_data(data, str(tmp / 'd.jsonl'), tiny, tmp / 'cache', seed=1)\n"
+        "print(json.dumps([json.loads((folder / 'meta.json').read_text())['sources'][0],\n"
+        "    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), str(tiny_dir), str(ROOT / "recipes" / "tiny-cpu.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report, peak_kib = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (report["too_long"], report["kept"]) == (1, 20)
+    assert peak_kib < 1_400_000, f"peak RSS {peak_kib / 1024:.0f} MiB"  # ~0.8 GiB here; 7 GiB before

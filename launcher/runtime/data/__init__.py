@@ -45,8 +45,12 @@ def clean(records: list[dict[str, Any]], data: DataSection, report: CleanReport,
     report.read += len(records)
     out, seen = [], set()
     for i in range(len(records)):
-        if roles["_empty"][i]:
-            report.empty += 1
+        if roles["_invalid"][i]:
+            report.add_problems(1, [(i, roles["_invalid"][i])])
+            continue
+        if roles["_missing"][i] or roles["_empty"][i]:
+            report.missing += roles["_missing"][i]
+            report.empty += roles["_empty"][i]
             continue
         if data.dedup and roles["_hash"][i] in seen:
             report.duplicates += 1

@@ -109,36 +109,104 @@ def features(template: str) -> Any:
     cols: dict[str, Any] = {role: string for role in ROLES[template] if role not in ("messages", "system")}
     if template == "chat":
         cols["messages"] = List({"role": string, "content": string})
-    return Features({**cols, "_hash": Value("int64"), "_empty": Value("bool")})
+    flags = {"_hash": Value("int64"), "_empty": Value("bool"), "_missing": Value("bool"), "_invalid": string, "_row": Value("int64")}
+    return Features({**cols, **flags})
 
 
 def normalize(text: str, form: str) -> str:
     return text if form == "none" else unicodedata.normalize(form, text)  # type: ignore[arg-type]
 
 
-def _text(value: Any, form: str) -> str:
+class RowFault(Exception):
+    """One row the pipeline cannot read (wrong type, unknown role, a part that is not text): counted,
+    reported with its row number, and dropped within data.max_dropped_fraction."""
+
+
+def _text(value: Any, form: str, limit: int = 0, what: str = "") -> str:
+    """A cell as text: numbers and booleans as written, lists and mappings refused. `limit` cuts it to
+    that many characters: a row longer than that is over-long whatever it says (see `char_limit`),
+    and tokenising it whole would cost memory in proportion to the row, not to data.max_seq_len."""
     if value is None:
         return ""
-    return normalize(value if isinstance(value, str) else str(value), form).strip()
+    if isinstance(value, list | dict):
+        raise RowFault(f"{what or 'a column'} holds {_kind(value)}, not text")
+    text = value if isinstance(value, str) else str(value)
+    if limit and len(text) > limit:
+        text = text[: 4 * limit]  # normalisation may merge characters: cut after it too
+        return normalize(text, form)[:limit]
+    return normalize(text, form).strip()
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind, as a message says it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list | dict):
+        return "a list" if isinstance(value, list) else "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def char_limit(max_seq_len: int, longest_token: int) -> int:
+    """Characters past which a text has more than max_seq_len tokens: no token spans more than
+    `longest_token` characters (the vocabulary's longest entry, in bytes for byte-level vocabularies),
+    doubled for normalisers that drop characters (accents). Tokenizers that drop whitespace (WordPiece)
+    can beat it on text that is mostly whitespace: such a row keeps its first tokens, not all."""
+    return 2 * (max_seq_len + 1) * max(longest_token, 1)
 
 
 def to_roles(
-    batch: dict[str, list[Any]], indices: list[int], template: str, columns: dict[str, str], form: str, path: str
+    batch: dict[str, list[Any]],
+    indices: list[int],
+    template: str,
+    columns: dict[str, str],
+    form: str,
+    path: str,
+    limit: int = 0,
+    invalid: str = "",
 ) -> dict[str, list[Any]]:
-    """Batched map: the user's columns → normalised role columns + `_empty` + `_hash`."""
+    """Batched map: the user's columns → normalised role columns + `_empty` (present, but nothing to
+    train on), `_missing` (a required column absent or null), `_invalid` (why the row cannot be read,
+    else ""), `_row` (its index in the source) and `_hash`. `invalid` names a column of reasons a
+    checked copy of the file gives unreadable lines (sources.checked_json)."""
     n = len(indices)
-    out: dict[str, list[Any]] = {}
+    out: dict[str, list[Any]] = {"_invalid": [""] * n, "_missing": [False] * n}
+    given = batch[invalid] if invalid else [None] * n
     if template == "chat":
         column = columns["messages"]
         system = batch[columns["system"]] if "system" in columns else [None] * n
-        out["messages"] = [_messages(batch[column][i], system[i], form, path, indices[i], column) for i in range(n)]
+        out["messages"] = []
+        for i in range(n):
+            turns = batch[column][i]
+            out["_missing"][i] = turns is None and not given[i]
+            try:
+                msgs = _messages(turns, system[i], form, column, limit) if not given[i] else []
+            except RowFault as fault:
+                msgs, out["_invalid"][i] = [], str(fault)
+            out["messages"].append(msgs)
         empty = [not any(m["role"] == "assistant" and m["content"] for m in msgs) for msgs in out["messages"]]
     else:
         for role, column in columns.items():
-            out[role] = [_text(v, form) for v in batch[column]]
+            values = out[role] = []
+            for i, value in enumerate(batch[column]):
+                try:
+                    values.append(_text(value, form, limit, f"column {column!r}"))
+                except RowFault as fault:
+                    values.append("")
+                    out["_invalid"][i] = out["_invalid"][i] or str(fault)
         required = [r for r in columns if r not in OPTIONAL]
+        out["_missing"] = [any(batch[columns[r]][i] is None for r in required) and not given[i] for i in range(n)]
         empty = [any(not out[r][i] for r in required) for i in range(n)]
+    for i in range(n):
+        if given[i]:
+            out["_invalid"][i] = str(given[i])
+        if out["_invalid"][i] or out["_missing"][i]:
+            empty[i] = False
     out["_empty"] = empty
+    out["_row"] = list(indices)
     roles = [r for r in ROLES[template] if r in out]
     out["_hash"] = [_hash([out[r][i] for r in roles]) for i in range(n)]
     return out
@@ -149,27 +217,35 @@ def _hash(values: list[Any]) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
-def _messages(turns: Any, system: Any, form: str, path: str, index: int, column: str) -> list[dict[str, str]]:
-    """OpenAI (role/content) or ShareGPT (from/value) turns → OpenAI messages; an unknown role is an error."""
-    where = f"{path}: row {index + 1}, column {column!r}"
+def _messages(turns: Any, system: Any, form: str, column: str, limit: int = 0) -> list[dict[str, str]]:
+    """OpenAI (role/content) or ShareGPT (from/value) turns → OpenAI messages; a row that is neither is a
+    RowFault. Past `limit` characters of content the conversation is over-long: later turns are left out."""
     if turns is None:
         return []
     if isinstance(turns, str):
-        raise DataError(f"{where}: holds text, not a list of turns; use data.template: text, or map data.columns.messages to the turns")
+        raise RowFault(f"column {column!r} holds text, not a list of turns (use data.template: text, or map data.columns.messages)")
+    if not isinstance(turns, list):
+        raise RowFault(f"column {column!r} holds {_kind(turns)}, not a list of turns")
     out: list[dict[str, str]] = []
     if system:
-        out.append({"role": "system", "content": _text(system, form)})
+        out.append({"role": "system", "content": _text(system, form, limit, "the system column")})
+    budget = limit or -1
     for turn in turns:
         if not isinstance(turn, dict):
-            raise DataError(f"{where}: a turn is {type(turn).__name__}, not a mapping with role/content (or from/value)")
+            raise RowFault(f"a turn is {_kind(turn)}, not a mapping with role/content (or from/value)")
         raw_role = turn.get("role") if turn.get("role") is not None else turn.get("from")
         content = turn.get("content") if turn.get("content") is not None else turn.get("value")
         if raw_role is None:
-            raise DataError(f"{where}: a turn has no 'role' (OpenAI) or 'from' (ShareGPT) key")
+            raise RowFault("a turn has no 'role' (OpenAI) or 'from' (ShareGPT) key")
         role = _ROLE_NAMES.get(str(raw_role).lower())
         if role is None:
-            raise DataError(f"{where}: unknown role {raw_role!r}; use system, user or assistant (ShareGPT: system, human, gpt)")
-        out.append({"role": role, "content": _text(_content_text(content, where), form)})
+            raise RowFault(f"unknown role {str(raw_role)[:40]!r}; use system, user or assistant (ShareGPT: system, human, gpt)")
+        text = _text(_content_text(content), form, max(budget, 0), "a turn's content")
+        out.append({"role": role, "content": text})
+        if limit:
+            budget -= len(text)
+            if budget <= 0:
+                break
     return out
 
 
@@ -178,7 +254,7 @@ def _messages(turns: Any, system: Any, form: str, path: str, index: int, column:
 _TEXT_PARTS = ("text", "input_text", "output_text")
 
 
-def _content_text(content: Any, where: str) -> Any:
+def _content_text(content: Any) -> Any:
     """A turn's content as text: a string as it is; OpenAI's list of parts
     ([{"type": "text", "text": ...}, ...], or bare strings) as its text parts joined by newlines."""
     if not isinstance(content, list | dict):
@@ -193,6 +269,10 @@ def _content_text(content: Any, where: str) -> Any:
         if isinstance(part, dict) and (kind in _TEXT_PARTS or (kind is None and isinstance(part.get("text"), str))):
             texts.append(part.get("text") or "")
             continue
-        what = f"a part of type {kind!r}" if kind else f"a part that is a {type(part).__name__}"
-        raise DataError(f"{where}: a turn's content holds {what}; this run trains on text only: drop those rows or keep their text parts")
+        what = (
+            f"a part of type {kind!r}"
+            if kind
+            else ("a part without a 'type'" if isinstance(part, dict) else f"a part that is {_kind(part)}")
+        )
+        raise RowFault(f"a turn's content holds {what}; this run trains on text only: drop those rows or keep their text parts")
     return "\n".join(texts)

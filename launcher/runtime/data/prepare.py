@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from launcher.config.schema import DataSection
-from launcher.runtime.data.columns import Source, features, role_columns, sources_of, to_roles
+from launcher.runtime.data.columns import Source, char_limit, features, role_columns, sources_of, to_roles
 from launcher.runtime.data.core import DataError
 from launcher.runtime.data.mixing import mix_counts, pick
-from launcher.runtime.data.report import CleanReport, check_dropped
-from launcher.runtime.data.sources import load_source, split_names
+from launcher.runtime.data.report import FIRST_PROBLEMS, CleanReport, check_dropped
+from launcher.runtime.data.sources import INVALID, load_source, split_names
 from launcher.runtime.data.store import DocTable, write_flat, write_rows
 from launcher.runtime.data.templates import chat_template, eval_prompt, tokenize_batch, tokenize_features
 
@@ -50,12 +50,16 @@ def build(data: DataSection, task: str, tokenizer_dir: Path, seed: int, out: Pat
     work = out / "work"
     work.mkdir()
     ctx = _Context(data, tokenizer, chat, work, seed)
-    reports, train_parts, val_parts = [], [], []
+    reports, val_reports, train_parts, val_parts = [], [], [], []
     for n, source in enumerate(sources):
         report = CleanReport(name=source.name)
-        train, val = ctx.split(n, source, report, sources[0])
-        report.kept, report.val = train.documents, val.documents
-        check_dropped(report, data.max_dropped_fraction, data.max_seq_len)
+        train, val, val_report = ctx.split(n, source, report, sources[0])
+        report.kept = train.documents
+        (val_report or report).val = val.documents
+        for checked in (report, val_report):
+            if checked is not None:
+                check_dropped(checked, data.max_dropped_fraction, data.max_seq_len)
+                val_reports += [checked] if checked is val_report else []
         reports.append(report)
         train_parts.append(train)
         val_parts.append(val)
@@ -81,11 +85,12 @@ def build(data: DataSection, task: str, tokenizer_dir: Path, seed: int, out: Pat
             order = np.random.default_rng([seed, 8]).permutation(docs.count)
         meta[split] = write_rows(docs, order, data.max_seq_len if data.packing else 0, out / split, bool(labels))
     meta["sources"] = [asdict(r) for r in reports]
+    meta["val_sources"] = [asdict(r) for r in val_reports]
     meta["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with (out / "eval_prompts.jsonl").open("w") as handle:
         for part in val_parts if not labels else []:
             template = sources[part.source].template
-            for row in part.roles.select(range(min(EVAL_PROMPTS, len(part.roles)))):
+            for row in part.roles.select(np.flatnonzero(part.keep)[:EVAL_PROMPTS]):
                 prompt = eval_prompt(template, row, tokenizer, chat)
                 if prompt is not None:
                     handle.write(json.dumps(prompt) + "\n")
@@ -97,19 +102,25 @@ class _Context:
     def __init__(self, data: DataSection, tokenizer: Any, chat: str, work: Path, seed: int) -> None:
         self.data, self.tokenizer, self.chat, self.work, self.seed = data, tokenizer, chat, work, seed
         self.num_proc = data.num_proc if data.num_proc > 1 else None
+        longest = max(map(len, tokenizer.get_vocab()), default=1)
+        self.limit = char_limit(data.max_seq_len, longest)  # characters a cell keeps (columns.char_limit)
 
-    def split(self, n: int, source: Source, report: CleanReport, first: Source) -> tuple[_Part, _Part]:
-        """Training and validation rows of one data set: never a training row in validation."""
+    def split(self, n: int, source: Source, report: CleanReport, first: Source) -> tuple[_Part, _Part, CleanReport | None]:
+        """Training and validation rows of one data set (never a training row in validation), and the
+        validation set's own report when it is read from its own rows (data.val_split, data.val_path)."""
         data = self.data
         roles, keep = self.clean(source, source.split, f"{n}-train", report)
         hashes = np.asarray(roles.data.column("_hash").to_numpy())
+        val_report: CleanReport | None = None
         if data.val_split:
-            val_roles, val_keep = self.clean(source, data.val_split, f"{n}-val", CleanReport(), key="data.val_split")
+            val_report = CleanReport(name=f"{source.name} (validation)")
+            val_roles, val_keep = self.clean(source, data.val_split, f"{n}-val", val_report, key="data.val_split")
             train_idx = keep
         elif data.val_path:
             val_source = _val_source(data, first)
             if n == 0:
-                val_roles, val_keep = self.clean(val_source, val_source.split, f"{n}-val", CleanReport(), key="data.val_path")
+                val_report = CleanReport(name=val_source.name)
+                val_roles, val_keep = self.clean(val_source, val_source.split, f"{n}-val", val_report, key="data.val_path")
             else:
                 val_roles, val_keep = roles, np.zeros(0, dtype=np.int64)
             train_idx = keep
@@ -119,27 +130,41 @@ class _Context:
             val_roles, val_keep, train_idx = roles, np.sort(shuffled[:n_val]), np.sort(shuffled[n_val:])
         val_hashes = np.asarray(val_roles.data.column("_hash").to_numpy())[val_keep]
         overlap = np.isin(val_hashes, hashes[train_idx])
-        report.val_overlap = int(overlap.sum())
+        (val_report or report).val_overlap = int(overlap.sum())
         val_keep = val_keep[~overlap]
         train = self.tokenize(roles.select(train_idx), source, f"{n}-train", report)
-        val = self.tokenize(val_roles.select(val_keep), source, f"{n}-val", CleanReport())
-        return train, val
+        val = self.tokenize(val_roles.select(val_keep), source, f"{n}-val", val_report or report)
+        return train, val, val_report
 
     def clean(self, source: Source, split: str, tag: str, report: CleanReport, key: str = "data.split") -> tuple[Any, np.ndarray]:
-        """Roles of every row; the indices of the non-empty, first-seen ones."""
+        """Roles of every row; the indices of the readable, non-empty, first-seen ones."""
         raw = load_source(source.path, source.format, split, cache_dir=str(self.work / "hf"), key=key)
-        columns = role_columns(source, list(raw.column_names))
-        kwargs = {"template": source.template, "columns": columns, "form": self.data.unicode_normalization, "path": source.path}
+        present = [c for c in raw.column_names if c != INVALID]
+        if not present:  # every line was unreadable
+            first = raw[0][INVALID] if len(raw) else "no rows"
+            raise DataError(f"{source.path}: no row can be read (row 1: {first}); check the file's encoding (UTF-8) and format")
+        columns = role_columns(source, present)
+        kwargs = {
+            "template": source.template,
+            "columns": columns,
+            "form": self.data.unicode_normalization,
+            "path": source.path,
+            "limit": self.limit,
+            "invalid": INVALID if INVALID in raw.column_names else "",
+        }
         roles = self.map(raw, to_roles, kwargs, features(source.template), f"{tag}-roles", list(raw.column_names), with_indices=True)
         report.read = len(roles)
-        empty = np.asarray(roles.data.column("_empty").to_numpy(zero_copy_only=False), dtype=bool)
-        candidates = np.flatnonzero(~empty)
-        report.empty = len(roles) - len(candidates)
+        flags = {name: np.asarray(roles.data.column(name).to_numpy(zero_copy_only=False), dtype=bool) for name in ("_empty", "_missing")}
+        reasons = roles.data.column("_invalid").to_numpy(zero_copy_only=False)
+        invalid = np.flatnonzero(reasons.astype(bool))
+        report.add_problems(len(invalid), [(int(i), str(reasons[i])) for i in invalid[:FIRST_PROBLEMS]])
+        report.missing, report.empty = int(flags["_missing"].sum()), int(flags["_empty"].sum())
+        candidates = np.flatnonzero(~flags["_empty"] & ~flags["_missing"] & ~reasons.astype(bool))
         if self.data.dedup and len(candidates):
             hashes = np.asarray(roles.data.column("_hash").to_numpy())[candidates]
-            _, first = np.unique(hashes, return_index=True)
-            report.duplicates = len(candidates) - len(first)
-            candidates = candidates[np.sort(first)]
+            _, first_seen = np.unique(hashes, return_index=True)
+            report.duplicates = len(candidates) - len(first_seen)
+            candidates = candidates[np.sort(first_seen)]
         return roles, candidates
 
     def tokenize(self, roles: Any, source: Source, tag: str, report: CleanReport) -> _Part:
@@ -155,12 +180,18 @@ class _Context:
         tokens = self.map(roles, tokenize_batch, kwargs, tokenize_features(source.template), f"{tag}-tokens", drop)
         overlong = np.asarray(tokens.data.column("overlong").to_numpy(zero_copy_only=False), dtype=bool)
         targets = np.asarray(tokens.data.column("targets").to_numpy())
+        reasons = tokens.data.column("invalid").to_numpy(zero_copy_only=False)
+        refused = reasons.astype(bool)
+        if refused.any():
+            rows = np.asarray(roles.data.column("_row").to_numpy())
+            at = np.flatnonzero(refused)
+            report.add_problems(len(at), [(int(rows[i]), str(reasons[i])) for i in at[:FIRST_PROBLEMS]])
         dropped = overlong & data.drop_longer & (source.template != "classification")
-        report.too_long = int(dropped.sum())
-        report.truncated = int((overlong & ~dropped).sum())
-        untrainable = ~dropped & (targets == 0)  # nothing to learn (a truncated prompt)
-        report.untrainable = int(untrainable.sum())
-        return _Part(tokens, ~dropped & ~untrainable, roles, int(tag.split("-")[0]))
+        report.too_long += int(dropped.sum())
+        report.truncated += int((overlong & ~dropped).sum())
+        untrainable = ~dropped & ~refused & (targets == 0)  # nothing to learn (a truncated prompt)
+        report.untrainable += int(untrainable.sum())
+        return _Part(tokens, ~dropped & ~untrainable & ~refused, roles, int(tag.split("-")[0]))
 
     def map(self, ds: Any, fn: Any, kwargs: dict[str, Any], feats: Any, tag: str, remove: list[str], with_indices: bool = False) -> Any:
         """datasets.map, batched, into our own Arrow file; a DataError from a worker comes out as itself."""

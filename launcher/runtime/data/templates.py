@@ -10,6 +10,10 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,9 @@ from launcher.runtime.data.core import IGNORE_INDEX, DataError
 
 _ALPACA_HEAD = "Below is an instruction that describes a task{paired}. Write a response that appropriately completes the request.\n\n"
 _ALPACA_INPUT = ", paired with an input that provides further context"
+# A chat template renders a row in microseconds; one still busy after this long loops without bound
+# (Jinja's sandbox caps one range() at 100,000, not nested ones).
+RENDER_SECONDS = 2.0
 
 
 def instruction_prompt(prompt: str) -> str:
@@ -36,23 +43,50 @@ def alpaca_prompt(instruction: str, context: str = "") -> str:
 
 
 def chat_template(setting: str, tokenizer: Any, tokenizer_dir: Path | str) -> str:
-    """The Jinja template chat rows use: data.chat_template (a file or inline), else the tokenizer's."""
+    """The Jinja template chat rows use: data.chat_template (a file or inline), else the tokenizer's.
+    A template that does not compile is refused here, naming where it came from."""
     if setting:
         if "{{" in setting or "{%" in setting:
-            return setting
+            return _compiled(setting, "data.chat_template (inline)")
         path = Path(setting).expanduser()
         if not path.is_file():
             raise DataError(
                 f"data.chat_template: {setting}: no such file; give a Jinja file or an inline template ('{{% for m in messages %}}...')"
             )
-        return path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"data.chat_template: {path} cannot be read ({type(exc).__name__}); give a UTF-8 Jinja file") from None
+        return _compiled(text, f"data.chat_template ({path})")
     own = getattr(tokenizer, "chat_template", None)
     if not own:
         raise DataError(
             f"data.chat_template: the tokenizer in {tokenizer_dir} has no chat template; "
             "set data.chat_template to a Jinja file or an inline template, or use data.template: instruction|alpaca|text"
         )
-    return str(own)
+    if not isinstance(own, str):
+        raise DataError(
+            f"{tokenizer_dir}: the tokenizer has several named chat templates ({', '.join(map(str, own))}); "
+            "choose one with data.chat_template (a file or an inline template)"
+        )
+    return _compiled(own, f"the chat template of the tokenizer in {tokenizer_dir}")
+
+
+def _compiled(template: str, where: str) -> str:
+    """`template` once Jinja has compiled it (as transformers will), else one line naming `where`."""
+    from jinja2 import TemplateError
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a private helper: if it moves, the first render reports the error
+        return template
+    try:
+        _compile_jinja_template(template)
+    except TemplateError as exc:
+        line = getattr(exc, "lineno", None)
+        at = f" (line {line})" if line else ""
+        raise DataError(f"{where}: is not a valid Jinja template{at}: {str(exc).splitlines()[0][:200]}; fix the template") from None
+    return template
 
 
 def prompt_parts(template: str, batch: dict[str, list[Any]], i: int) -> tuple[str, str]:
@@ -151,6 +185,7 @@ def tokenize_batch(batch: dict[str, list[Any]], template: str, tokenizer: Any, s
     import pyarrow as pa
 
     max_len, drop, on_prompt = settings["max_seq_len"], settings["drop_longer"], settings["train_on_prompt"]
+    refused = [""] * len(next(iter(batch.values()), []))  # why a row cannot be rendered (else "")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id]
     prompt_len: np.ndarray | None = None
@@ -160,7 +195,17 @@ def tokenize_batch(batch: dict[str, list[Any]], template: str, tokenizer: Any, s
         rows = [bos + tokens + tail for tokens in encode(tokenizer, batch["text"])[0]]
     elif template == "chat":
         render = ChatRenderer(tokenizer, settings["chat_template"])
-        rendered = [render_chat(m, render) for m in batch["messages"]]
+        rendered = []
+        with _time_bound() as bound:
+            for i, messages in enumerate(batch["messages"]):
+                with bound(batch["_row"][i] + 1 if "_row" in batch else i + 1):
+                    try:
+                        rendered.append(render_chat(messages, render))
+                    except DataError:
+                        raise
+                    except Exception as exc:  # the template refused this conversation (raise_exception, a bad field)
+                        rendered.append(("", []))
+                        refused[i] = f"the chat template refused it: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
         rows, offsets = encode(tokenizer, [text for text, _ in rendered], offsets=True)
         for tokens, spans, (_, bounds) in zip(rows, offsets or [], rendered, strict=True):
             starts = np.fromiter(chain.from_iterable(spans), dtype=np.int64, count=2 * len(spans))[::2]
@@ -185,9 +230,10 @@ def tokenize_batch(batch: dict[str, list[Any]], template: str, tokenizer: Any, s
     else:
         assert prompt_len is not None
         labels = np.where(within < np.repeat(prompt_len, lengths), IGNORE_INDEX, ids)
-    overlong = lengths > max_len
+    invalid = np.fromiter(map(bool, refused), dtype=bool, count=n)
+    overlong = (lengths > max_len) & ~invalid
     # Dropped rows keep no tokens (they leave at the next step); truncated ones keep max_len.
-    kept = np.where(overlong, 0 if drop and template != "classification" else max_len, lengths)
+    kept = np.where(overlong, 0 if drop and template != "classification" else max_len, np.where(invalid, 0, lengths))
     mask = within < np.repeat(kept, lengths)
     ids, labels, row = ids[mask], labels[mask], np.repeat(np.arange(n), lengths)[mask]
     is_target = (within[mask] >= 1) & (labels != IGNORE_INDEX)
@@ -199,10 +245,53 @@ def tokenize_batch(batch: dict[str, list[Any]], template: str, tokenizer: Any, s
         "length": pa.array(kept.astype(np.int32)),
         "targets": pa.array(targets.astype(np.int32)),
         "overlong": pa.array(overlong),
+        "invalid": pa.array(refused, type=pa.string()),
     }
     if template == "classification":
         columns["label"] = pa.array(batch["label"], type=pa.string())
     return pa.table(columns)
+
+
+class _Unbounded(BaseException):
+    """SIGALRM inside a template render: a BaseException, so no `except Exception` on the way swallows it."""
+
+
+@contextmanager
+def _time_bound() -> Iterator[Any]:
+    """`bound(row)`: a context in which rendering must end within RENDER_SECONDS, else one DataError
+    naming the row. A timer signal, so only where signals can be handled (the main thread: the
+    preparing process, or a datasets worker); elsewhere rendering runs unbounded."""
+
+    @contextmanager
+    def unbounded(row: int) -> Iterator[None]:
+        yield
+
+    if threading.current_thread() is not threading.main_thread():
+        yield unbounded
+        return
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise _Unbounded
+
+    @contextmanager
+    def bound(row: int) -> Iterator[None]:
+        signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
+        try:
+            yield
+        except _Unbounded:
+            raise DataError(
+                f"data.chat_template: rendering row {row} took over {RENDER_SECONDS:g} s; the template does not finish "
+                "(a loop without bound?): fix it, or set data.chat_template to one that only loops over the messages"
+            ) from None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    try:
+        yield bound
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def tokenize_features(template: str) -> Any:
@@ -214,6 +303,7 @@ def tokenize_features(template: str) -> Any:
         "length": Value("int32"),
         "targets": Value("int32"),
         "overlong": Value("bool"),
+        "invalid": Value("string"),
     }
     if template == "classification":
         cols["label"] = Value("string")
