@@ -32,14 +32,18 @@ def umask() -> int:
     return mask
 
 
-def replace_file(path: Path, text: str, mode: int | None = None) -> Path:
+def replace_file(path: Path, text: str, mode: int | None = None, fsync: bool = False) -> Path:
     """Write `text` to a new file beside `path` (O_EXCL: never an existing file or link), then rename
     it over `path`, with `mode` (default: what the umask gives a new file, as open() would). A file
-    being replaced keeps its old content if the write fails."""
+    being replaced keeps its old content if the write fails. `fsync`: on disk before the rename
+    (checkpoint manifests and markers)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.chmod(tmp, mode if mode is not None else 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:

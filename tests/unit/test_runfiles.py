@@ -123,3 +123,34 @@ def test_fifos_as_weights_or_dcp_metadata_are_refused_without_blocking(tmp_path:
     os.mkfifo(tmp_path / "dcp" / ".metadata")
     with pytest.raises(CheckpointError, match=r"\.metadata is not a regular file"):
         SafeReader(str(tmp_path / "dcp")).read_metadata()
+
+
+def test_exit_code_error_files_and_manifests_never_write_through_a_link(tmp_path: Path, victim: Path, capsys) -> None:
+    """logs/exit_code was emptied through a planted link ("a+" then truncate); a rank's error record and
+    a checkpoint's manifest were written to a predictable NAME.tmp, which a link could redirect."""
+    from launcher.runtime.parallel.dist import write_error_file
+    from launcher.runtime.state.checkpoint import _fsync_write, write_exit_code
+
+    logs = tmp_path / "logs"
+    (logs / "errors").mkdir(parents=True)
+    (logs / "exit_code").symlink_to(victim)
+    write_exit_code(logs, 3)
+    assert "is a symbolic link" in capsys.readouterr().err
+    (logs / "errors" / "rank-00000.tmp").symlink_to(victim)
+    written = write_error_file(logs, 0, ValueError("boom"))
+    (tmp_path / "MANIFEST.json.tmp").symlink_to(victim)
+    _fsync_write(tmp_path / "MANIFEST.json", "{}\n")
+    assert victim.read_text() == "precious\n"
+    assert '"exception": "ValueError"' in written.read_text() and (tmp_path / "MANIFEST.json").read_text() == "{}\n"
+
+
+def test_export_with_force_refuses_a_link_inside_out(tmp_path: Path, victim: Path) -> None:
+    from launcher.runtime.state.export import ExportError, refuse_occupied
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    refuse_occupied(out, force=True)  # told to: a folder of ordinary files is written over
+    (out / "config.json").symlink_to(victim)
+    with pytest.raises(ExportError, match=r"holds config\.json, a symbolic link \(to .*victim.*\); remove it, or choose a new folder"):
+        refuse_occupied(out, force=True)

@@ -139,9 +139,9 @@ def write_error_file(logs_dir: Path, rank: int, exc: BaseException) -> Path:
     folder = logs_dir / ERRORS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"rank-{rank:05d}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    from launcher.runfiles import replace_file
+
+    replace_file(path, json.dumps(record) + "\n")
     return path
 
 

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from launcher import __version__
+from launcher.config.errors import ConfigError
 from launcher.plan.resume import (  # noqa: F401  (the torch-free half, re-exported for the runtime)
     COMPLETE,
     MANIFEST,
@@ -53,12 +54,9 @@ DEEPSPEED_TAG = "deepspeed"
 
 
 def _fsync_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    from launcher.runfiles import replace_file
+
+    replace_file(path, text, fsync=True)
 
 
 def file_sizes(folder: Path) -> dict[str, int]:
@@ -312,7 +310,13 @@ def decide(root: Path, resume: str, info: Any) -> list[Path]:
             acquire(root.parent)
             # A placeholder with content: on a full disk, the final exit code reuses its block.
             (root.parent / "logs").mkdir(exist_ok=True)
-            (root.parent / "logs" / "exit_code").write_text(" \n")
+            from launcher.runfiles import open_append
+
+            try:
+                with open_append(root.parent / "logs" / "exit_code", truncate=True) as handle:
+                    handle.write(" \n")
+            except ConfigError as exc:
+                raise CheckpointError(str(exc).removeprefix("error: ")) from None
             refuse_start_over(root, resume)
             found, skipped = resume_candidates(root, resume)
             for line in skipped:
@@ -373,11 +377,13 @@ def cut_metrics(path: Path, step: int) -> None:
 
 def write_exit_code(logs: Path, code: int) -> None:
     """logs/exit_code, rewritten in place: on a full disk the old file's block is reused."""
+    from launcher.runfiles import open_append
+
     try:
         logs.mkdir(exist_ok=True)
-        with (logs / "exit_code").open("a+") as handle:
-            handle.seek(0)
-            handle.truncate()
+        with open_append(logs / "exit_code", truncate=True) as handle:  # never through a planted link
             handle.write(f"{code}\n")
+    except ConfigError as exc:
+        print(f"{exc}", file=sys.stderr, flush=True)
     except OSError as exc:
         print(f"error: {logs / 'exit_code'}: cannot write the exit code {code} ({exc.strerror})", file=sys.stderr, flush=True)

@@ -11,6 +11,7 @@ every expected parameter is checked for presence, shape and dtype.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -56,12 +57,17 @@ def export_run(run_dir: str, out: str, step: int | None = None, merge: bool = Fa
 def refuse_occupied(out: Path, force: bool) -> None:
     """An export writes config.json, model*.safetensors, the tokenizer files: into a folder holding
     anything already, only when asked (--force), never silently over a user's files."""
-    if force or not (out.exists() or out.is_symlink()):
+    if not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir():
         raise ExportError(f"--out {out}: exists and is not a folder; choose a new folder")
     held = sorted(p.name for p in out.iterdir())
-    if held:
+    for name in held:  # even with --force: the export would write through a link to wherever it points
+        if (out / name).is_symlink():
+            raise ExportError(
+                f"--out {out}: holds {name}, a symbolic link (to {os.path.realpath(out / name)}); remove it, or choose a new folder"
+            )
+    if held and not force:
         shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
         raise ExportError(f"--out {out}: is not empty (it holds {shown}); choose a new folder, or add --force to write over it")
 
