@@ -134,15 +134,19 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _planned(args: argparse.Namespace, data: bool = False) -> Iterator[Any]:  # -> Plan (imports lazy: `validate` needs no plan code)
+def _planned(
+    args: argparse.Namespace, data: bool = False, stop_if_done: bool = False
+) -> Iterator[Any]:  # -> Plan (imports lazy: `validate` needs no plan code)
     """Load, check everything (resume compatibility included), lock the run directory, then
     write it; the lock is held until the command ends. Nothing is written before that. With
     `data` (run, prepare, submit: they prepare the data anyway) the data cache is built first,
-    so that a changed data set is refused before the run directory is touched too."""
+    so that a changed data set is refused before the run directory is touched too. With
+    `stop_if_done` (run, submit) a run whose training is finished raises RunDone instead."""
     from launcher.config.values import check_run_dir
     from launcher.plan import build_plan, default_run_dir, write_run_dir
     from launcher.plan.backend import with_backend
     from launcher.plan.resume import check_resume
+    from launcher.rerun import RunDone, check_changes, done_message, finished, previous_config
     from launcher.runfiles import foreign_folder
     from launcher.runlock import holding
 
@@ -168,13 +172,21 @@ def _planned(args: argparse.Namespace, data: bool = False) -> Iterator[Any]:  # 
     for line in plan.warnings:
         print(line, file=sys.stderr)
     cfg = with_backend(cfg, plan.config["parallel"]["backend"])  # auto resolved: what checkpoints record
-    if check_resume(cfg, run_dir) is not None and data:
+    saved = check_resume(cfg, run_dir)  # the settings a checkpoint records first (its fix: checkpoint.allow_mismatch)
+    # then every other one: a run directory that holds a training keeps the settings that made it (launcher/rerun.py)
+    changes = check_changes(Path(run_dir), plan.config, cfg.checkpoint.allow_mismatch, key)
+    if saved is not None and data:
         from launcher.runtime.__main__ import prepare as prepare_data
         from launcher.runtime.data import DataError
         from launcher.runtime.model.files import ModelError
 
         with contextlib.suppress(DataError, ModelError, OSError):  # reported by prepare() below, in its own words
-            check_resume(cfg, run_dir, data_fingerprint=prepare_data(cfg).name)
+            saved = check_resume(cfg, run_dir, data_fingerprint=prepare_data(cfg).name)
+    why = finished(cfg, saved, previous_config(Path(run_dir))) if stop_if_done else None
+    if why is not None:  # nothing to start: the ranks would only evaluate the final weights again
+        raise RunDone(done_message(Path(run_dir), why, cfg))
+    for line in changes:
+        print(line, file=sys.stderr)
     with holding(run_dir):
         write_run_dir(plan)
         yield plan
@@ -231,8 +243,14 @@ def _memory_line(mem: dict[str, float]) -> str:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    with _planned(args, data=not args.dry_run) as plan:
-        return _submit(args, plan)
+    from launcher.rerun import RunDone
+
+    try:
+        with _planned(args, data=not args.dry_run, stop_if_done=not args.dry_run) as plan:
+            return _submit(args, plan)
+    except RunDone as done:
+        print(done)
+        return 0
 
 
 def _submit(args: argparse.Namespace, plan: Any) -> int:
@@ -264,10 +282,15 @@ def _submit(args: argparse.Namespace, plan: Any) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from launcher.rerun import RunDone
     from launcher.run_local import run_local
 
-    with _planned(args, data=True) as plan:
-        return run_local(plan)
+    try:
+        with _planned(args, data=True, stop_if_done=True) as plan:
+            return run_local(plan)
+    except RunDone as done:
+        print(done)
+        return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
