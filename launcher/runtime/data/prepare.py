@@ -22,7 +22,7 @@ from launcher.runtime.data.columns import Source, char_limit, features, role_col
 from launcher.runtime.data.core import DataError
 from launcher.runtime.data.mixing import mix_counts, pick
 from launcher.runtime.data.report import FIRST_PROBLEMS, CleanReport, check_dropped
-from launcher.runtime.data.sources import INVALID, load_source, split_names
+from launcher.runtime.data.sources import INVALID, load_source, own_val_split, split_names
 from launcher.runtime.data.store import DocTable, write_flat, write_rows
 from launcher.runtime.data.templates import chat_template, eval_prompt, tokenize_batch, tokenize_features
 
@@ -112,9 +112,12 @@ class _Context:
         roles, keep = self.clean(source, source.split, f"{n}-train", report)
         hashes = np.asarray(roles.data.column("_hash").to_numpy())
         val_report: CleanReport | None = None
-        if data.val_split:
-            val_report = CleanReport(name=f"{source.name} (validation)")
-            val_roles, val_keep = self.clean(source, data.val_split, f"{n}-val", val_report, key="data.val_split")
+        # A DatasetDict's own validation (else test) split, unless a validation set is named or turned off.
+        own = "" if data.val_split or data.val_path or data.val_fraction == 0 else own_val_split(source.path, source.format, source.split)
+        if data.val_split or own:
+            name = f"{source.name} (validation)" if data.val_split else f"{source.name} (its {own} split, used for validation)"
+            val_report = CleanReport(name=name)
+            val_roles, val_keep = self.clean(source, data.val_split or own, f"{n}-val", val_report, key="data.val_split")
             train_idx = keep
         elif data.val_path:
             val_source = _val_source(data, first)

@@ -186,6 +186,18 @@ def split_names(path: str, data_format: str) -> list[str]:
     return ["train"]
 
 
+def own_val_split(path: str, data_format: str, train_split: str) -> str:
+    """The split a saved DatasetDict keeps for evaluation (`validation`, else `test`), or "": used
+    when no validation set is named, rather than holding out part of the training rows."""
+    if resolve_format(path, data_format) != "saved":
+        return ""
+    try:
+        names = split_names(path, data_format)
+    except Exception:  # not a saved data set: reading it for training says why, in its own words
+        return ""
+    return next((name for name in ("validation", "test") if name in names and name != train_split), "")
+
+
 def load_records(path: str, data_format: str, split: str, cache_dir: str | None = None) -> list[dict[str, Any]]:
     """Every record of a small source as plain dicts (tests and benchmarks; the pipeline stays in Arrow)."""
     return [dict(row) for row in load_source(path, data_format, split, cache_dir=cache_dir)]
