@@ -32,6 +32,8 @@ TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "ml
 Gpu = Literal["", "h100-80gb", "h200", "a100-80gb", "a100-40gb", "l40s", "a10g", "l4"]
 # Usable memory per GPU in GiB (what the CUDA allocator can get), for cluster.gpu.
 GPU_MEMORY_GIB = {"h100-80gb": 80.0, "h200": 140.0, "a100-80gb": 80.0, "a100-40gb": 40.0, "l40s": 45.0, "a10g": 22.5, "l4": 22.5}
+# The GRES type most sites give each cluster.gpu (sbatch --gpus-per-node=TYPE:N); cluster.gpu_type overrides it.
+GRES_TYPES = {"h100-80gb": "h100", "h200": "h200", "a100-80gb": "a100", "a100-40gb": "a100", "l40s": "l40s", "a10g": "a10g", "l4": "l4"}
 
 
 @dataclass(frozen=True)
@@ -258,8 +260,14 @@ class ClusterSection:
     accelerator: Accelerator = "cuda"
     # The GPU's memory, for the plan's check (warn above 90 %, refuse above 100 % of the estimate):
     # gpu_memory_gib in GiB, or a known gpu name that implies it (and the peak FLOPs for step time).
+    # cluster.gpu wins over a larger gpu_memory_gib (a recipe's 80 run with gpu=l4 is checked against
+    # the L4's 22.5); a smaller gpu_memory_gib wins over the gpu (a MIG slice). cluster.gpu also asks
+    # sbatch for that GPU type: --gpus-per-node=TYPE:N with TYPE from GRES_TYPES or cluster.gpu_type.
     gpu: Gpu = ""
     gpu_memory_gib: float | None = None
+    # The GRES type name the site gives that GPU (`scontrol show node` lists them, e.g.
+    # nvidia_h100_80gb_hbm3); empty: GRES_TYPES[cluster.gpu]; none: no type in the request.
+    gpu_type: str = ""
     nodes: int = 1
     gpus_per_node: int = 8  # processes per node (on CPU: worker processes)
     world_size: int | None = None  # optional cross-check of nodes x gpus_per_node

@@ -141,7 +141,7 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
         yield Problem("cluster.signal_seconds", f"{cluster.signal_seconds} is outside 0-65535", "use e.g. 300 (0 disables)")
     if cluster.rdzv_port is not None and not 1024 <= cluster.rdzv_port <= 65535:
         yield Problem("cluster.rdzv_port", f"{cluster.rdzv_port} is outside 1024-65535", "pick a free port, or leave it out")
-    for key in ("partition", "account", "qos"):
+    for key in ("partition", "account", "qos", "gpu_type"):
         if not SLURM_WORD.match(getattr(cluster, key)):
             yield Problem(f"cluster.{key}", f"{getattr(cluster, key)!r} is not a SLURM name", "use letters, digits, '.', '_', '-'")
     if not SLURM_CONSTRAINT.match(cluster.constraint):

@@ -21,7 +21,7 @@ from launcher.config.resolved import digest
 from launcher.plan.backend import resolve_backend
 from launcher.plan.budget import save_budget_warning
 from launcher.plan.deepspeed import build_deepspeed_config
-from launcher.plan.estimate import check_fits, choose_micro_batch, estimate_plan, render_estimate
+from launcher.plan.estimate import check_memory, choose_micro_batch, estimate_plan, render_estimate
 from launcher.plan.fsdp import build_fsdp_plan
 from launcher.plan.slurm import build_launch_script, build_sbatch
 from launcher.plan.topology import Topology, build_topology
@@ -119,7 +119,7 @@ def plan_env(cfg: RunConfig, topology: Topology) -> dict[str, str]:
 
 def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Plan:
     """RunConfig → Plan; `run_dir` must be absolute (scripts cd into it on other machines).
-    Refuses (ConfigError) a plan whose memory estimate is over cluster.gpu_memory_gib.
+    Refuses (ConfigError) a plan whose memory estimate is over the GPU's memory or cluster.mem.
     `parallel.backend: auto` is resolved here: the plan and the ranks see a concrete backend."""
     cfg, choice = resolve_backend(cfg)
     candidates: dict[int, float] = {}
@@ -135,7 +135,9 @@ def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Pl
     torchrun = build_torchrun_argv(cfg.cluster, topology, plan_path, python)
     env = plan_env(cfg, topology)
     memory = estimate_plan(cfg, topology)
-    warnings = [line for line in (check_fits(cfg, memory), save_budget_warning(cfg.cluster, memory)) if line]
+    warnings = check_memory(cfg, memory)
+    budget = save_budget_warning(cfg.cluster, memory)
+    warnings += [budget] if budget else []
     memory.update({f"auto_micro_batch_{m}": total for m, total in candidates.items()})
     config = dataclasses.asdict(cfg)
     return Plan(

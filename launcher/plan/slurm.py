@@ -7,7 +7,7 @@ import shlex
 from importlib import resources
 
 from launcher import __version__
-from launcher.config.schema import ClusterSection
+from launcher.config.schema import GRES_TYPES, ClusterSection
 from launcher.plan.topology import Topology
 from launcher.plan.torchrun import shell_join
 
@@ -24,6 +24,13 @@ def render_template(name: str, fields: dict[str, str]) -> str:
     return _FIELD.sub(lambda m: fields[m.group(1)], text)
 
 
+def gres_type(cluster: ClusterSection) -> str:
+    """`TYPE:` for --gpus-per-node, so a plan checked against cluster.gpu's memory gets that GPU:
+    cluster.gpu_type, else the usual name for cluster.gpu; "" without either (or gpu_type none)."""
+    name = cluster.gpu_type or GRES_TYPES.get(cluster.gpu, "")
+    return f"{name}:" if name and name != "none" else ""
+
+
 def sbatch_headers(cluster: ClusterSection, topology: Topology, run_name: str, run_dir: str) -> list[str]:
     """Literal #SBATCH lines; values were restricted by validate.py to what sbatch can parse."""
     opts = [
@@ -32,7 +39,7 @@ def sbatch_headers(cluster: ClusterSection, topology: Topology, run_name: str, r
         "--ntasks-per-node=1",
     ]
     if cluster.accelerator == "cuda":
-        opts.append(f"--gpus-per-node={topology.procs_per_node}")
+        opts.append(f"--gpus-per-node={gres_type(cluster)}{topology.procs_per_node}")
     opts.append(f"--cpus-per-task={cluster.cpus_per_task}")
     if cluster.mem:
         opts.append(f"--mem={cluster.mem}")
@@ -94,7 +101,15 @@ def build_launch_script(topology: Topology, run_name: str, env: dict[str, str], 
             ': "${LAUNCHER_HEAD_ADDR:?set LAUNCHER_HEAD_ADDR to the address of the first node}"',
             ': "${LAUNCHER_RDZV_PORT:=29500}"',
             f': "${{LAUNCHER_RDZV_ID:={run_name}}}"',
-            "export LAUNCHER_HEAD_ADDR LAUNCHER_RDZV_PORT LAUNCHER_RDZV_ID",
+            "# The node at LAUNCHER_HEAD_ADDR hosts the rendezvous store (LAUNCHER_IS_HOST=1, else 0): in an srun",
+            "# step node 0, else the node that has that address or name. Set LAUNCHER_IS_HOST to say it yourself.",
+            "if [[ -z ${LAUNCHER_IS_HOST:-} && -n ${SLURM_STEP_ID:-} ]]; then",
+            "  LAUNCHER_IS_HOST=$((SLURM_NODEID == 0 ? 1 : 0))",
+            "elif [[ -z ${LAUNCHER_IS_HOST:-} ]]; then",
+            '  names=" localhost $(hostname) $(hostname -f 2>/dev/null || true) $(hostname -I 2>/dev/null || true) "',
+            '  if [[ $names == *" $LAUNCHER_HEAD_ADDR "* || $LAUNCHER_HEAD_ADDR == 127.* ]]; then LAUNCHER_IS_HOST=1; else LAUNCHER_IS_HOST=0; fi',
+            "fi",
+            "export LAUNCHER_HEAD_ADDR LAUNCHER_RDZV_PORT LAUNCHER_RDZV_ID LAUNCHER_IS_HOST",
         ]
     lines.append("exec " + shell_join(torchrun))
     return "\n".join(lines) + "\n"

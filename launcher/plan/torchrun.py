@@ -13,7 +13,10 @@ HEAD_ADDR = "${LAUNCHER_HEAD_ADDR}"
 RDZV_PORT = "${LAUNCHER_RDZV_PORT}"
 RDZV_ID = "${LAUNCHER_RDZV_ID}"
 RDZV_ENDPOINT = f"{HEAD_ADDR}:{RDZV_PORT}"
-_PLACEHOLDERS = frozenset({RDZV_ENDPOINT, RDZV_ID})
+# 1 on the first node (the one at HEAD_ADDR), 0 elsewhere: that node hosts the rendezvous store
+# whatever its own name resolves to (torch guesses from the name, and Debian maps it to 127.0.1.1)
+RDZV_CONF = "is_host=${LAUNCHER_IS_HOST}"
+_PLACEHOLDERS = frozenset({RDZV_ENDPOINT, RDZV_ID, RDZV_CONF})
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT"
 MIN_SHUTDOWN_SECONDS = 120
 
@@ -39,6 +42,8 @@ def build_torchrun_argv(cluster: ClusterSection, topology: Topology, plan_path: 
             RDZV_ENDPOINT,
             "--rdzv_id",
             RDZV_ID,
+            "--rdzv_conf",
+            RDZV_CONF,
         ]
     argv += [
         "--nproc_per_node",

@@ -1,13 +1,16 @@
 """The plan's memory and time estimate: per GPU item by item, per node host memory, per save, per step.
 
 `estimate_plan(cfg, topology)` is what plan.json's `estimate` holds and estimate.txt renders;
-`check_fits` refuses a plan over `cluster.gpu_memory_gib`; `choose_micro_batch` implements
-`train.auto_micro_batch`. Torch-free: the model is a set of numbers from the resolved config.
+`check_memory` refuses a plan over the GPU's memory (`check_fits`) or over the node's
+`cluster.mem` (`check_host`); `choose_micro_batch` implements `train.auto_micro_batch`. Torch-free:
+the model is a set of numbers from the resolved config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 
 from launcher.config.errors import ConfigError, Problem
 from launcher.config.schema import GPU_MEMORY_GIB, ClusterSection, RunConfig
@@ -18,14 +21,50 @@ from launcher.plan.estimate.render import render_estimate
 from launcher.plan.topology import Topology, build_topology
 
 WARN_SHARE, AUTO_SHARE = 0.90, 0.90
-__all__ = ["Setting", "check_fits", "choose_micro_batch", "count_params", "estimate_memory", "estimate_plan", "render_estimate"]
+SLURM_MEM_GIB = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}  # sbatch --mem: powers of 1024, M by default
+__all__ = [
+    "Setting",
+    "check_fits",
+    "check_host",
+    "check_memory",
+    "choose_micro_batch",
+    "count_params",
+    "estimate_memory",
+    "estimate_plan",
+    "render_estimate",
+]
 
 
 def gpu_memory_gib(cluster: ClusterSection) -> float | None:
-    """cluster.gpu_memory_gib, else what cluster.gpu implies, else None (no check)."""
+    """The GPU memory the plan is checked against: what cluster.gpu has, or cluster.gpu_memory_gib
+    when that is smaller (a MIG slice, memory kept back); a gpu_memory_gib above what the named GPU
+    has (a recipe's 80 GiB default run with cluster.gpu=l4) cannot be right, so the GPU wins. Without
+    cluster.gpu: gpu_memory_gib, else None (no check)."""
     if cluster.accelerator != "cuda":
         return None
-    return cluster.gpu_memory_gib if cluster.gpu_memory_gib is not None else GPU_MEMORY_GIB.get(cluster.gpu)
+    known = GPU_MEMORY_GIB.get(cluster.gpu)
+    if known is None or cluster.gpu_memory_gib is None:
+        return cluster.gpu_memory_gib if cluster.gpu_memory_gib is not None else known
+    return min(known, cluster.gpu_memory_gib)
+
+
+def gpu_memory_key(cluster: ClusterSection) -> str:
+    """The recipe key the GPU limit came from, for the refusal's first word."""
+    known = GPU_MEMORY_GIB.get(cluster.gpu)
+    return (
+        "cluster.gpu"
+        if known is not None and (cluster.gpu_memory_gib is None or known < cluster.gpu_memory_gib)
+        else "cluster.gpu_memory_gib"
+    )
+
+
+def host_memory_gib(cluster: ClusterSection) -> float | None:
+    """cluster.mem per node in GiB (sbatch's sizes: K, M (the unit when none is given), G, T);
+    None when empty (the cluster's default) or 0 (the whole node): no check."""
+    match = re.fullmatch(r"(\d+)([KMGT]?)", cluster.mem)
+    if match is None or int(match.group(1)) == 0:
+        return None
+    return int(match.group(1)) * SLURM_MEM_GIB[match.group(2) or "M"]
 
 
 def setting_of(cfg: RunConfig, topology: Topology) -> Setting:
@@ -54,6 +93,7 @@ def estimate_plan(cfg: RunConfig, topology: Topology) -> dict[str, float]:
     out["peak_tflops"] = PEAK_TFLOPS.get(cfg.cluster.gpu, PEAK_TFLOPS["h100-80gb"])
     out["mfu"] = MFU
     out["gpu_memory_gib"] = gpu_memory_gib(cfg.cluster) or 0.0
+    out["host_memory_gib"] = host_memory_gib(cfg.cluster) or 0.0
     return out
 
 
@@ -69,6 +109,8 @@ def fixes(cfg: RunConfig) -> str:
         out.append("parallel.offload_optimizer=cpu")
     if par.backend == "fsdp" and par.fsdp.defer_grad_sync:
         out.append("parallel.fsdp.defer_grad_sync=false")
+    if par.backend == "fsdp" and not par.fsdp.cpu_offload:
+        out.append("parallel.fsdp.cpu_offload=true (states and the sharded weights in host memory)")
     if t.checkpointing != "full":
         out.append("train.activation_checkpointing=true" if t.checkpointing == "none" else "train.activation_checkpointing=full")
     if (t.micro_batch_size or 1) > 1:
@@ -86,11 +128,67 @@ def check_fits(cfg: RunConfig, estimate: dict[str, float]) -> str | None:
     total = estimate["total"] / GIB
     share = total / limit
     if share > 1:
-        what = f"the estimate is {total:.1f} GiB per GPU, {share:.0%} of the GPU's {limit:g} GiB"
-        raise ConfigError([Problem("cluster.gpu_memory_gib", what, fixes(cfg))])
+        gpu = f" ({cfg.cluster.gpu})" if gpu_memory_key(cfg.cluster) == "cluster.gpu" else ""
+        what = f"the estimate is {total:.1f} GiB per GPU, {share:.0%} of the GPU's {limit:g} GiB{gpu}"
+        raise ConfigError([Problem(gpu_memory_key(cfg.cluster), what, fixes(cfg))])
     if share > WARN_SHARE:
         return f"warning: memory: the estimate is {total:.1f} GiB per GPU, {share:.0%} of {limit:g} GiB (little headroom); {fixes(cfg)}"
     return None
+
+
+def host_fixes(cfg: RunConfig, estimate: dict[str, float], limit_gib: float) -> str:
+    """The changes that lower the host side per node, or make room for it: the nodes (doubling) that
+    spread the offloaded states thin enough, the cluster.mem that holds them, less offload."""
+    par, nodes = cfg.parallel, cfg.cluster.nodes
+    out = []
+    offloaded = estimate["host_offloaded"] * nodes  # sharded over every node (not under HSDP: per node)
+    room = WARN_SHARE * limit_gib * GIB - (estimate["host_total"] - estimate["host_offloaded"])
+    if offloaded and room > 0 and not (par.backend == "fsdp" and par.fsdp.hsdp):
+        more = nodes * 2 ** max(1, math.ceil(math.log2(offloaded / room / nodes)))
+        out.append(f"more nodes (cluster.nodes={more})")
+    out.append(f"more memory per node (cluster.mem={math.ceil(estimate['host_total'] / GIB / WARN_SHARE)}G)")
+    if par.backend == "deepspeed" and par.offload_params != "none":
+        out.append("parallel.offload_params=none")
+    elif par.backend == "deepspeed" and par.offload_optimizer != "none":
+        out.append("parallel.offload_optimizer=none")
+    if par.backend == "fsdp" and par.fsdp.cpu_offload:
+        out.append("parallel.fsdp.cpu_offload=false")
+    return "try " + ", ".join(out) + "; see `launcher estimate` for the items"
+
+
+def check_host(cfg: RunConfig, estimate: dict[str, float]) -> str | None:
+    """Raise ConfigError when the host side per node (offloaded states, the ranks' processes, data
+    loaders) is over cluster.mem; return a warning line over 90 %. No check without a size."""
+    limit = estimate.get("host_memory_gib", 0.0)
+    if not limit:
+        return None
+    total = estimate["host_total"] / GIB
+    share = total / limit
+    offloaded = f", {estimate['host_offloaded'] / GIB:.1f} GiB of it offloaded states" if estimate.get("host_offloaded") else ""
+    what = (
+        f"the estimate is {total:.1f} GiB of host memory per node{offloaded}, {share:.0%} of cluster.mem {cfg.cluster.mem} ({limit:g} GiB)"
+    )
+    if share > 1:
+        raise ConfigError([Problem("cluster.mem", what, host_fixes(cfg, estimate, limit))])
+    if share > WARN_SHARE:
+        return f"warning: host memory: {what} (little headroom); {host_fixes(cfg, estimate, limit)}"
+    return None
+
+
+def check_memory(cfg: RunConfig, estimate: dict[str, float]) -> list[str]:
+    """Both checks: one ConfigError with every refusal (GPU and host), else the warning lines."""
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    for check in (check_fits, check_host):
+        try:
+            line = check(cfg, estimate)
+        except ConfigError as exc:
+            problems += exc.problems
+        else:
+            warnings += [line] if line else []
+    if problems:
+        raise ConfigError(problems)
+    return warnings
 
 
 def choose_micro_batch(cfg: RunConfig) -> tuple[RunConfig, dict[int, float]]:

@@ -2,7 +2,8 @@
 
 Each item is what the launcher's runtime allocates for it, not a textbook rule:
 - FSDP2 keeps fp32 master parameters sharded (runtime/parallel/backends.py builds full/freeze in fp32, LoRA's
-  frozen base in model.dtype), fp32 sharded gradients, AdamW's two fp32 states; it all-gathers a
+  frozen base in model.dtype), fp32 sharded gradients, AdamW's two fp32 states (with CPU offload all
+  of them, a 4-bit base's packed shards included, in host memory); it all-gathers a
   block (and the next, prefetched) in the compute dtype, and the root unit (embeddings, final norm,
   LM head) stays gathered for the whole step (`reshard_root_after_forward: false`). With
   `parallel.fsdp.defer_grad_sync` every parameter's unsharded gradient is kept in the reduce dtype
@@ -204,9 +205,8 @@ def state_bytes(s: Setting, counts: ParamCounts, trainable: float) -> dict[str, 
     if par.backend == "deepspeed" and (stage >= 1 or s.train.precision != "fp32"):
         out["master_weights"] = trainable * 4 / (group if stage >= 1 else 1)  # ZeRO copies its fp32 partition even in fp32
     grad_bytes = c if par.backend == "deepspeed" else 4
+    # DDP's too, once: the runtime's buckets are views of the gradients (gradient_as_bucket_view=True)
     out["gradients"] = trainable * grad_bytes / (group if stage >= 2 else 1)
-    if par.backend == "ddp":
-        out["gradients"] *= 2  # DDP's buckets are copies of the gradients (gradient_as_bucket_view is off)
     out["optimizer"] = trainable * 8 / (group if stage >= 1 else 1)
     return out
 
@@ -232,7 +232,11 @@ def fsdp_buffers(s: Setting, counts: ParamCounts, trainable: float, out: dict[st
         # unit's into its shard as it goes, so the sharded gradients never add to them
         out["gradients"] = trainable * reduce
     if fsdp.cpu_offload:
-        out["host_offloaded"] = (out["parameters"] + out["gradients"] + out["optimizer"]) * s.topology.procs_per_node
+        # CPUOffloadPolicy keeps every sharded parameter on the host, QLoRA's packed 4-bit data too;
+        # each module's quant state stays on the GPU, where the kernels read it (runtime/model/qlora.py)
+        packed = counts.linear * NF4_PACKED / shard_group(s) if method == "qlora" else 0.0
+        out["host_offloaded"] = (out["parameters"] + packed + out["gradients"] + out["optimizer"]) * s.topology.procs_per_node
+        out["quantized_base"] -= packed
         out["parameters"] = out["gradients"] = out["optimizer"] = 0.0
 
 

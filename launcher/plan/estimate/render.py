@@ -40,9 +40,11 @@ def render_estimate(e: dict[str, float], candidates: dict[int, float] | None = N
         ("host_offloaded", "offloaded states (pinned)"),
         ("host_processes", "the ranks' processes"),
         ("host_dataloader", "data loaders"),
-        ("host_total", "total"),
     ):
         lines.append(f"  {key[5:]:<15}{_gib(e[key])}   {what}")
+    host = e.get("host_memory_gib", 0.0)
+    share = f" ({e['host_total'] / GIB / host:.0%} of cluster.mem, {host:g} GiB)" if host else " (cluster.mem unset or 0: not checked)"
+    lines.append(f"  {'total':<15}{_gib(e['host_total'])}{share}")
     lines.append(
         f"checkpoint per save: {e['checkpoint_bytes'] / 1e9:.1f} GB, ~{e['checkpoint_seconds']:.0f} s at 2 GB/s per node (assumed)"
     )

@@ -12,5 +12,13 @@ export TORCH_NCCL_DUMP_ON_TIMEOUT=1
 : "${LAUNCHER_HEAD_ADDR:?set LAUNCHER_HEAD_ADDR to the address of the first node}"
 : "${LAUNCHER_RDZV_PORT:=29500}"
 : "${LAUNCHER_RDZV_ID:=llama3-70b-qlora-fsdp}"
-export LAUNCHER_HEAD_ADDR LAUNCHER_RDZV_PORT LAUNCHER_RDZV_ID
-exec /opt/venv/bin/python -m launcher.agent --nnodes 2 --rdzv_backend c10d --rdzv_endpoint "${LAUNCHER_HEAD_ADDR}:${LAUNCHER_RDZV_PORT}" --rdzv_id "${LAUNCHER_RDZV_ID}" --nproc_per_node 8 --max_restarts 0 --signals-to-handle SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT --shutdown-timeout 900 --log-dir /scratch/runs/llama3-70b-qlora-fsdp/logs/torchrun --tee 3 -m launcher.runtime --plan /scratch/runs/llama3-70b-qlora-fsdp/plan.json
+# The node at LAUNCHER_HEAD_ADDR hosts the rendezvous store (LAUNCHER_IS_HOST=1, else 0): in an srun
+# step node 0, else the node that has that address or name. Set LAUNCHER_IS_HOST to say it yourself.
+if [[ -z ${LAUNCHER_IS_HOST:-} && -n ${SLURM_STEP_ID:-} ]]; then
+  LAUNCHER_IS_HOST=$((SLURM_NODEID == 0 ? 1 : 0))
+elif [[ -z ${LAUNCHER_IS_HOST:-} ]]; then
+  names=" localhost $(hostname) $(hostname -f 2>/dev/null || true) $(hostname -I 2>/dev/null || true) "
+  if [[ $names == *" $LAUNCHER_HEAD_ADDR "* || $LAUNCHER_HEAD_ADDR == 127.* ]]; then LAUNCHER_IS_HOST=1; else LAUNCHER_IS_HOST=0; fi
+fi
+export LAUNCHER_HEAD_ADDR LAUNCHER_RDZV_PORT LAUNCHER_RDZV_ID LAUNCHER_IS_HOST
+exec /opt/venv/bin/python -m launcher.agent --nnodes 2 --rdzv_backend c10d --rdzv_endpoint "${LAUNCHER_HEAD_ADDR}:${LAUNCHER_RDZV_PORT}" --rdzv_id "${LAUNCHER_RDZV_ID}" --rdzv_conf "is_host=${LAUNCHER_IS_HOST}" --nproc_per_node 8 --max_restarts 0 --signals-to-handle SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT --shutdown-timeout 900 --log-dir /scratch/runs/llama3-70b-qlora-fsdp/logs/torchrun --tee 3 -m launcher.runtime --plan /scratch/runs/llama3-70b-qlora-fsdp/plan.json

@@ -1,0 +1,179 @@
+"""What the plan hands a real cluster: host memory checked against cluster.mem, QLoRA's 4-bit base
+counted where FSDP2 CPU offload keeps it, DDP's gradients once, cluster.gpu as the GPU checked and
+requested, the rendezvous host named by node id, and an allocation of another size refused."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from launcher.cli import main
+from launcher.config import ConfigError, load_config
+from launcher.config.schema import ClusterSection
+from launcher.plan import build_plan, write_run_dir
+from launcher.plan.estimate import estimate_plan, host_memory_gib
+from launcher.plan.estimate.memory import GIB
+from launcher.plan.topology import build_topology
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = ROOT / "recipes"
+ZERO3_OFFLOAD = RECIPES / "llama3-70b-full-zero3-offload.yaml"
+QLORA_70B = RECIPES / "llama3-70b-qlora-fsdp.yaml"
+FULL_8B = RECIPES / "llama3-8b-full-fsdp.yaml"
+# Answer.AI's FSDP+QLoRA: Llama 70B on one node of two 24 GB cards (22 GiB usable), FSDP2 CPU offload,
+# micro-batch 1 of 2048 tokens with activation checkpointing.
+TWO_24GB = [
+    "cluster.nodes=1",
+    "cluster.gpus_per_node=2",
+    "cluster.gpu_memory_gib=22",
+    "parallel.fsdp.cpu_offload=true",
+    "data.max_seq_len=2048",
+]
+
+
+def _estimate(recipe: Path, *overrides: str) -> dict[str, float]:
+    cfg = load_config(recipe, list(overrides))
+    return estimate_plan(cfg, build_topology(cfg.cluster, cfg.train, cfg.data))
+
+
+@pytest.mark.parametrize(
+    ("mem", "gib"),
+    [("512G", 512.0), ("2T", 2048.0), ("1048576", 1024.0), ("524288M", 512.0), ("1073741824K", 1024.0), ("0", None), ("", None)],
+)
+def test_cluster_mem_is_read_as_sbatch_reads_it(mem: str, gib: float | None) -> None:
+    assert host_memory_gib(ClusterSection(mem=mem)) == gib
+
+
+def test_zero3_offload_on_one_node_is_refused_at_512g_and_planned_at_2t(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    refused = tmp_path / "refused"
+    assert main(["plan", str(ZERO3_OFFLOAD), "cluster.nodes=1", "cluster.mem=512G", "--out", str(refused)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cluster.mem: the estimate is 1077.3 GiB of host memory per node, 1051.3 GiB of it offloaded states")
+    assert "210% of cluster.mem 512G (512 GiB)" in err and not refused.exists()
+    # the fixes: nodes enough to spread the states (the shipped 4), memory enough, less offload
+    assert "cluster.nodes=4" in err and "cluster.mem=1198G" in err and "parallel.offload_optimizer=none" in err
+    planned = tmp_path / "planned"
+    assert main(["plan", str(ZERO3_OFFLOAD), "cluster.nodes=1", "cluster.mem=2T", "--out", str(planned)]) == 0
+    assert "1077.33 GiB (53% of cluster.mem, 2048 GiB)" in (planned / "estimate.txt").read_text()
+    # the shipped 4 nodes fit in 512G; over 90 % is a warning
+    assert build_plan(load_config(ZERO3_OFFLOAD, ["cluster.mem=512G"]), str(tmp_path / "four")).warnings == []
+    warned = build_plan(load_config(ZERO3_OFFLOAD, ["cluster.mem=300G"]), str(tmp_path / "tight")).warnings
+    assert len(warned) == 1 and warned[0].startswith("warning: host memory: the estimate is 288.8 GiB")
+
+
+def test_gpu_and_host_refusals_come_together() -> None:
+    cfg = load_config(ZERO3_OFFLOAD, ["cluster.nodes=1", "cluster.mem=512G", "cluster.gpu_memory_gib=20"])
+    with pytest.raises(ConfigError) as refused:
+        build_plan(cfg, "/tmp/unused")
+    assert [p.key for p in refused.value.problems] == ["cluster.gpu_memory_gib", "cluster.mem"]
+
+
+def test_fsdp_cpu_offload_keeps_a_qlora_base_on_the_host(tmp_path: Path) -> None:
+    plan = build_plan(load_config(QLORA_70B, TWO_24GB), str(tmp_path / "run"))  # accepted: no ConfigError
+    e = plan.estimate
+    assert e["total"] / GIB == pytest.approx(11.7, rel=0.15)
+    # the packed 4-bit shards (31.9 GiB), embeddings, head and norms (3.9), adapters with their
+    # gradients and AdamW states (3.1); on the GPUs only each module's quant state (1.0 GiB)
+    assert e["host_offloaded"] / GIB == pytest.approx(38.9, abs=0.5)
+    assert e["quantized_base"] / GIB == pytest.approx(1.01, abs=0.05)
+    write_run_dir(plan)
+    assert "offloaded          38.88 GiB" in (tmp_path / "run" / "estimate.txt").read_text()
+
+
+def test_ddp_counts_its_gradients_once() -> None:
+    e = _estimate(RECIPES / "tiny-cpu.yaml", "parallel.backend=ddp")
+    assert e["gradients"] == 4 * e["trainable_params"]  # fp32 gradients; the buckets are views of them
+
+
+def test_cluster_gpu_wins_over_a_larger_recipe_default(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["plan", str(FULL_8B), "cluster.gpu=l4", "--out", str(tmp_path / "l4")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cluster.gpu: the estimate is 27.1 GiB per GPU, 120% of the GPU's 22.5 GiB (l4)")
+    assert "parallel.fsdp.cpu_offload=true" in err  # the fix that fits it
+    assert main(["plan", str(FULL_8B), "cluster.gpu=l4", "parallel.fsdp.cpu_offload=true", "--out", str(tmp_path / "off")]) == 0
+    # a smaller gpu_memory_gib (a MIG slice, memory kept back) is the one checked
+    assert _estimate(FULL_8B, "cluster.gpu=h100-80gb", "cluster.gpu_memory_gib=40")["gpu_memory_gib"] == 40.0
+    # a larger one cannot be right for that GPU: the recipe's 80 caps an h200 until it is unset
+    assert _estimate(FULL_8B, "cluster.gpu=h200")["gpu_memory_gib"] == 80.0
+    assert _estimate(FULL_8B, "cluster.gpu=h200", "cluster.gpu_memory_gib=null")["gpu_memory_gib"] == 140.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "header"),
+    [
+        (["cluster.gpu=h100-80gb"], "--gpus-per-node=h100:8"),
+        (["cluster.gpu=h100-80gb", "cluster.gpu_type=nvidia_h100_80gb_hbm3"], "--gpus-per-node=nvidia_h100_80gb_hbm3:8"),
+        (["cluster.gpu=h100-80gb", "cluster.gpu_type=none"], "--gpus-per-node=8"),
+    ],
+)
+def test_cluster_gpu_is_the_gpu_type_sbatch_asks_for(overrides: list[str], header: str) -> None:
+    script = build_plan(load_config(FULL_8B, overrides), "/scratch/r").sbatch_script
+    assert [line for line in script.splitlines() if "--gpus-per-node" in line] == [f"#SBATCH {header}"]
+
+
+def test_a_gpu_type_sbatch_cannot_parse_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"cluster\.gpu_type: 'h100:8' is not a SLURM name"):
+        load_config(FULL_8B, ["cluster.gpu_type=h100:8"])
+
+
+def _stub(path: Path, body: str) -> None:
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def _run_sbatch(tmp_path: Path, nodes_in_allocation: int) -> tuple[subprocess.CompletedProcess[str], list[list[str]]]:
+    """job.sbatch of a 2-node plan under stand-ins for srun (every task of a step, with its
+    SLURM_NODEID), scontrol, getent and python (which records its argv)."""
+    cfg = load_config(RECIPES / "tiny-cpu.yaml", ["cluster.nodes=2", "cluster.gpus_per_node=1"])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv"
+    plan = build_plan(cfg, str(tmp_path / "run"), python=str(bin_dir / "python"))
+    write_run_dir(plan)
+    _stub(bin_dir / "python", f'printf "%s\\0" "$@" >> {record}; printf "\\n" >> {record}\n')
+    _stub(
+        bin_dir / "srun",
+        'n=1; [[ $1 == --nodes=2 ]] && n=2; while [[ $1 == --* ]]; do shift; done\nfor ((i = 0; i < n; i++)); do SLURM_NODEID=$i "$@" || exit; done\n',
+    )
+    _stub(bin_dir / "scontrol", "if [[ $1 == show ]]; then printf 'node1\\nnode2\\n'; fi\n")
+    _stub(bin_dir / "scancel", "exit 0\n")
+    _stub(bin_dir / "getent", 'if [[ $1 == ahostsv4 && $2 == node1 ]]; then echo "127.0.1.1 STREAM node1"; else exit 2; fi\n')
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_JOB_NUM_NODES": str(nodes_in_allocation),
+    }
+    done = subprocess.run(["bash", str(tmp_path / "run" / "job.sbatch")], env=env, capture_output=True, text=True)
+    calls = [line.split("\0")[:-1] for line in record.read_text().splitlines()] if record.exists() else []
+    return done, calls
+
+
+def test_node_0_hosts_the_rendezvous_store_whatever_its_name_resolves_to(tmp_path: Path) -> None:
+    done, calls = _run_sbatch(tmp_path, 2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    agents = [call for call in calls if call[:2] == ["-m", "launcher.agent"]]
+    confs = [call[call.index("--rdzv_conf") + 1] for call in agents]
+    assert confs == ["is_host=1", "is_host=0"]  # getent said 127.0.1.1 for node1: torch's guess would be wrong
+    # torchrun's c10d backend reads is_host from --rdzv_conf, and node 0 then hosts the store itself
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
+    from torch.distributed.elastic.rendezvous.utils import _parse_rendezvous_config
+
+    params = RendezvousParameters("c10d", "127.0.0.1:0", "run", 1, 1, **_parse_rendezvous_config(confs[0]))
+    assert params.get_as_bool("is_host") is True
+    _, store = create_backend(params)
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+
+
+def test_an_allocation_of_another_size_is_refused_in_one_line(tmp_path: Path) -> None:
+    done, calls = _run_sbatch(tmp_path, 3)
+    assert done.returncode == 2 and calls == []
+    assert done.stderr.splitlines() == [
+        "launcher: this plan is for 2 node(s), the allocation has 3; re-plan with cluster.nodes=3, or submit without -N"
+    ]
