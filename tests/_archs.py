@@ -13,7 +13,8 @@ from filelock import FileLock
 
 ARCH_VERSION = "v1"
 # Shapes differ on purpose: biases (Qwen2), tied embeddings + Conv1D (GPT-2), explicit head_dim and
-# scaled embeddings (Gemma), sliding-window config (Mistral), an encoder (BERT).
+# scaled embeddings (Gemma), sliding-window config (Mistral), an encoder (BERT), a checkpoint whose
+# names transformers converts on load (GPT-NeoX).
 SHAPES = {
     "llama": (
         "LlamaConfig",
@@ -38,6 +39,11 @@ SHAPES = {
             "num_key_value_heads": 1,
             "head_dim": 16,
         },
+    ),
+    # GPT-NeoX: its checkpoint names the head embed_out (transformers renames it to lm_head on load)
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 512},
     ),
     "bert": (
         "BertConfig",

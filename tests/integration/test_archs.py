@@ -40,6 +40,7 @@ CASES = [
     ("qwen2", "lora"),
     ("qwen2", "qlora"),
     ("gemma", "freeze"),
+    ("gpt_neox", "full"),
     ("bert", "lora"),
 ]
 
@@ -136,6 +137,11 @@ def _exported_logits(name: str, method: str, run: Path, ids: torch.Tensor, launc
             torch.testing.assert_close(reloaded(ids).logits, adapted(ids).logits, atol=1e-4, rtol=0)
         return adapted(ids).logits.float()
     config = json.loads((out / "config.json").read_text())
+    if name == "gpt_neox":  # the names the original checkpoint has (save_pretrained's), not the module's
+        from safetensors import safe_open
+
+        with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+            assert "embed_out.weight" in set(handle.keys()) and "lm_head.weight" not in set(handle.keys())
     if name == "bert":
         assert config["id2label"] == {"0": "negative", "1": "positive"} and config["architectures"] == ["BertForSequenceClassification"]
     return auto.from_pretrained(out, dtype=torch.float32).eval()(ids).logits

@@ -25,6 +25,7 @@ from torch import nn
 
 from launcher.config.modelfiles import Refused, read_header
 from launcher.config.schema import ModelSection
+from launcher.runtime.model.conversions import Renamer, load_renamer
 from launcher.runtime.model.files import ModelError, model_dir
 
 __all__ = ["DTYPES", "ModelError", "WeightMap", "model_dir"]
@@ -129,6 +130,7 @@ class WeightMap:
     prefix: str  # the base model's attribute (`model`, `transformer`, `bert`): checkpoints saved from it lack it
     head: set[str] = field(default_factory=set)  # keys of a task head a base checkpoint cannot hold
     init_std: float = 0.02  # the config's initializer_range, for a new head
+    rename: Renamer = field(default=lambda key: (key, False))  # transformers' renamings (conversions.py)
 
     @classmethod
     def of(cls, model: nn.Module, task: str) -> WeightMap:
@@ -142,7 +144,8 @@ class WeightMap:
         if task == "classification":
             head = {k for k in targets if not k.startswith(f"{prefix}.") or ".pooler." in k}
         std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
-        return cls(targets, prefix, head, float(std) if isinstance(std, int | float) and math.isfinite(std) else 0.02)
+        init_std = float(std) if isinstance(std, int | float) and math.isfinite(std) else 0.02
+        return cls(targets, prefix, head, init_std, load_renamer(model))
 
     def resolve(self, key: str) -> str | None:
         """The model's key for a checkpoint key (the same model, or its base model saved alone)."""
@@ -244,6 +247,15 @@ def load_weights(
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 name = weights.resolve(key)
+                if name is None:  # a name transformers converts on load (GPT-NeoX's embed_out. is lm_head.)
+                    renamed, merged = weights.rename(key)
+                    if merged:
+                        raise ModelError(
+                            f"{file}: tensor {key} is one of several transformers merges on load (per-expert weights of a "
+                            "Mixture-of-Experts model); this loader does not merge tensors yet: re-save the model with "
+                            "transformers' save_pretrained in the fused layout, or use a dense model"
+                        )
+                    name = weights.resolve(renamed)
                 if name is not None:
                     target = weights.tensor(name)
                     full = handle.get_tensor(key)

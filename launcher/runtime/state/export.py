@@ -22,6 +22,7 @@ import torch
 from launcher.config.errors import ConfigError
 from launcher.plan import Plan
 from launcher.runtime.model.build import DTYPES
+from launcher.runtime.model.conversions import save_renamer
 from launcher.runtime.model.files import ModelError, model_dir
 from launcher.runtime.state import checkpoint as ckpt
 
@@ -130,10 +131,13 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
         from launcher.runtime.model.methods import merged_tensors
 
         _copy_side_files(base, out, dtype, cfg.task, labels)
-        count = write_model(merged_tensors(read, cfg, base, dtype, heads, expected_keys(out, cfg.task)), out, dtype)
+        save = save_renamer(json.loads((out / "config.json").read_text()))
+        merged = merged_tensors(read, cfg, base, dtype, heads, expected_keys(out, cfg.task))
+        count = write_model(((save(name), tensor) for name, tensor in merged), out, dtype)
     else:
         _copy_side_files(base, out, dtype, cfg.task, labels)
-        count = write_model(((name.removeprefix("model."), tensor) for name, tensor in read.items()), out, dtype)
+        save = save_renamer(json.loads((out / "config.json").read_text()))
+        count = write_model(((save(name.removeprefix("model.")), tensor) for name, tensor in read.items()), out, dtype)
     verify(out, cfg.task)
     return count
 
@@ -256,7 +260,8 @@ def verify(out: Path, task: str) -> None:
 
     if not (out / "config.json").exists():
         return  # an adapter: peft's own files
-    expected = expected_keys(out, task)
+    save = save_renamer(json.loads((out / "config.json").read_text()))
+    expected = {save(key): shape for key, shape in expected_keys(out, task).items()}  # the names save_pretrained writes
     found: dict[str, Any] = {}
     for file in out.glob("*.safetensors"):
         with safe_open(str(file), framework="pt") as handle:
