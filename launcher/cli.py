@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
         if name == "submit":
             cmd.add_argument("--dry-run", action="store_true", help="plan and print the sbatch command, submit nothing")
 
+    cmd = recipe_command("preview", "the first prepared training examples, token by token, the trained ones marked")
+    cmd.add_argument("-n", type=int, default=3, dest="count", help="how many examples (default 3)")
+    cmd.add_argument("--json", action="store_true", help="JSON: the report and every token with its id, text and trained flag")
+    cmd.set_defaults(func=cmd_preview)
+
     cmd = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face model directory (safetensors)")
     cmd.add_argument("run_dir")
     cmd.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
@@ -298,6 +303,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     with _planned(args, data=True) as plan:
         return prepare(plan)
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from launcher.preview import preview
+
+    if args.count < 1:
+        raise ConfigError([Problem("-n", f"{args.count} examples", "give a count of 1 or more")])
+    return preview(_load(args), args.count, args.json)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
