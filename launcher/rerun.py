@@ -95,10 +95,10 @@ def previous_config(run_dir: Path) -> dict[str, Any] | None:
 
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, old, new) for every setting outside FREE that differs, in the schema's order."""
+    """(key, old, new) for every setting outside FREE that differs, in the schema's order. A key only
+    one side knows (a plan.json of an older launcher) is not a change the user made."""
     before, after = _flat(old), _flat(new)
-    keys = [*after, *(k for k in before if k not in after)]
-    return [(k, before.get(k), after.get(k)) for k in keys if not _free(k) and before.get(k) != after.get(k)]
+    return [(k, before[k], value) for k, value in after.items() if k in before and not _free(k) and before[k] != value]
 
 
 def check_changes(run_dir: Path, config: dict[str, Any], allow_mismatch: bool, key: str) -> list[str]:
