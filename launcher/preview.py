@@ -9,6 +9,7 @@ tokenizer is read with `tokenizers` (transformers only for a model without token
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -137,8 +138,11 @@ def preview(cfg: RunConfig, count: int, as_json: bool) -> int:
     except (DataError, ModelError) as exc:
         print(one_line(f"error: {exc}"), file=sys.stderr)
         return 2
-    if as_json:
-        print(json.dumps({k: v for k, v in found.items() if not k.startswith("_")}, indent=1))
-    else:
-        print(render(found, colour=sys.stdout.isatty()))
+    text = (
+        json.dumps({k: v for k, v in found.items() if not k.startswith("_")}, indent=1) if as_json else render(found, sys.stdout.isatty())
+    )
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `launcher preview R | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's own flush stays quiet
     return 0
