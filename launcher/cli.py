@@ -224,6 +224,7 @@ def _summary(plan) -> str:  # plan: Plan
         ),
         ("steps", str(cfg["train"]["max_steps"])),
         ("memory/GPU", _memory_line(mem)),
+        ("collectives", f"time out after {plan.collective_timeout_seconds} s (cluster.collective_timeout_seconds)"),
         ("torchrun", shell_join(plan.torchrun)),
     ]
     width = max(len(k) for k, _ in rows)

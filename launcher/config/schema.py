@@ -283,6 +283,11 @@ class ClusterSection:
     # Write speed to the run directory per node, in GB/s (gigabytes); the plan warns when
     # signal_seconds cannot cover a save at that speed. None: 2 GB/s is assumed.
     fs_bandwidth_gbps: float | None = None
+    # How long every process group waits on one collective before it aborts the job (NCCL's default
+    # is 10 min). A healthy job's longest wait is the other ranks at a barrier while a checkpoint is
+    # written: None derives it from the save estimate (plan/budget.py), at least 600; plan.json
+    # carries the value the ranks use.
+    collective_timeout_seconds: int | None = None
     requeue: bool = True
     max_requeues: int = 3
     max_failure_requeues: int = 2  # requeues after a crash that left a newer complete checkpoint

@@ -137,6 +137,12 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
             "cluster.fs_bandwidth_gbps", f"{cluster.fs_bandwidth_gbps} is not a write speed in GB/s", "use e.g. 2, or leave it out"
         )
     yield from _at_least(cluster.max_restarts, 0, "cluster.max_restarts")
+    if cluster.collective_timeout_seconds is not None and not 60 <= cluster.collective_timeout_seconds <= 7 * 86400:
+        yield Problem(
+            "cluster.collective_timeout_seconds",
+            f"{cluster.collective_timeout_seconds} is outside 60-604800",
+            "use e.g. 1800, or leave it out (derived from the save estimate)",
+        )
     if not 0 <= cluster.signal_seconds <= 65535:
         yield Problem("cluster.signal_seconds", f"{cluster.signal_seconds} is outside 0-65535", "use e.g. 300 (0 disables)")
     if cluster.rdzv_port is not None and not 1024 <= cluster.rdzv_port <= 65535:

@@ -1,5 +1,6 @@
 """The save budget: does the warning SLURM sends before the time limit (cluster.signal_seconds)
-leave room to finish the step in flight and write a checkpoint? Torch-free, from the estimate."""
+leave room to finish the step in flight and write a checkpoint? And how long may a collective wait
+(cluster.collective_timeout_seconds) before it is a hang? Torch-free, from the estimate."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from launcher.config.schema import ClusterSection
 from launcher.plan.estimate.cost import FS_BYTES_PER_SECOND
 
 MARGIN = 1.5  # the estimate is rough, and a save that does not finish is lost whole
+NCCL_TIMEOUT_SECONDS = 600  # torch's default for NCCL groups: never planned shorter
+# A timeout too short kills a healthy job mid-save; one too long only lets a hung job sit longer.
+TIMEOUT_MARGIN = 2.0
 
 
 def save_seconds(cluster: ClusterSection, checkpoint_bytes: float) -> float:
@@ -37,3 +41,13 @@ def save_budget_warning(cluster: ClusterSection, estimate: dict[str, float]) -> 
         f"a step (~{step:.0f} s) then a {estimate['checkpoint_bytes'] / 1e9:.0f} GB checkpoint at {speed} (~{save:.0f} s), "
         f"x{MARGIN:g} for safety, is ~{needed:.0f} s; {fix}"
     )
+
+
+def collective_timeout(cluster: ClusterSection, estimate: dict[str, float]) -> int:
+    """cluster.collective_timeout_seconds, else the longest wait a healthy job has (a step, then
+    the other ranks at a barrier while a checkpoint is written) x TIMEOUT_MARGIN, in whole minutes,
+    at least NCCL's 10 min."""
+    if cluster.collective_timeout_seconds:
+        return cluster.collective_timeout_seconds
+    wait = (save_seconds(cluster, estimate["checkpoint_bytes"]) + estimate.get("step_seconds", 0.0)) * TIMEOUT_MARGIN
+    return max(NCCL_TIMEOUT_SECONDS, math.ceil(wait / 60) * 60)

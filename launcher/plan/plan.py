@@ -19,7 +19,7 @@ from launcher.config import RunConfig
 from launcher.config.errors import ConfigError, Problem
 from launcher.config.resolved import digest
 from launcher.plan.backend import resolve_backend
-from launcher.plan.budget import save_budget_warning
+from launcher.plan.budget import collective_timeout, save_budget_warning
 from launcher.plan.deepspeed import build_deepspeed_config
 from launcher.plan.estimate import check_memory, choose_micro_batch, estimate_plan, render_estimate
 from launcher.plan.fsdp import build_fsdp_plan
@@ -54,6 +54,9 @@ class Plan:
     # Python and the watched packages' versions where the plan was made (launcher/versions.py); rank 0
     # compares its own with them and with the tested range. {} in older plans.
     versions: dict[str, str] = field(default_factory=dict)
+    # Seconds any collective of any process group may wait: cluster.collective_timeout_seconds, else
+    # derived from the save estimate (plan/budget.py). 0 in older plans: torch's defaults.
+    collective_timeout_seconds: int = 0
 
     @property
     def run_config(self) -> RunConfig:
@@ -156,6 +159,7 @@ def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Pl
         warnings=warnings,
         config_digest=digest(config),
         versions=versions_report(),
+        collective_timeout_seconds=collective_timeout(cfg.cluster, memory),
     )
 
 

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     quiet_warnings()
-    info = init_distributed(cfg.cluster.accelerator, cfg.parallel.backend == "fsdp" and cfg.parallel.fsdp.cpu_offload)
+    cpu_offload = cfg.parallel.backend == "fsdp" and cfg.parallel.fsdp.cpu_offload
+    info = init_distributed(cfg.cluster.accelerator, cpu_offload, plan.collective_timeout_seconds or None)
     # One write call: the ranks share one pipe, and print() writes the newline separately.
     host = socket.gethostname()
     sys.stdout.write(f"launcher: rank {info.rank} of {info.world_size} (local {info.local_rank}) on {host}, pid {os.getpid()}\n")

@@ -13,7 +13,7 @@ import pytest
 from launcher.cli import main
 from launcher.config import ConfigError, load_config
 from launcher.config.schema import ClusterSection
-from launcher.plan import build_plan, write_run_dir
+from launcher.plan import Plan, build_plan, write_run_dir
 from launcher.plan.estimate import estimate_plan, host_memory_gib
 from launcher.plan.estimate.memory import GIB
 from launcher.plan.topology import build_topology
@@ -177,3 +177,61 @@ def test_an_allocation_of_another_size_is_refused_in_one_line(tmp_path: Path) ->
     assert done.stderr.splitlines() == [
         "launcher: this plan is for 2 node(s), the allocation has 3; re-plan with cluster.nodes=3, or submit without -N"
     ]
+
+
+def test_collective_timeout_covers_a_save_and_is_at_least_nccls(tmp_path: Path) -> None:
+    """988 GB of ZeRO-3 state at 0.5 GB/s on 2 nodes is ~16 min of writing: NCCL's default 10 min
+    would end the job mid-save. The plan derives the timeout from the save and writes the number."""
+    from launcher.plan.budget import NCCL_TIMEOUT_SECONDS, TIMEOUT_MARGIN, save_seconds
+
+    assert build_plan(load_config(FULL_8B), str(tmp_path / "a")).collective_timeout_seconds == NCCL_TIMEOUT_SECONDS
+    slow = ["cluster.mem=2T", "cluster.nodes=2", "cluster.fs_bandwidth_gbps=0.5"]
+    plan = build_plan(load_config(ZERO3_OFFLOAD, slow), str(tmp_path / "b"))
+    timeout, estimate = plan.collective_timeout_seconds, plan.estimate
+    wait = (save_seconds(plan.run_config.cluster, estimate["checkpoint_bytes"]) + estimate["step_seconds"]) * TIMEOUT_MARGIN
+    assert estimate["checkpoint_bytes"] > 900e9 and wait <= timeout < wait + 60 and timeout % 60 == 0 and timeout > 30 * 60
+    assert f'"collective_timeout_seconds": {timeout}' in plan.to_json()
+    assert Plan.from_json(plan.to_json()).collective_timeout_seconds == timeout
+    given = build_plan(load_config(FULL_8B, ["cluster.collective_timeout_seconds=7200"]), str(tmp_path / "c"))
+    assert given.collective_timeout_seconds == 7200
+    with pytest.raises(ConfigError, match=r"cluster\.collective_timeout_seconds: 5 is outside 60-604800"):
+        load_config(FULL_8B, ["cluster.collective_timeout_seconds=5"])
+
+
+GROUPS = """
+import json, os, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from launcher.runtime.parallel.dist import init_distributed
+
+info = init_distributed("cpu", timeout_seconds=1234)
+mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))  # HSDP's groups
+groups = {"world": dist.group.WORLD, "new_group": dist.new_group(backend="gloo"), "mesh": mesh.get_group("shard")}
+seconds = {name: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for name, g in groups.items()}
+total = torch.ones(1)
+dist.all_reduce(total, group=groups["new_group"])
+print("RESULT " + json.dumps({"rank": info.rank, "seconds": seconds, "sum": total.item()}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_every_process_group_of_a_two_rank_run_gets_the_timeout(tmp_path: Path) -> None:
+    import json
+    import os
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", GROUPS], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, text=True
+        )
+        for r in range(2)
+    ]
+    outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    results = [json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT "))) for out in outputs]
+    for result in results:
+        assert result["seconds"] == {"world": 1234.0, "new_group": 1234.0, "mesh": 1234.0} and result["sum"] == 2.0

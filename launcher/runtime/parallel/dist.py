@@ -12,6 +12,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,13 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(accelerator: str, cpu_offload: bool = False) -> DistInfo:
+def init_distributed(accelerator: str, cpu_offload: bool = False, timeout_seconds: int | None = None) -> DistInfo:
     """Join the job's process group (gloo on CPU, nccl on CUDA) from torchrun's environment.
 
     FSDP2 CPU offload keeps gradients on the CPU, so clipping reduces CPU tensors: it needs a CPU
-    backend beside NCCL in the same group ("cuda:nccl,cpu:gloo")."""
+    backend beside NCCL in the same group ("cuda:nccl,cpu:gloo"). `timeout_seconds` (the plan's
+    cluster.collective_timeout_seconds; None: torch's defaults) bounds every collective of every
+    group, this one and those made later (set_collective_timeout)."""
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -51,12 +54,29 @@ def init_distributed(accelerator: str, cpu_offload: bool = False) -> DistInfo:
         backend = "gloo"
     if "MASTER_ADDR" not in os.environ:  # a plain `python -m launcher.runtime`: a world of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    timeout = set_collective_timeout(timeout_seconds) if timeout_seconds else None
     device_id = device if accelerator == "cuda" else None
-    dist.init_process_group(backend=backend, rank=rank, world_size=world, device_id=device_id, store=_launcher_store(rank, world))
+    store = _launcher_store(rank, world, timeout)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, device_id=device_id, store=store, timeout=timeout)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
-def _launcher_store(rank: int, world: int) -> Any:
+def set_collective_timeout(seconds: int) -> timedelta:
+    """Make `seconds` the timeout of every process group created from now on without one of its own.
+
+    torch gives a new group its backend's default (10 min NCCL, 30 min gloo), not the default
+    group's timeout, and the groups we do not create ourselves (DeviceMesh's per-dimension groups
+    for HSDP, DeepSpeed's, the async save's gloo groups) pass none: torch reads these two module
+    values each time (distributed_c10d._get_default_timeout), so setting them reaches all of them."""
+    from torch.distributed import distributed_c10d
+
+    timeout = timedelta(seconds=seconds)
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+def _launcher_store(rank: int, world: int, timeout: timedelta | None = None) -> Any:
     """Under `launcher run` (launcher/ranks.py), the rendezvous store on the socket `launcher run`
     bound and listened on before starting the ranks, passed to rank 0 as LAUNCHER_STORE_FD: the port
     is never free between being chosen and being used, so another process cannot take it. None
@@ -65,11 +85,12 @@ def _launcher_store(rank: int, world: int) -> Any:
         return None
     from torch.distributed.constants import default_pg_timeout
 
+    timeout = timeout or default_pg_timeout
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     if rank == 0:
         fd = int(os.environ["LAUNCHER_STORE_FD"])
-        return dist.TCPStore(host, port, world, is_master=True, master_listen_fd=fd, timeout=default_pg_timeout, use_libuv=False)
-    return dist.TCPStore(host, port, world, is_master=False, timeout=default_pg_timeout)
+        return dist.TCPStore(host, port, world, is_master=True, master_listen_fd=fd, timeout=timeout, use_libuv=False)
+    return dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
 
 
 def seed_everything(seed: int) -> None:
