@@ -45,6 +45,19 @@ SHAPES = {
         "GPTNeoXConfig",
         {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 512},
     ),
+    # Mixture-of-Experts: saved per expert (block_sparse_moe.experts.N.w1/w2/w3), fused by transformers on load
+    "mixtral": (
+        "MixtralConfig",
+        {
+            "hidden_size": 64,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+        },
+    ),
     "bert": (
         "BertConfig",
         {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 512},

@@ -62,6 +62,21 @@ class Architecture:
         return blocks[0] if blocks else ""
 
 
+# Where config.json says how many experts a Mixture-of-Experts layer has (Mixtral, Qwen2/3-MoE and
+# OLMoE, DeepSeek, others).
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def expert_count(config_file: Path) -> int:
+    """Experts per MoE layer from config.json (0 for a dense model or an unreadable file)."""
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return 0
+    counts = [raw.get(key) for key in _EXPERT_KEYS] if isinstance(raw, dict) else []
+    return max([c for c in counts if isinstance(c, int) and not isinstance(c, bool)], default=0)
+
+
 def read_architecture(config_file: Path) -> Architecture:
     """config.json (+ transformers' attribute map and defaults for its model_type) -> Architecture."""
     where = str(config_file)

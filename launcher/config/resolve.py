@@ -11,7 +11,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from launcher.config.arch import CANONICAL, Architecture, architecture_of, read_architecture
+from launcher.config.arch import CANONICAL, Architecture, architecture_of, expert_count, read_architecture
 from launcher.config.errors import ConfigError, Problem
 from launcher.config.modelfiles import config_problems, file_problems
 from launcher.config.schema import DataSection, ModelSection, RunConfig, TrainSection
@@ -55,6 +55,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
             problems += exc.problems
     if train.max_steps is None and train.epochs is None:
         train = dataclasses.replace(train, max_steps=DEFAULT_MAX_STEPS)
+    problems += _moe_lora_problems(cfg, model)
     if problems:
         raise ConfigError(problems)
     return dataclasses.replace(cfg, model=model, train=train, data=data)
@@ -109,6 +110,29 @@ def model_config_file(name_or_path: str) -> Path | None:
             return None
         return Path(cached) if isinstance(cached, str) else None
     return None
+
+
+def _moe_lora_problems(cfg: RunConfig, model: ModelSection) -> list[Problem]:
+    """peft wraps a Mixture-of-Experts model's fused expert weights (3-D parameters, reached by
+    all-linear or an `experts` target) in its ParamWrapper, which takes no dropout: refused here, not
+    as peft's traceback on every rank."""
+    lora = cfg.method.lora
+    if cfg.method.name not in ("lora", "qlora") or not lora.dropout:
+        return []
+    if not any(t == "all-linear" or "experts" in t for t in lora.target_modules):
+        return []
+    config_file = model_config_file(model.name_or_path) if model.name_or_path != TINY_MODEL else None
+    experts = expert_count(config_file) if config_file is not None else 0
+    if experts < 2:
+        return []
+    return [
+        Problem(
+            "method.lora.dropout",
+            f"is {lora.dropout:g}, but {model.architecture or 'this model'} is a Mixture-of-Experts model ({experts} experts) and "
+            "peft's LoRA on its fused expert weights takes no dropout",
+            "set method.lora.dropout=0 (or leave the experts out of method.lora.target_modules)",
+        )
+    ]
 
 
 def resolve_model(model: ModelSection) -> ModelSection:

@@ -41,6 +41,7 @@ CASES = [
     ("qwen2", "qlora"),
     ("gemma", "freeze"),
     ("gpt_neox", "full"),
+    ("mixtral", "lora"),
     ("bert", "lora"),
 ]
 

@@ -1,12 +1,11 @@
 """transformers' checkpoint conversions in our per-shard loader and in export (issue 25): renamed keys
 load (GPT-NeoX's embed_out is the model's lm_head) and export under the original's names; keys that
-transformers merges on load (Mixture-of-Experts experts) are one clear error, not "no weight for"."""
+transformers merges on load (Mixture-of-Experts experts) load merged, as from_pretrained does."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 
@@ -38,20 +37,58 @@ def _load(path: Path) -> torch.nn.Module:
 def test_a_renamed_checkpoint_loads_and_exports_under_its_own_names(tmp_path: Path) -> None:
     import json
 
-    from launcher.runtime.model.conversions import save_renamer
+    from launcher.runtime.model.conversions import SaveConversions
 
     original = _tiny("gpt_neox", tmp_path)
     ids = torch.arange(3, 19).view(1, 16)
     with torch.no_grad():
         torch.testing.assert_close(_load(tmp_path)(ids).logits, original(ids).logits, atol=0, rtol=0)
-    save = save_renamer(json.loads((tmp_path / "config.json").read_text()))
+    save = SaveConversions(json.loads((tmp_path / "config.json").read_text())).name
     assert save("lm_head.weight") == "embed_out.weight" and save("gpt_neox.embed_in.weight") == "gpt_neox.embed_in.weight"
-    assert save_renamer({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})("lm_head.weight") == "lm_head.weight"
+    assert SaveConversions({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}).name("lm_head.weight") == "lm_head.weight"
 
 
-def test_experts_transformers_merges_on_load_are_one_clear_error(tmp_path: Path) -> None:
-    from launcher.runtime.model.build import ModelError
+def test_experts_saved_per_expert_load_merged_as_transformers_does(tmp_path: Path) -> None:
+    """Mixtral as save_pretrained writes it (block_sparse_moe.experts.N.w1/w3/w2) into the model's fused
+    mlp.experts.gate_up_proj / down_proj: it was "the checkpoint has no weight for ...mlp.gate.weight"."""
+    from safetensors import safe_open
 
-    _tiny("mixtral", tmp_path)
-    with pytest.raises(ModelError, match=r"model\.safetensors: tensor .*experts.* is one of several transformers merges on load"):
-        _load(tmp_path)
+    original = _tiny("mixtral", tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        assert any(".experts.1.w3." in key for key in handle.keys())  # noqa: SIM118 (the per-expert layout on disk)
+    ids = torch.arange(3, 19).view(1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(_load(tmp_path)(ids).logits, original(ids).logits, atol=0, rtol=0)
+
+
+def test_fused_experts_are_saved_back_per_expert_as_save_pretrained_writes_them(tmp_path: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+
+    from launcher.runtime.model.conversions import SaveConversions
+
+    original = _tiny("mixtral", tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        on_disk = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    saved = dict(SaveConversions(json.loads((tmp_path / "config.json").read_text()), original.config)(original.state_dict().items()))
+    assert saved.keys() == on_disk.keys()
+    assert all(torch.equal(saved[key], on_disk[key]) for key in on_disk)
+
+
+def test_lora_dropout_on_fused_experts_is_refused_at_plan_time(tmp_path: Path) -> None:
+    """It was peft's "lora.ParamWrapper does not work with lora_dropout != 0" on every rank, after start-up."""
+    from _archs import tiny_arch
+    from _support import launcher_cli
+
+    root = Path(__file__).resolve().parents[2]
+    model = f"model.name_or_path={tiny_arch('mixtral')}"
+    done = launcher_cli(
+        "plan", str(root / "recipes" / "tiny-cpu.yaml"), "method.name=lora", model, "--out", str(tmp_path / "a"), check=False
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "error: method.lora.dropout: is 0.05, but mixtral is a Mixture-of-Experts model (4 experts)" in done.stderr
+    assert "set method.lora.dropout=0" in done.stderr and not (tmp_path / "a").exists()
+    launcher_cli(
+        "plan", str(root / "recipes" / "tiny-cpu.yaml"), "method.name=lora", "method.lora.dropout=0", model, "--out", str(tmp_path / "b")
+    )

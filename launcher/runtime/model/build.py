@@ -25,7 +25,7 @@ from torch import nn
 
 from launcher.config.modelfiles import Refused, read_header
 from launcher.config.schema import ModelSection
-from launcher.runtime.model.conversions import Renamer, load_renamer
+from launcher.runtime.model.conversions import Conversions
 from launcher.runtime.model.files import ModelError, model_dir
 
 __all__ = ["DTYPES", "ModelError", "WeightMap", "model_dir"]
@@ -130,7 +130,7 @@ class WeightMap:
     prefix: str  # the base model's attribute (`model`, `transformer`, `bert`): checkpoints saved from it lack it
     head: set[str] = field(default_factory=set)  # keys of a task head a base checkpoint cannot hold
     init_std: float = 0.02  # the config's initializer_range, for a new head
-    rename: Renamer = field(default=lambda key: (key, False))  # transformers' renamings (conversions.py)
+    conversions: Conversions = field(default_factory=Conversions)  # transformers' renamings and merges
 
     @classmethod
     def of(cls, model: nn.Module, task: str) -> WeightMap:
@@ -145,7 +145,7 @@ class WeightMap:
             head = {k for k in targets if not k.startswith(f"{prefix}.") or ".pooler." in k}
         std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
         init_std = float(std) if isinstance(std, int | float) and math.isfinite(std) else 0.02
-        return cls(targets, prefix, head, init_std, load_renamer(model))
+        return cls(targets, prefix, head, init_std, Conversions(model))
 
     def resolve(self, key: str) -> str | None:
         """The model's key for a checkpoint key (the same model, or its base model saved alone)."""
@@ -243,24 +243,34 @@ def load_weights(
         except Refused as exc:
             raise ModelError(f"{exc}; {exc.fix}") from None
     filled: set[int] = set()
+
+    def fill(name: str, full: torch.Tensor) -> None:
+        target = weights.tensor(name)
+        copy_full_into(target, convert(*weights.targets[name], full) if convert else full)
+        filled.add(id(target))
+
+    where: dict[str, Path] = {}
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                name = weights.resolve(key)
-                if name is None:  # a name transformers converts on load (GPT-NeoX's embed_out. is lm_head.)
-                    renamed, merged = weights.rename(key)
-                    if merged:
-                        raise ModelError(
-                            f"{file}: tensor {key} is one of several transformers merges on load (per-expert weights of a "
-                            "Mixture-of-Experts model); this loader does not merge tensors yet: re-save the model with "
-                            "transformers' save_pretrained in the fused layout, or use a dense model"
-                        )
-                    name = weights.resolve(renamed)
+            where.update(dict.fromkeys(handle.keys(), file))
+    plain, groups = weights.conversions.groups([k for k in where if weights.resolve(k) is None])
+    for file in files:  # one tensor at a time: each rank keeps its shard of it
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in handle.keys():  # noqa: SIM118
+                name = weights.resolve(key) or weights.resolve(plain.get(key, key))
                 if name is not None:
-                    target = weights.tensor(name)
-                    full = handle.get_tensor(key)
-                    copy_full_into(target, convert(*weights.targets[name], full) if convert else full)
-                    filled.add(id(target))
+                    fill(name, handle.get_tensor(key))
+
+    def read(key: str) -> torch.Tensor:
+        with safe_open(str(where[key]), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(key)
+
+    for target, group in groups.items():  # tensors transformers merges on load (one layer's experts at a time)
+        for key, full in weights.conversions.convert(target, group, read).items():
+            name = weights.resolve(key)
+            if name is None:
+                raise ModelError(f"{path}: transformers' conversion of {group.sources[0][1]} gives {key}, which the model does not have")
+            fill(name, full)
     missing = [k for k in weights.targets if id(weights.tensor(k)) not in filled and not _buffer_computed(weights, k)]
     new_head = [k for k in missing if k in weights.head]
     if len(new_head) != len(missing):

@@ -22,7 +22,7 @@ import torch
 from launcher.config.errors import ConfigError
 from launcher.plan import Plan
 from launcher.runtime.model.build import DTYPES
-from launcher.runtime.model.conversions import save_renamer
+from launcher.runtime.model.conversions import Conversions, SaveConversions
 from launcher.runtime.model.files import ModelError, model_dir
 from launcher.runtime.state import checkpoint as ckpt
 
@@ -127,17 +127,18 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
         from launcher.runtime.model.methods import write_adapter
 
         count = write_adapter(read, cfg, out, heads)
+    elif cfg.method.name in ("lora", "qlora") and any(".experts." in k and "lora_" in k for k in read.keys()):  # noqa: SIM118
+        count = _merge_with_peft(read, cfg, base, out, dtype, heads)
     elif cfg.method.name in ("lora", "qlora"):
         from launcher.runtime.model.methods import merged_tensors
 
         _copy_side_files(base, out, dtype, cfg.task, labels)
-        save = save_renamer(json.loads((out / "config.json").read_text()))
-        merged = merged_tensors(read, cfg, base, dtype, heads, expected_keys(out, cfg.task))
-        count = write_model(((save(name), tensor) for name, tensor in merged), out, dtype)
+        save = _saver(out)
+        count = write_model(save(merged_tensors(read, cfg, base, dtype, heads, expected_keys(out, cfg.task))), out, dtype)
     else:
         _copy_side_files(base, out, dtype, cfg.task, labels)
-        save = save_renamer(json.loads((out / "config.json").read_text()))
-        count = write_model(((save(name.removeprefix("model.")), tensor) for name, tensor in read.items()), out, dtype)
+        save = _saver(out)
+        count = write_model(save((name.removeprefix("model."), tensor) for name, tensor in read.items()), out, dtype)
     verify(out, cfg.task)
     return count
 
@@ -240,16 +241,50 @@ def _copy_side_files(base: Path, out: Path, dtype: torch.dtype, task: str = "cau
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def expected_keys(out: Path, task: str) -> dict[str, Any]:
-    """Parameter name → shape of the model the exported config.json describes."""
+def _merge_with_peft(read: Any, cfg: Any, base: Path, out: Path, dtype: torch.dtype, heads: list[str]) -> int:
+    """LoRA on a Mixture-of-Experts model's fused expert weights (peft's ParamWrapper, a 3-D delta per
+    expert) merged by peft itself: the base loaded whole in host memory, the adapter merged with
+    merge_and_unload, then saved in save_pretrained's layout. Dense models merge tensor by tensor."""
+    import tempfile
+
+    from peft import PeftModel
+
+    from launcher.runtime.model.build import model_class
+    from launcher.runtime.model.methods import write_adapter
+
+    if cfg.task != "causal_lm":
+        raise ExportError("--merge: a classifier on a Mixture-of-Experts model is exported as its adapter; leave --merge out")
+    with tempfile.TemporaryDirectory(dir=out) as adapter:
+        write_adapter(read, cfg, Path(adapter), heads)
+        model = model_class(cfg.task).from_pretrained(base, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    _copy_side_files(base, out, dtype, cfg.task, None)
+    tied = getattr(merged.config, "tie_word_embeddings", False)
+    state = ((key, tensor) for key, tensor in merged.state_dict().items() if not (tied and key == "lm_head.weight"))
+    return write_model(_saver(out)(state), out, dtype)
+
+
+def _saver(out: Path) -> SaveConversions:
+    """The names and layout save_pretrained writes for the exported config.json (conversions.py)."""
+    from transformers import AutoConfig
+
+    return SaveConversions(json.loads((out / "config.json").read_text()), AutoConfig.from_pretrained(out))
+
+
+def _meta_model(out: Path, task: str) -> torch.nn.Module:
     from transformers import AutoConfig
 
     from launcher.runtime.model.build import model_class
 
-    config = AutoConfig.from_pretrained(out)
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in model_class(task).from_config(config).state_dict().items()}
-    if getattr(config, "tie_word_embeddings", False):
+        return model_class(task).from_config(AutoConfig.from_pretrained(out))
+
+
+def expected_keys(out: Path, task: str, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Parameter name → shape of the model the exported config.json describes."""
+    model = model if model is not None else _meta_model(out, task)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
     return expected
 
@@ -260,19 +295,22 @@ def verify(out: Path, task: str) -> None:
 
     if not (out / "config.json").exists():
         return  # an adapter: peft's own files
-    save = save_renamer(json.loads((out / "config.json").read_text()))
-    expected = {save(key): shape for key, shape in expected_keys(out, task).items()}  # the names save_pretrained writes
+    model = _meta_model(out, task)
+    expected = expected_keys(out, task, model)
     found: dict[str, Any] = {}
     for file in out.glob("*.safetensors"):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118
                 found[key] = handle.get_slice(key).get_shape()
-    missing = sorted(set(expected) - set(found))
+    # read back as transformers loads it: renamed, and merged where it merges (shapes then checked on load)
+    plain, groups = Conversions(model).groups(list(found))
+    loaded: dict[str, Any] = {renamed: found[key] for key, renamed in plain.items()} | dict.fromkeys(groups)
+    missing = sorted(set(expected) - set(loaded))
     if missing:
         raise ExportError(f"{out}: {len(missing)} parameters were not written, e.g. {missing[0]}")
-    wrong = [k for k in expected if list(found[k]) != list(expected[k])]
+    wrong = [k for k in expected if loaded[k] is not None and list(loaded[k]) != list(expected[k])]
     if wrong:
-        raise ExportError(f"{out}: {wrong[0]} has shape {found[wrong[0]]}, expected {list(expected[wrong[0]])}")
+        raise ExportError(f"{out}: {wrong[0]} has shape {loaded[wrong[0]]}, expected {list(expected[wrong[0]])}")
 
 
 class DeepSpeedModelReader:
