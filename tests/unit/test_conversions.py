@@ -6,19 +6,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def _tiny(kind: str, path: Path) -> torch.nn.Module:
     import transformers
 
     shape = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
-    if kind == "mixtral":
-        config = transformers.MixtralConfig(**shape, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
-    else:
-        config = transformers.GPTNeoXConfig(**shape)
+    moe = {"num_key_value_heads": 2, "num_experts_per_tok": 2}
+    configs = {
+        "mixtral": lambda: transformers.MixtralConfig(**shape, **moe, num_local_experts=4),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+            **shape, **moe, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32
+        ),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**shape, **moe, num_experts=4, moe_intermediate_size=32),
+        "olmoe": lambda: transformers.OlmoeConfig(**shape, **moe, num_experts=4, eos_token_id=1, pad_token_id=0),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(**shape),
+    }
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(configs[kind]()).eval()
     model.save_pretrained(path)
     return model
 
@@ -48,29 +57,24 @@ def test_a_renamed_checkpoint_loads_and_exports_under_its_own_names(tmp_path: Pa
     assert SaveConversions({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}).name("lm_head.weight") == "lm_head.weight"
 
 
-def test_experts_saved_per_expert_load_merged_as_transformers_does(tmp_path: Path) -> None:
-    """Mixtral as save_pretrained writes it (block_sparse_moe.experts.N.w1/w3/w2) into the model's fused
-    mlp.experts.gate_up_proj / down_proj: it was "the checkpoint has no weight for ...mlp.gate.weight"."""
-    from safetensors import safe_open
-
-    original = _tiny("mixtral", tmp_path)
-    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
-        assert any(".experts.1.w3." in key for key in handle.keys())  # noqa: SIM118 (the per-expert layout on disk)
-    ids = torch.arange(3, 19).view(1, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(_load(tmp_path)(ids).logits, original(ids).logits, atol=0, rtol=0)
-
-
-def test_fused_experts_are_saved_back_per_expert_as_save_pretrained_writes_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", MOE)
+def test_experts_saved_per_expert_load_merged_and_save_back_as_transformers_does(kind: str, tmp_path: Path) -> None:
+    """Experts as save_pretrained writes them (Mixtral: block_sparse_moe.experts.N.w1/w3/w2) into the
+    model's fused experts (it was "the checkpoint has no weight for ...mlp.gate.weight"), and the
+    model's tensors written back in exactly that layout, bit for bit."""
     import json
 
     from safetensors import safe_open
 
     from launcher.runtime.model.conversions import SaveConversions
 
-    original = _tiny("mixtral", tmp_path)
+    original = _tiny(kind, tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
         on_disk = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    assert any(".experts.1." in key for key in on_disk)  # the per-expert layout on disk
+    ids = torch.arange(3, 19).view(1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(_load(tmp_path)(ids).logits, original(ids).logits, atol=0, rtol=0)
     saved = dict(SaveConversions(json.loads((tmp_path / "config.json").read_text()), original.config)(original.state_dict().items()))
     assert saved.keys() == on_disk.keys()
     assert all(torch.equal(saved[key], on_disk[key]) for key in on_disk)
