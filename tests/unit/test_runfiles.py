@@ -154,3 +154,22 @@ def test_export_with_force_refuses_a_link_inside_out(tmp_path: Path, victim: Pat
     (out / "config.json").symlink_to(victim)
     with pytest.raises(ExportError, match=r"holds config\.json, a symbolic link \(to .*victim.*\); remove it, or choose a new folder"):
         refuse_occupied(out, force=True)
+
+
+def test_an_export_that_fails_leaves_no_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A failed export left config.json and the tokenizer without weights (issue 25): it now writes
+    beside --out and renames the folder into place only when complete."""
+    from launcher.runtime.state import export as exporting
+
+    def half(run_dir: Path, out: Path, step, merge) -> int:
+        (out / "config.json").write_text("{}\n")
+        raise exporting.ExportError("merged 8 of 14 LoRA pairs")
+
+    monkeypatch.setattr(exporting, "export", half)
+    assert exporting.export_run(str(tmp_path), str(tmp_path / "out")) == 2
+    assert "merged 8 of 14" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setattr(exporting, "export", lambda run_dir, out, step, merge: (out / "config.json").write_text("{}\n") and 0)
+    (tmp_path / "empty").mkdir()
+    assert exporting.export_run(str(tmp_path), str(tmp_path / "empty")) == 0
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == ["config.json"]

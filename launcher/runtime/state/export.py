@@ -14,6 +14,9 @@ import json
 import os
 import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,8 @@ def export_run(run_dir: str, out: str, step: int | None = None, merge: bool = Fa
                 raise ExportError("--best and --step: give one of them")
             step = best_step(Path(run_dir))
         refuse_occupied(Path(out), force)
-        written = export(Path(run_dir), Path(out), step, merge)
+        with staged(Path(out)) as folder:
+            written = export(Path(run_dir), folder, step, merge)
     except (ExportError, ckpt.CheckpointError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -53,6 +57,29 @@ def export_run(run_dir: str, out: str, step: int | None = None, merge: bool = Fa
         return 2
     print(f"launcher: exported {written} tensors to {out}")
     return 0
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """Where an export writes: a new folder beside --out, renamed into place once the export is
+    complete and verified, so a failed one leaves nothing behind (it left config and tokenizer files
+    without weights). A non-empty --out (with --force) is written in place."""
+    from launcher.runfiles import umask
+
+    if out.is_symlink() or (out.is_dir() and any(out.iterdir())):
+        yield out
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
+    try:
+        yield stage
+        os.chmod(stage, 0o777 & ~umask())
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 def refuse_occupied(out: Path, force: bool) -> None:
