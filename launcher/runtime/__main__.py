@@ -49,13 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.runtime.model.files import ModelError
 
     if args.prepare_only:  # no torch here (unless a DeepSpeed op must be compiled): a warm cache answers in well under a second
-        try:
-            prepare(cfg, Path(plan.run_dir))
-            from launcher.runtime.parallel.zero_ops import prebuild_ops
+        from launcher.runtime.train.signals import Stopped, stop_at_once
 
-            built = prebuild_ops(plan.deepspeed)
+        try:
+            with stop_at_once():  # USR1 / TERM now (time limit, preemption): exit 75, and job.sbatch requeues
+                prepare(cfg, Path(plan.run_dir))
+                from launcher.runtime.parallel.zero_ops import prebuild_ops
+
+                built = prebuild_ops(plan.deepspeed)
             if built:
                 print(built, flush=True)
+        except Stopped as stopped:
+            print(f"launcher: received {stopped} while preparing the data; stopped (run again to prepare again)", file=sys.stderr, flush=True)
+            return REQUEUE_EXIT_CODE
         except (DataError, ModelError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -124,21 +124,24 @@ def _stub(path: Path, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def _run_sbatch(tmp_path: Path, nodes_in_allocation: int) -> tuple[subprocess.CompletedProcess[str], list[list[str]]]:
+def _run_sbatch(
+    tmp_path: Path, nodes_in_allocation: int, python: str = "", scontrol: str = ""
+) -> tuple[subprocess.CompletedProcess[str], list[list[str]]]:
     """job.sbatch of a 2-node plan under stand-ins for srun (every task of a step, with its
-    SLURM_NODEID), scontrol, getent and python (which records its argv)."""
+    SLURM_NODEID), scontrol, getent and python (which records its argv, then runs `python`);
+    `scontrol` runs for any scontrol command but `show`."""
     cfg = load_config(RECIPES / "tiny-cpu.yaml", ["cluster.nodes=2", "cluster.gpus_per_node=1"])
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "argv"
     plan = build_plan(cfg, str(tmp_path / "run"), python=str(bin_dir / "python"))
     write_run_dir(plan)
-    _stub(bin_dir / "python", f'printf "%s\\0" "$@" >> {record}; printf "\\n" >> {record}\n')
+    _stub(bin_dir / "python", f'printf "%s\\0" "$@" >> {record}; printf "\\n" >> {record}\n{python}\n')
     _stub(
         bin_dir / "srun",
         'n=1; [[ $1 == --nodes=2 ]] && n=2; while [[ $1 == --* ]]; do shift; done\nfor ((i = 0; i < n; i++)); do SLURM_NODEID=$i "$@" || exit; done\n',
     )
-    _stub(bin_dir / "scontrol", "if [[ $1 == show ]]; then printf 'node1\\nnode2\\n'; fi\n")
+    _stub(bin_dir / "scontrol", f"if [[ $1 == show ]]; then printf 'node1\\nnode2\\n'; else {scontrol or ':'}; fi\n")
     _stub(bin_dir / "scancel", "exit 0\n")
     _stub(bin_dir / "getent", 'if [[ $1 == ahostsv4 && $2 == node1 ]]; then echo "127.0.1.1 STREAM node1"; else exit 2; fi\n')
     env = {
@@ -235,3 +238,54 @@ def test_every_process_group_of_a_two_rank_run_gets_the_timeout(tmp_path: Path) 
     results = [json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT "))) for out in outputs]
     for result in results:
         assert result["seconds"] == {"world": 1234.0, "new_group": 1234.0, "mesh": 1234.0} and result["sum"] == 2.0
+
+
+PREPARE_STOPPED = 'if [[ " $* " == *" --prepare-only "* ]]; then exit 75; fi'
+
+
+@pytest.mark.parametrize("requeued", [True, False], ids=["requeued", "requeue-fails"])
+def test_a_signal_while_preparing_the_data_requeues_the_job(tmp_path: Path, requeued: bool) -> None:
+    """The prepare step exits 75 (stopped on USR1/TERM): the job requeues within MAX_REQUEUES, as
+    after a signal save, and no rank starts; a requeue that slurmctld refuses is not recorded as one."""
+    calls_file = tmp_path / "scontrol-calls"
+    done, calls = _run_sbatch(tmp_path, 2, python=PREPARE_STOPPED, scontrol=f'echo "$*" >> {calls_file}; exit {0 if requeued else 1}')
+    logs = tmp_path / "run" / "logs"
+    assert [call[-1] for call in calls] == ["--prepare-only"], done.stdout + done.stderr
+    assert calls_file.read_text() == "requeue 4242\n" and (logs / "requeues.preempt").read_text() == "1\n"
+    assert "launcher: preparing the data stopped on a signal" in done.stdout and "preparing the data failed" not in done.stderr
+    state = (logs / "state").read_text().split()[0]
+    if requeued:
+        assert done.returncode == 0 and state == "requeued", done.stdout + done.stderr
+        assert "launcher: requeueing job 4242 (requeue 1 of 3) to prepare the data again" in done.stdout
+    else:
+        assert done.returncode == 75 and state == "failed", done.stdout + done.stderr
+        assert "launcher: scontrol requeue 4242 failed; resubmit to continue" in done.stderr
+
+
+def test_usr1_while_preparing_the_data_exits_with_the_requeue_code(tmp_path: Path) -> None:
+    """The real prepare step (a cold cache: seconds of work) gets USR1 once its handler is in place
+    (SigCgt in /proc): one line and exit 75, no traceback, and the next attempt prepares in full."""
+    import os
+    import signal
+    import sys
+    import time
+
+    env = {**os.environ, "LAUNCHER_CACHE_DIR": str(tmp_path / "cache")}
+    run = tmp_path / "run"
+    write_run_dir(build_plan(load_config(RECIPES / "tiny-cpu.yaml"), str(run)))
+    argv = [sys.executable, "-m", "launcher.runtime", "--plan", str(run / "plan.json"), "--prepare-only"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught >> (signal.SIGUSR1 - 1) & 1:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out + err
+    assert err.strip().splitlines()[-1] == "launcher: received SIGUSR1 while preparing the data; stopped (run again to prepare again)"
+    assert "Traceback" not in err
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]

@@ -9,12 +9,15 @@ Ctrl-C again: stop now, without saving.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+from collections.abc import Iterator
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch at use only: preparing the data (stop_at_once) imports no torch
+    import torch
 
 # SIGHUP and SIGQUIT too: torchrun passes them on (plan/torchrun.py), and so does `launcher run`.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -54,6 +57,38 @@ class StopFlag:
         carried, self._carried = self._carried, None
         if carried is not None and not fresh:
             return carried
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([self.local()], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+class Stopped(BaseException):
+    """A stop signal where there is no step to finish and nothing to save (preparing the data).
+    A BaseException: no `except Exception` on the way out may swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_at_once(signums: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> Iterator[None]:
+    """Inside, USR1 / TERM (what SLURM sends before the time limit or on preemption) raise Stopped at
+    once; the previous handlers come back after. The data cache and the tiny model are written
+    whole or not at all, so stopping loses only the work in flight; the caller exits with the
+    requeue code and the next attempt prepares again. A second signal while stopping is ignored."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        for each in signums:
+            signal.signal(each, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, handle) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
