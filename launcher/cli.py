@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--force", action="store_true", help="write into --out even if it already holds files")
     cmd.set_defaults(func=cmd_export)
 
+    _tryout_commands(sub)
+
     cmd = sub.add_parser("doctor", help="check this machine for a recipe: torch, CUDA, kernels, extras, paths, port")
     cmd.add_argument("recipe", nargs="?", help="recipe YAML (optional: what it needs becomes required)")
     cmd.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. cluster.accelerator=cpu")
@@ -225,7 +227,8 @@ def _summary(plan) -> str:  # plan: Plan
         ("steps", str(cfg["train"]["max_steps"])),
         ("memory/GPU", _memory_line(mem)),
         ("collectives", f"time out after {plan.collective_timeout_seconds} s (cluster.collective_timeout_seconds)"),
-        ("torchrun", shell_join(plan.torchrun)),
+        # launcher.agent is torchrun (torch.distributed.run) with the same arguments, minus its slow exit
+        ("agent", f"{shell_join(plan.torchrun)}   (torchrun's agent: torch.distributed.run, launcher/agent.py)"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -318,6 +321,49 @@ def cmd_export(args: argparse.Namespace) -> int:
     from launcher.runtime.state.export import export_run
 
     return export_run(args.run_dir, args.out, step=args.step, merge=args.merge, best=args.best, force=args.force)
+
+
+def _tryout_commands(sub: Any) -> None:
+    """Try what a run trained: eval on any file, generate from a prompts file, chat (launcher/tryout.py, launcher/generate.py)."""
+    cmd = sub.add_parser("eval", help="a checkpoint's metrics on a file (default: the run's validation set), as training evaluates")
+    cmd.add_argument("run_dir")
+    cmd.add_argument("--data", help="data file or saved data set, read with the run's template and columns (default: its validation set)")
+    cmd.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
+    cmd.add_argument("--out", help="folder for eval.json and eval_predictions.jsonl (default: RUN/evals/<file>-step-N)")
+    cmd.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda for a CUDA run where a GPU is present, else cpu")
+    cmd.add_argument("--prompts", type=int, help="causal LM: held-out prompts scored by exact match (default: train.eval_exact_match)")
+    cmd.set_defaults(func=cmd_eval)
+    for name, help_text in (
+        ("generate", "greedy answers to a prompts file (JSON lines), written as the run's data were, to JSONL"),
+        ("chat", "talk to a checkpoint: a turn a line from stdin (a terminal or a pipe), the run's chat template"),
+    ):
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("run_dir", help="run directory (or a folder `launcher export` wrote)")
+        if name == "generate":
+            cmd.add_argument("--prompts", required=True, help='one prompt a line: {"prompt": ...}, {"messages": [...]}, or plain text')
+            cmd.add_argument("--out", help="JSONL file to write (default: stdout)")
+        cmd.add_argument("--step", type=int, help="checkpoint step (default: latest complete)")
+        cmd.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default 256)")
+        cmd.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where a GPU is present, else cpu")
+        cmd.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from launcher.tryout import evaluate_run
+
+    return evaluate_run(args.run_dir, args.data, args.step, args.out, args.device, args.prompts)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from launcher.generate import generate_run
+
+    return generate_run(args.run_dir, args.prompts, args.out, args.step, args.max_new_tokens, args.device)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from launcher.generate import chat_run
+
+    return chat_run(args.run_dir, args.step, args.max_new_tokens, args.device)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -21,7 +21,8 @@ Attention = Literal["auto", "flash", "sdpa", "eager"]
 Template = Literal["instruction", "alpaca", "chat", "text"]
 DataFormat = Literal["auto", "json", "jsonl", "parquet", "csv", "saved", "hub"]
 Scheduler = Literal["cosine", "linear", "constant"]
-Task = Literal["causal_lm", "classification"]
+Task = Literal["causal_lm", "classification", "preference"]
+PreferenceLoss = Literal["dpo", "ipo", "orpo", "simpo"]
 Strategy = Literal["steps", "epoch"]
 # train.activation_checkpointing: false | true (= full) | full | selective (op-level, matmul outputs kept)
 Checkpointing = bool | Literal["full", "selective"]
@@ -140,7 +141,8 @@ class DataSection:
     # Alpaca prompt); chat: OpenAI `messages` or ShareGPT `conversations`; text: plain text.
     template: Template = "instruction"
     # Role -> column of the user's data, e.g. {instruction: question, output: answer}. Roles:
-    # prompt, response, instruction, input, output, system, messages, text, label.
+    # prompt, response, instruction, input, output, system, messages, text, label; task: preference
+    # reads prompt, chosen and rejected (text, or lists of chat messages).
     columns: dict[str, str] = field(default_factory=dict)
     chat_template: str = ""  # a Jinja file or an inline template; empty: the tokenizer's own
     prompt_field: str = "prompt"
@@ -160,6 +162,19 @@ class DataSection:
     # Several data sets mixed into one run (each with its own source, template and columns);
     # empty: the one data set above (data.path).
     datasets: list[SourceSection] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PreferenceSection:
+    """task: preference. The losses and their settings mean what TRL's do (DPOTrainer for dpo and ipo,
+    CPOTrainer's simpo, ORPOTrainer's orpo); dpo and ipo need the reference model's log-probabilities,
+    orpo and simpo do not."""
+
+    loss: PreferenceLoss = "dpo"
+    beta: float = 0.1  # dpo/ipo: the KL strength (IPO's tau); simpo: the reward scale
+    label_smoothing: float = 0.0  # dpo/simpo: the probability a pair's preference is flipped (cDPO), in [0, 0.5)
+    gamma: float = 0.5  # simpo: the target reward margin (TRL's simpo_gamma)
+    orpo_lambda: float = 0.1  # orpo: the weight of the odds-ratio term (TRL's ORPOConfig.beta; `lambda` is Python's)
 
 
 @dataclass(frozen=True)
@@ -302,6 +317,7 @@ class ClusterSection:
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     task: Task = "causal_lm"
+    preference: PreferenceSection = field(default_factory=PreferenceSection)
     model: ModelSection = field(default_factory=ModelSection)
     method: MethodSection = field(default_factory=MethodSection)
     data: DataSection = field(default_factory=DataSection)

@@ -409,6 +409,7 @@ def check_combinations(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
 EVAL_METRICS = {
     "causal_lm": ("val_loss", "val_ppl", "exact_match", "rouge_l"),
     "classification": ("val_loss", "accuracy", "precision", "recall", "f1"),
+    "preference": ("val_loss", "val_rewards/accuracies", "val_rewards/margins", "val_rewards/chosen", "val_logps/chosen"),
 }
 
 
@@ -441,12 +442,45 @@ def check_task(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
             yield Problem("method.name", f"{method.name} is not supported for classification", "use full, freeze or lora")
         if train.eval_exact_match:
             yield Problem("train.eval_exact_match", "generates answers, which a classifier does not", "set it to 0")
-    elif cfg.model.architecture in ENCODERS:
+    elif cfg.task == "preference":
+        yield from _check_preference(cfg, explicit)
+    if cfg.task != "classification" and cfg.model.architecture in ENCODERS:
         yield Problem(
             "task",
             f"{cfg.model.architecture} is an encoder: it has no causal language-model head",
             "set task: classification, or use a decoder model (Llama, Qwen2, GPT-2, ...)",
         )
+
+
+def _check_preference(cfg: RunConfig, explicit: set[str]) -> Iterator[Problem]:
+    """task: preference: each setting in its range, each only where its loss reads it (one line per key)."""
+    pref, data = cfg.preference, cfg.data
+    if pref.beta <= 0:
+        yield Problem("preference.beta", f"{pref.beta} is not positive", "use e.g. 0.1 (dpo, ipo) or 2.0 (simpo)")
+    if not 0 <= pref.label_smoothing < 0.5:
+        yield Problem("preference.label_smoothing", f"{pref.label_smoothing} is outside [0, 0.5)", "use 0 (no smoothing) or e.g. 0.1")
+    elif pref.label_smoothing and pref.loss not in ("dpo", "simpo"):
+        yield Problem("preference.label_smoothing", f"is not read by the {pref.loss} loss", "remove it, or use loss dpo or simpo")
+    if pref.gamma < 0:
+        yield Problem("preference.gamma", f"{pref.gamma} is negative", "use e.g. 0.5 (SimPO's target margin)")
+    elif "preference.gamma" in explicit and pref.loss != "simpo":
+        yield Problem(
+            "preference.gamma", f"is SimPO's margin, not read by the {pref.loss} loss", "remove it, or set preference.loss: simpo"
+        )
+    if pref.orpo_lambda < 0:
+        yield Problem("preference.orpo_lambda", f"{pref.orpo_lambda} is negative", "use e.g. 0.1")
+    elif "preference.orpo_lambda" in explicit and pref.loss != "orpo":
+        yield Problem(
+            "preference.orpo_lambda", f"is ORPO's weight, not read by the {pref.loss} loss", "remove it, or set preference.loss: orpo"
+        )
+    if cfg.method.name == "prompt_tuning":
+        yield Problem("method.name", "prompt_tuning is not supported for preference", "use full, freeze, lora or qlora")
+    if cfg.train.eval_exact_match:
+        yield Problem("train.eval_exact_match", "generates answers; a preference run is evaluated on its validation pairs", "set it to 0")
+    if "data.template" in explicit:
+        yield Problem("data.template", "is not read by task: preference (prompt/chosen/rejected are text or chat messages)", "remove it")
+    if data.train_on_prompt:
+        yield Problem("data.train_on_prompt", "has no meaning for preference pairs (only the responses are scored)", "set it to false")
 
 
 def _minutes(time: str) -> float:

@@ -176,6 +176,12 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
         cfg.kernels.attention, info.device.type, softcap=cfg.model.attn_logit_softcapping is not None, half=cfg.train.precision != "fp32"
     )
     built = build_training_model(plan, cfg, info, path, impl, labels)
+    task = build_task(cfg.task, labels, cfg.preference, cfg.method.name)
+    if cfg.task == "preference":  # before any checkpoint loads: the model is still the reference
+        from launcher.runtime.train.preference import reference_context, reference_key, store_reference
+
+        where = reference_context(cfg, info, built.model, train_data, val_data, impl)
+        store_reference(task, where, folder, reference_key(cfg, path, impl))
 
     saver = built.saver(run_dir / "checkpoints", info, cfg.checkpoint)
     now = {
@@ -229,7 +235,7 @@ def run(plan: Plan, cfg: RunConfig, info: Any, stop: Any) -> int:
         tokenizer=tokenizer,
         engine=built.engine,
         tokens_seen=tokens_seen,
-        task=build_task(cfg.task, labels),
+        task=task,
         stopper=stopper,
         stop=stop,
     )

@@ -25,6 +25,7 @@ ROLES = {
     "alpaca": ("instruction", "input", "output"),
     "chat": ("messages", "system"),
     "classification": ("text", "label"),
+    "preference": ("prompt", "chosen", "rejected"),  # each text, or a list of chat messages (TRL's formats)
 }
 OPTIONAL = {"input", "system"}
 _LEGACY_KEYS = {
@@ -65,7 +66,7 @@ def sources_of(data: DataSection, task: str, resolve: Any = None) -> list[Source
     ) -> Source:
         real = str(resolve(path)) if resolve is not None else path
         base = {role: getattr(data, key) for role, key in _LEGACY_KEYS.items()}
-        used = "classification" if task == "classification" else (template or data.template)
+        used = task if task in ("classification", "preference") else (template or data.template)
         return Source(
             name=name or Path(path.rstrip("/")).name or path,
             path=real,
@@ -175,7 +176,19 @@ def to_roles(
     n = len(indices)
     out: dict[str, list[Any]] = {"_invalid": [""] * n, "_missing": [False] * n}
     given = batch[invalid] if invalid else [None] * n
-    if template == "chat":
+    if template == "preference":
+        for role in ROLES[template]:
+            out[role] = []
+            for i, value in enumerate(batch[columns[role]]):
+                try:
+                    out[role].append(_pair_part(value, form, limit, columns[role]) if not given[i] else "")
+                except RowFault as fault:
+                    out[role].append("")
+                    out["_invalid"][i] = out["_invalid"][i] or str(fault)
+        out["_missing"] = [any(batch[columns[r]][i] is None for r in ROLES[template]) and not given[i] for i in range(n)]
+        # a prompt may be empty (TRL allows it); a response may not
+        empty = [any(out[r][i] in ("", '""', "[]") for r in ("chosen", "rejected")) for i in range(n)]
+    elif template == "chat":
         column = columns["messages"]
         system = batch[columns["system"]] if "system" in columns else [None] * n
         out["messages"] = []
@@ -210,6 +223,18 @@ def to_roles(
     roles = [r for r in ROLES[template] if r in out]
     out["_hash"] = [_hash([out[r][i] for r in roles]) for i in range(n)]
     return out
+
+
+def _pair_part(value: Any, form: str, limit: int, column: str) -> str:
+    """A preference cell as JSON: text as a string, chat messages (TRL's conversational format) as a
+    list of role/content turns. Datasets' columns have one type, so both travel as JSON text."""
+    if isinstance(value, list):
+        return json.dumps(_messages(value, None, form, column, limit), ensure_ascii=False)
+    if isinstance(value, dict):
+        raise RowFault(f"column {column!r} holds a mapping, not text or a list of messages")
+    # Not stripped: TRL joins prompt + response as written (" 7" after "3 + 4 =").
+    text = "" if value is None else normalize(value if isinstance(value, str) else str(value), form)
+    return json.dumps(text[:limit] if limit else text, ensure_ascii=False)
 
 
 def _hash(values: list[Any]) -> int:

@@ -49,6 +49,8 @@ class Batch:
     rows: list[int] | None = None  # the row indices (-1: an empty row), for evaluation records
     classes: np.ndarray | None = None  # [rows] class ids (classification; IGNORE_INDEX for empty rows)
     lengths: np.ndarray | None = None  # [rows] real tokens per row (the rest is padding)
+    sequences: np.ndarray | None = None  # [rows, length] the batch's sequence index of each token (-1: padding)
+    documents: np.ndarray | None = None  # [sequences] each one's document index in the split (preference pairs: 2k, 2k + 1)
 
 
 def _file_part(path: str) -> str:
@@ -128,8 +130,11 @@ class TokenData:
         """Every token's label (the whole split in memory: for tests and small sets only)."""
         return np.where(np.asarray(self.target_mask[: self.offsets[-1]]) != 0, self.input_ids[: self.offsets[-1]], IGNORE_INDEX)
 
+    def _sizes(self, row: int) -> np.ndarray:
+        return np.asarray(self.doc_lengths[self.doc_offsets[row] : self.doc_offsets[row + 1]], dtype=np.int64)
+
     def _positions(self, row: int) -> np.ndarray:
-        sizes = np.asarray(self.doc_lengths[self.doc_offsets[row] : self.doc_offsets[row + 1]], dtype=np.int64)
+        sizes = self._sizes(row)
         return np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
 
     def sources(self, rows: list[int]) -> np.ndarray:
@@ -147,10 +152,15 @@ class TokenData:
         # Padding is a document of its own (positions from 0), so no real token attends to it.
         positions = np.tile(np.arange(width, dtype=np.int64), (len(rows), 1))
         real = 0
+        sequences = np.full((len(rows), width), -1, dtype=np.int64)
+        documents = [np.arange(self.doc_offsets[r], self.doc_offsets[r + 1], dtype=np.int64) for r in rows if r >= 0]
+        base = 0
         for i, (row, (start, end)) in enumerate(zip(rows, spans, strict=True)):
             n = end - start
             if n == 0:
                 continue
+            sequences[i, :n] = base + np.repeat(np.arange(int(self.doc_offsets[row + 1] - self.doc_offsets[row])), self._sizes(row))
+            base = int(sequences[i, n - 1]) + 1
             ids[i, :n] = self.input_ids[start:end]
             labels[i, :n] = np.where(self.target_mask[start:end] != 0, ids[i, :n], IGNORE_INDEX)
             positions[i, :n] = self._positions(row)
@@ -161,7 +171,8 @@ class TokenData:
         if self.classes is not None:
             classes = np.asarray([self.classes[r] if r >= 0 else IGNORE_INDEX for r in rows], dtype=np.int64)
         lengths = np.asarray([end - start for start, end in spans], dtype=np.int64)
-        return Batch(ids, labels, positions, label_tokens, len(rows) * width - real, list(rows), classes, lengths)
+        docs = np.concatenate(documents) if documents else np.zeros(0, dtype=np.int64)
+        return Batch(ids, labels, positions, label_tokens, len(rows) * width - real, list(rows), classes, lengths, sequences, docs)
 
 
 class GlobalOrder:

@@ -83,7 +83,9 @@ def build(data: DataSection, task: str, tokenizer_dir: Path, seed: int, out: Pat
                 raise DataError(f"{sources[0].path}: no usable training examples after cleaning ({reports[0].line()})")
         else:
             order = np.random.default_rng([seed, 8]).permutation(docs.count)
-        meta[split] = write_rows(docs, order, data.max_seq_len if data.packing else 0, out / split, bool(labels))
+        pairs = task == "preference"  # a row holds whole pairs; each sequence of a pair is bounded by max_seq_len
+        capacity = (2 * data.max_seq_len if pairs else data.max_seq_len) if data.packing else 0
+        meta[split] = write_rows(docs, order, capacity, out / split, bool(labels), pairs)
     meta["sources"] = [asdict(r) for r in reports]
     meta["val_sources"] = [asdict(r) for r in val_reports]
     meta["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -190,6 +192,10 @@ class _Context:
             at = np.flatnonzero(refused)
             report.add_problems(len(at), [(int(rows[i]), str(reasons[i])) for i in at[:FIRST_PROBLEMS]])
         dropped = overlong & data.drop_longer & (source.template != "classification")
+        if source.template == "preference":  # a pair whose responses are the same teaches nothing
+            same = np.asarray(tokens.data.column("identical").to_numpy(zero_copy_only=False), dtype=bool) & ~dropped & ~refused
+            report.identical += int(same.sum())
+            refused = refused | same
         report.too_long += int(dropped.sum())
         report.truncated += int((overlong & ~dropped).sum())
         untrainable = ~dropped & ~refused & (targets == 0)  # nothing to learn (a truncated prompt)

@@ -25,6 +25,7 @@ class CleanReport:
     invalid: int = 0  # cannot be read: bad UTF-8 or JSON, a wrong type, a role or part we cannot use, a template's refusal
     problems: list[str] = field(default_factory=list)  # the first invalid rows, "row N: why"
     duplicates: int = 0
+    identical: int = 0  # preference pairs whose chosen and rejected responses are the same tokens
     too_long: int = 0
     truncated: int = 0
     untrainable: int = 0  # nothing left to learn (e.g. the answer truncated away)
@@ -35,7 +36,7 @@ class CleanReport:
 
     @property
     def dropped(self) -> int:
-        return self.missing + self.empty + self.invalid + self.duplicates + self.too_long + self.untrainable
+        return self.missing + self.empty + self.invalid + self.duplicates + self.identical + self.too_long + self.untrainable
 
     @property
     def accounted(self) -> int:
@@ -52,6 +53,7 @@ class CleanReport:
         missing = f"{self.missing} missing, " if self.missing else ""
         invalid = f"{self.invalid} invalid ({'; '.join(self.problems)}), " if self.invalid else ""
         overlap = f"{self.val_overlap} validation rows also in training, " if self.val_overlap else ""
+        overlap += f"{self.identical} with chosen = rejected, " if self.identical else ""
         return (
             f"data: {name}read {self.read}, dropped {missing}{self.empty} empty, {invalid}{self.duplicates} duplicate, "
             f"{self.too_long} over-long, {overlap}{self.untrainable} with nothing to learn; truncated {self.truncated}; "
@@ -74,6 +76,7 @@ def check_dropped(report: CleanReport, limit: float, max_seq_len: int) -> None:
             report.duplicates,
             "the template's columns repeat: map every column it needs (data.columns), or set data.dedup: false",
         ),
+        "chosen = rejected": (report.identical, "check that data.columns maps chosen and rejected to different columns"),
         "over-long": (report.too_long, f"raise data.max_seq_len (now {max_seq_len}) or set data.drop_longer: false to truncate"),
         "with nothing to learn": (report.untrainable, "raise data.max_seq_len, or check the response column"),
     }

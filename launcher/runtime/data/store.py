@@ -87,6 +87,7 @@ class DocTable:
     classes: np.ndarray  # class id per document (-100 when not classification)
     source: np.ndarray  # data set index per document
     first: list[int]  # the first document of each data set
+    split: np.ndarray | None = None  # preference: tokens of the chosen sequence in each pair-document
 
     @property
     def count(self) -> int:
@@ -124,6 +125,10 @@ def write_flat(parts: list[Any], folder: Path, labels: list[str], where: str) ->
     length = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     counts = [len(x) for x in lengths]
     targets = np.concatenate([np.asarray(p.tokens.data.column("targets").to_numpy())[p.keep] for p in parts]).astype(np.int64)
+    pairs = bool(parts) and "split" in parts[0].tokens.column_names
+    split = (
+        np.concatenate([np.asarray(p.tokens.data.column("split").to_numpy())[p.keep] for p in parts]).astype(np.int64) if pairs else None
+    )
     return DocTable(
         ids=np.load(folder / "ids.npy", mmap_mode="r"),
         mask=np.load(folder / "mask.npy", mmap_mode="r"),
@@ -133,11 +138,14 @@ def write_flat(parts: list[Any], folder: Path, labels: list[str], where: str) ->
         classes=np.concatenate(classes) if classes else np.full(len(length), IGNORE_INDEX, dtype=np.int64),
         source=np.repeat(np.arange(len(parts)), counts).astype(np.int16),
         first=(np.cumsum(counts) - counts).astype(np.int64).tolist(),
+        split=split,
     )
 
 
-def write_rows(docs: DocTable, order: np.ndarray, capacity: int, prefix: Path, classification: bool) -> dict[str, int]:
-    """Documents in `order` → rows (packed to `capacity`, or one each when 0), streamed to disk."""
+def write_rows(docs: DocTable, order: np.ndarray, capacity: int, prefix: Path, classification: bool, pairs: bool = False) -> dict[str, int]:
+    """Documents in `order` → rows (packed to `capacity`, or one each when 0), streamed to disk.
+    `pairs`: each document is a preference pair, packed whole; on disk it is two documents (chosen,
+    then rejected: positions restart at each), and a row's label count is its number of pairs."""
     lengths = docs.length[order]
     row_of = pack_lengths(lengths, capacity) if capacity else np.arange(len(order), dtype=np.int64)
     by_row = np.argsort(row_of, kind="stable")  # row by row; inside a row, in shuffled order
@@ -156,11 +164,23 @@ def write_rows(docs: DocTable, order: np.ndarray, capacity: int, prefix: Path, c
     ids.close()
     mask.close()
     np.save(prefix / "offsets.npy", np.concatenate([[0], np.cumsum(row_tokens)]).astype(np.int64))
-    targets = np.ones(rows) if classification else np.bincount(row_of, weights=docs.targets[order], minlength=rows)
+    targets: np.ndarray
+    if pairs:
+        targets = np.bincount(row_of, minlength=rows)
+    else:
+        targets = np.ones(rows) if classification else np.bincount(row_of, weights=docs.targets[order], minlength=rows)
     np.save(prefix / "label_tokens.npy", targets.astype(np.int64))
-    np.save(prefix / "doc_offsets.npy", np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=rows))]).astype(np.int64))
-    np.save(prefix / "doc_lengths.npy", docs.length[placed].astype(np.int32))
-    np.save(prefix / "doc_sources.npy", docs.source[placed])
+    per_row = np.bincount(row_of, minlength=rows) * (2 if pairs else 1)
+    np.save(prefix / "doc_offsets.npy", np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64))
+    if pairs:
+        assert docs.split is not None
+        chosen = docs.split[placed]
+        lengths_out = np.stack([chosen, docs.length[placed] - chosen], axis=1).reshape(-1)
+        np.save(prefix / "doc_lengths.npy", lengths_out.astype(np.int32))
+        np.save(prefix / "doc_sources.npy", np.repeat(docs.source[placed], 2))
+    else:
+        np.save(prefix / "doc_lengths.npy", docs.length[placed].astype(np.int32))
+        np.save(prefix / "doc_sources.npy", docs.source[placed])
     if classification:
         np.save(prefix / "classes.npy", docs.classes[placed])
     return {"rows": rows, "documents": len(order), "tokens": total}

@@ -184,6 +184,10 @@ def tokenize_batch(batch: dict[str, list[Any]], template: str, tokenizer: Any, s
     index >= 1: the loss's shift rule), overlong. Per-token work is numpy over the flat batch."""
     import pyarrow as pa
 
+    if template == "preference":
+        from launcher.runtime.data.pairs import tokenize_pairs
+
+        return tokenize_pairs(batch, tokenizer, settings)
     max_len, drop, on_prompt = settings["max_seq_len"], settings["drop_longer"], settings["train_on_prompt"]
     refused = [""] * len(next(iter(batch.values()), []))  # why a row cannot be rendered (else "")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -307,6 +311,9 @@ def tokenize_features(template: str) -> Any:
     }
     if template == "classification":
         cols["label"] = Value("string")
+    if template == "preference":  # a pair: chosen then rejected, `split` tokens of chosen
+        cols["split"] = Value("int32")
+        cols["identical"] = Value("bool")
     return Features(cols)
 
 

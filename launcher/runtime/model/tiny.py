@@ -21,6 +21,8 @@ TASKS_NAME = "tiny-tasks"
 N_TASKS = 12000
 SENTIMENT_NAME = "tiny-sentiment"
 N_SENTIMENT = 4000
+PREFERENCES_NAME = "tiny-preferences"
+N_PREFERENCES = 3000
 
 _WORDS = (
     "cat dog fox owl bee ant elk yak emu cow pig hen bat rat eel cod jay ram ewe doe "
@@ -96,6 +98,29 @@ def tiny_sentiment(n: int = N_SENTIMENT, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+def _wrong(task: dict[str, str], rng: random.Random) -> str:
+    """A plausible wrong answer to a task: the words unchanged or shuffled, a sum off by a little."""
+    answer, prompt = task["response"], task["prompt"]
+    if answer.isdigit():
+        return str(int(answer) + rng.choice((-2, -1, 1, 2, 10)))
+    words = prompt.split(": ", 1)[1].split()
+    candidates = [" ".join(words), " ".join(reversed(words)), " ".join(sorted(words)), words[0]]
+    wrong = [c for c in candidates if c != answer]
+    return rng.choice(wrong) if wrong else answer + " " + answer
+
+
+def tiny_preferences(n: int = N_PREFERENCES, seed: int = 0) -> list[dict[str, str]]:
+    """Preference pairs over the tiny tasks (TRL's text format: the prompt ends where the answer's
+    leading space begins): the right answer is chosen, a near miss rejected. A tiny model prefers the
+    right one on held-out pairs after a few dozen DPO steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        task = make_task(rng)
+        rows.append({"prompt": task["prompt"] + "\n", "chosen": task["response"], "rejected": _wrong(task, rng)})
+    return rows
+
+
 def _ensure_jsonl(path: Path, rows: Callable[[], list[dict[str, str]]]) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +142,11 @@ def ensure_tiny_sentiment() -> Path:
 
 def shipped_data(name: str) -> Path | None:
     """The local file behind a shipped synthetic data set name, or None for any other path."""
-    builders = {TASKS_NAME: ensure_tiny_tasks, SENTIMENT_NAME: ensure_tiny_sentiment}
+    builders = {
+        TASKS_NAME: ensure_tiny_tasks,
+        SENTIMENT_NAME: ensure_tiny_sentiment,
+        PREFERENCES_NAME: lambda: _ensure_jsonl(cache_dir() / f"{PREFERENCES_NAME}-{TINY_VERSION}.jsonl", tiny_preferences),
+    }
     return builders[name]() if name in builders else None
 
 

@@ -126,18 +126,20 @@ def train_step(ctx: Context, step: int, log: bool = True) -> dict[str, float]:
                 (summed * scale).backward()
         loss_sum += summed.detach().double()
     reduced = None
+    extra = ctx.task.step_sums().to(info.device) if hasattr(ctx.task, "step_sums") else None  # a task's own per-step sums
     if log:  # begun before the optimizer step, which hides its latency; the stop flags ride along,
         # so the step boundary needs no collective of its own
         flag = torch.full((1,), ctx.stop.local() if ctx.stop is not None else 0.0, dtype=torch.float64, device=info.device)
-        reduced = start_sum(torch.cat([loss_sum.reshape(1), flag]))
+        reduced = start_sum(torch.cat([loss_sum.reshape(1), flag, *([extra] if extra is not None else [])]))
     grad_norm = _optimizer_step(ctx)
     tokens, pads = step_tokens(ctx, step)
     out = {"lr": lr, "tokens": float(tokens), "pad_tokens": float(pads)}
     if reduced is not None:
-        total, signalled = reduced()
+        total, signalled, *sums = reduced()
         if ctx.stop is not None:
             ctx.stop.carry(signalled)
         out.update(loss=total / label_tokens, grad_norm=float(grad_norm))
+        out.update({name: value / label_tokens for name, value in zip(getattr(ctx.task, "metric_names", ()), sums, strict=True)})
     return out
 
 

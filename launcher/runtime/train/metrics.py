@@ -64,6 +64,8 @@ class Reporter:
             done = record["step"] - self.start_step
             eta = (self.max_steps - record["step"]) * self.elapsed() / max(done, 1)
             mfu = f"  mfu {record['mfu']:.0%}" if "mfu" in record else ""
+            if "rewards/accuracies" in record:  # task: preference
+                mfu += f"  acc {record['rewards/accuracies']:.2f}  margin {record['rewards/margins']:.3f}"
             self.print(
                 f"step {record['step']}/{self.max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                 f"grad_norm {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:.0f}{mfu}  mem {record['peak_mem_gib']:.2f}G  eta {_duration(eta)}"

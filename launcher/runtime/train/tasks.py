@@ -5,7 +5,8 @@
   answers scored by exact match and ROUGE-L (the `rouge-score` package).
 - sequence classification: cross-entropy of the pooled logits against each row's class; evaluation
   = validation loss, accuracy, macro precision / recall / F1 and the confusion matrix, computed with
-  scikit-learn on rank 0 from every rank's predictions (gathered, deduplicated, in dataset order).
+  scikit-learn on rank 0 from every rank's predictions (gathered, deduplicated, in dataset order);
+  each prediction carries its row's text (decoded), as a generated answer carries its prompt.
 
 Every rank runs the same number of forwards in an evaluation (sharded models need it); a rank short
 of rows runs empty ones.
@@ -39,6 +40,16 @@ def _gather(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     dist.all_gather_object(everyone, records)
     unique = {record["index"]: record for part in everyone for record in part}
     return [unique[i] for i in sorted(unique)]
+
+
+def _tokenizer(ctx: Context) -> Any:
+    """The run's tokenizer, loaded at its first use (the orchestrator gives one only for generation)."""
+    if ctx.tokenizer is None:
+        from launcher.runtime.model.build import LazyTokenizer
+        from launcher.runtime.model.files import model_dir
+
+        ctx.tokenizer = LazyTokenizer(model_dir(ctx.cfg.model))
+    return ctx.tokenizer
 
 
 class CausalLM:
@@ -133,6 +144,7 @@ class Classification:
         from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
         info, data = ctx.info, ctx.val_data
+        tokenizer = _tokenizer(ctx)
         micro = ctx.cfg.train.micro_batch_size or 1
         mine = _shares(len(data), info.rank, info.world_size)
         records: list[dict[str, Any]] = []
@@ -143,9 +155,11 @@ class Classification:
             logits = self.logits(ctx, batch).float()
             targets = torch.from_numpy(batch.classes).to(info.device)
             loss_sum += float(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"))
-            for row, label, predicted in zip(batch.rows, batch.classes.tolist(), logits.argmax(-1).tolist()):
-                if row >= 0:
-                    records.append({"index": row, "label": self.labels[label], "prediction": self.labels[predicted]})
+            assert batch.lengths is not None
+            for i, (row, label, predicted) in enumerate(zip(batch.rows, batch.classes.tolist(), logits.argmax(-1).tolist())):
+                if row >= 0:  # the text as the model read it (decoded), so a mistake can be read
+                    text = tokenizer.decode(batch.input_ids[i, : batch.lengths[i]].tolist(), skip_special_tokens=True)
+                    records.append({"index": row, "text": text, "label": self.labels[label], "prediction": self.labels[predicted]})
         (loss,) = all_reduce_sum([loss_sum], info.device)
         predictions = _gather(records)
         truth = [r["label"] for r in predictions]
@@ -163,7 +177,12 @@ class Classification:
         return metrics, predictions
 
 
-def build_task(task: str, labels: list[str] | None) -> CausalLM | Classification:
+def build_task(task: str, labels: list[str] | None, preference: Any = None, method: str = "full") -> Any:
+    """The task object the loop asks for losses and evaluations (preference: train/preference.py)."""
+    if task == "preference":
+        from launcher.runtime.train.preference import Preference
+
+        return Preference(preference, method)
     if task == "classification":
         assert labels, "the prepared data names the classes"
         return Classification(labels)
