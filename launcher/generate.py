@@ -89,6 +89,7 @@ def loaded(run_dir: str, step: int | None, device: str | None) -> Iterator[Loade
 def _from_folder(folder: Path, device: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
+    model: Any
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
