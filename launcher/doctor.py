@@ -22,7 +22,7 @@ from typing import Literal
 from launcher.config import RunConfig
 
 Status = Literal["ok", "warn", "fail"]
-DEFAULT_RDZV_PORT = 29500  # torchrun's default, and launch.sh's for multi-node
+HUB_TIMEOUT = 3.0  # seconds for the Hub's name to resolve and its port to answer
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ def check_cuda(cfg: RunConfig | None) -> Iterator[Check]:
         fix = "run on a GPU node with a CUDA build of torch, or set cluster.accelerator=cpu"
         status: Status = "fail" if want_cuda else "ok"
         yield Check(status, "cuda", why + ("" if want_cuda else " (not needed)"), fix)
-        yield Check(status, "nccl", "not available" + ("" if want_cuda else " (gloo on CPU)"), fix)
+        if cfg is None or want_cuda:  # a CPU recipe's ranks talk over gloo: NCCL is not its concern
+            yield Check(status, "nccl", "not available" + ("" if want_cuda else " (gloo on CPU)"), fix)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if procs is not None and not want_cuda:
             status = "ok" if cores >= procs else "warn"
@@ -176,29 +177,124 @@ def check_output(cfg: RunConfig | None) -> Iterator[Check]:
     yield Check("ok", "output", f"{target} writable{where}{shared}")
 
 
-def check_port(cfg: RunConfig | None) -> Iterator[Check]:
-    port = (cfg.cluster.rdzv_port if cfg is not None else None) or DEFAULT_RDZV_PORT
+def _listening_ports() -> set[int] | None:
+    """TCP ports something listens on here (/proc/net/tcp and tcp6, state 0A), as job.sbatch reads
+    them; None where /proc has no such files."""
+    ports: set[int] = set()
+    found = False
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found = True
+        ports |= {int(f[1].rsplit(":", 1)[1], 16) for f in (line.split() for line in lines) if len(f) > 3 and f[3] == "0A"}
+    return ports if found else None
+
+
+def _port_taken(port: int, listening: set[int] | None) -> str:
+    """Why `port` cannot be the rendezvous port here ("" when it can)."""
+    if listening is not None:
+        return "something listens on it" if port in listening else ""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("0.0.0.0", port))
         except OSError as exc:
+            return exc.strerror or "cannot bind"
+    return ""
+
+
+def check_port(cfg: RunConfig | None) -> Iterator[Check]:
+    """The port a job would really use: cluster.rdzv_port, else job.sbatch's 20000 + SLURM_JOB_ID %
+    12000 (inside a job), probed upwards past ports in use, as the script does."""
+    from launcher.plan.slurm import RDZV_PORT_BASE, RDZV_PORT_SPAN
+
+    listening = _listening_ports()
+    fixed = cfg.cluster.rdzv_port if cfg is not None else None
+    if fixed:
+        taken = _port_taken(fixed, listening)
+        if taken:
             yield Check(
-                "fail", "rendezvous port", f"{port} is taken on this machine ({exc.strerror})", "set cluster.rdzv_port to a free port"
+                "fail",
+                "rendezvous port",
+                f"{fixed} (cluster.rdzv_port) is taken on this machine ({taken})",
+                "set cluster.rdzv_port to a free port, or leave it out",
             )
             return
-    ephemeral = " (inside the ephemeral range 32768-60999)" if 32768 <= port <= 60999 else ""
-    yield Check("warn" if ephemeral else "ok", "rendezvous port", f"{port} free{ephemeral}", "pick a port below 32768")
+        ephemeral = " (inside the ephemeral range 32768-60999)" if 32768 <= fixed <= 60999 else ""
+        yield Check(
+            "warn" if ephemeral else "ok", "rendezvous port", f"{fixed} (cluster.rdzv_port) free{ephemeral}", "pick a port below 32768"
+        )
+        return
+    rule = f"{RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN}"
+    if "SLURM_JOB_ID" not in os.environ or not os.environ["SLURM_JOB_ID"].isdigit():
+        busy = sum(1 for port in listening or () if RDZV_PORT_BASE <= port < RDZV_PORT_BASE + RDZV_PORT_SPAN)
+        status: Status = "ok" if busy < RDZV_PORT_SPAN // 2 else "warn"
+        found = f"jobs use {rule}, the next free one above; {busy} of {RDZV_PORT_SPAN} in use here"
+        yield Check(status, "rendezvous port", found, "set cluster.rdzv_port to a port nothing else uses")
+        return
+    port = start = RDZV_PORT_BASE + int(os.environ["SLURM_JOB_ID"]) % RDZV_PORT_SPAN
+    for _ in range(64):  # job.sbatch's probe
+        if not _port_taken(port, listening):
+            moved = "" if port == start else f" ({start} is in use)"
+            yield Check("ok", "rendezvous port", f"{port} free for job {os.environ['SLURM_JOB_ID']} ({rule}){moved}")
+            return
+        port = RDZV_PORT_BASE + (port - RDZV_PORT_BASE + 1) % RDZV_PORT_SPAN
+    yield Check("fail", "rendezvous port", f"{start} and the 63 ports above it are in use", "set cluster.rdzv_port to a free port")
+
+
+def _hub_reachable(url: str) -> tuple[bool, str]:
+    """(reachable, what was found): the endpoint's name resolved and its port connected, each
+    within HUB_TIMEOUT (a resolver thread: getaddrinfo has no timeout of its own)."""
+    import threading
+    import time
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)
+    result: list[object] = []
+
+    def resolve() -> None:
+        try:
+            result.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            result.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=resolve, daemon=True)
+    thread.start()
+    thread.join(HUB_TIMEOUT)
+    if not result:
+        return False, f"{host} did not resolve within {HUB_TIMEOUT:g} s"
+    if isinstance(result[0], OSError):
+        return False, f"{host} does not resolve ({result[0]})"
+    family, kind, proto, _, address = result[0][0]  # type: ignore[index]
+    with socket.socket(family, kind, proto) as sock:
+        sock.settimeout(max(0.1, HUB_TIMEOUT - (time.monotonic() - started)))
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            return False, f"{host}:{port} does not answer ({exc.strerror or exc})"
+    return True, f"{host}:{port} answered in {time.monotonic() - started:.2f} s"
 
 
 def check_offline() -> Iterator[Check]:
     from huggingface_hub import constants
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True", "YES", "yes")
+    offline = os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True", "YES", "yes", "ON", "on")
     cache = Path(constants.HF_HUB_CACHE)
     launcher_cache = os.environ.get("LAUNCHER_CACHE_DIR") or str(Path.home() / ".cache" / "launcher")
-    mode = "offline (HF_HUB_OFFLINE=1)" if offline else "online (the Hub is used when a model is not cached)"
-    yield Check("ok", "hub", f"{mode}; Hub cache {cache}; launcher cache {launcher_cache}")
+    caches = f"Hub cache {cache}; launcher cache {launcher_cache}"
+    if offline:
+        yield Check("ok", "hub", f"offline (HF_HUB_OFFLINE=1): models and data come from the caches only; {caches}")
+    else:
+        reachable, found = _hub_reachable(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+        if reachable:
+            yield Check("ok", "hub", f"reachable ({found}); {caches}")
+        else:
+            fix = "prepare where the Hub is reachable (launcher prepare RECIPE) and set HF_HUB_OFFLINE=1 here"
+            yield Check("warn", "hub", f"unreachable: {found}; {caches}", fix)
     probe = cache
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -208,7 +304,9 @@ def check_offline() -> Iterator[Check]:
 
 def run_checks(cfg: RunConfig | None) -> list[Check]:
     checks: list[Check] = []
-    for group in (check_torch(), check_versions(), check_cuda(cfg), check_kernels(cfg), check_bitsandbytes(cfg), check_extras(cfg)):
+    cpu = cfg is not None and cfg.cluster.accelerator == "cpu"
+    kernels = iter(()) if cpu else check_kernels(cfg)  # flash-attn and Liger are CUDA-only: not a CPU recipe's concern
+    for group in (check_torch(), check_versions(), check_cuda(cfg), kernels, check_bitsandbytes(cfg), check_extras(cfg)):
         checks += group
     checks += check_output(cfg)
     checks += check_port(cfg)
