@@ -91,6 +91,12 @@ def sequence_logps(ctx: Context, batch: Batch) -> tuple[torch.Tensor, torch.Tens
     return logps, tokens
 
 
+def _shares(total: int, rank: int, world: int) -> list[int]:
+    """This rank's rows of `total`, padded with -1 to the same count on every rank (tasks.py's rule)."""
+    mine = list(range(rank, total, world))
+    return mine + [-1] * (math.ceil(total / world) - len(mine))
+
+
 def _adapters(model: Any) -> Any:
     """The peft model inside a DDP wrapper or a DeepSpeed engine (None without adapters)."""
     while model is not None and not hasattr(model, "disable_adapter"):
@@ -136,8 +142,6 @@ class Preference:
 
     @torch.no_grad()
     def evaluate(self, ctx: Context, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        from launcher.runtime.train.tasks import _shares
-
         cfg, info = ctx.cfg, ctx.info
         micro = cfg.train.micro_batch_size or 1
         rows = len(ctx.val_data)
@@ -169,8 +173,6 @@ def store_reference(task: Preference, ctx: Context, folder: Path, key: str) -> P
     runs the same number of forwards (a sharded model needs it); rank 0 writes the file."""
     if not task.needs_reference or task.adapters:
         return None
-    from launcher.runtime.train.tasks import _shares
-
     path = folder / f"reference-{key}.npz"
     if not path.exists():
         info = ctx.info
