@@ -12,10 +12,10 @@ import torch
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
-def _tiny(kind: str, path: Path) -> torch.nn.Module:
+def _tiny(kind: str, path: Path, **extra: object) -> torch.nn.Module:
     import transformers
 
-    shape = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
+    shape = {**extra, "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
     moe = {"num_key_value_heads": 2, "num_experts_per_tok": 2}
     configs = {
         "mixtral": lambda: transformers.MixtralConfig(**shape, **moe, num_local_experts=4),
@@ -96,3 +96,32 @@ def test_lora_dropout_on_fused_experts_is_refused_at_plan_time(tmp_path: Path) -
     launcher_cli(
         "plan", str(root / "recipes" / "tiny-cpu.yaml"), "method.name=lora", "method.lora.dropout=0", model, "--out", str(tmp_path / "b")
     )
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+@torch.no_grad()
+def test_the_router_loss_is_in_the_training_loss_as_transformers_adds_it(kind: str, tmp_path: Path) -> None:
+    """The launcher computes the loss itself (chunked CE from the head's hidden states): the router's
+    load-balancing loss must not be dropped. With output_router_logits, our loss equals
+    transformers' own outputs.loss (mean CE + router_aux_loss_coef x aux_loss) on the same batch."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from launcher.config import load_config
+    from launcher.runtime.data.packing import Batch
+    from launcher.runtime.parallel.dist import DistInfo
+    from launcher.runtime.train.loop import token_loss_sum
+
+    model = _tiny(kind, tmp_path, output_router_logits=True, router_aux_loss_coef=0.5)
+    ids = torch.randint(3, 120, (1, 24), generator=torch.Generator().manual_seed(0))
+    reference = model(input_ids=ids, labels=ids)
+    assert reference.aux_loss is not None and reference.aux_loss > 0
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    for loss_kernel in ("plain", "chunked"):
+        cfg = load_config("tiny-cpu.yaml", [f"kernels.loss={loss_kernel}"])
+        ctx = SimpleNamespace(cfg=cfg, info=info, model=model, attn_implementation="sdpa", backend="single", compute_dtype=torch.float32)
+        batch = Batch(ids.numpy(), ids.numpy(), np.arange(24)[None], 23, 0)
+        summed, count = token_loss_sum(ctx, batch)
+        assert count == 23
+        torch.testing.assert_close(summed.float() / count, reference.loss, atol=1e-5, rtol=0)

@@ -19,6 +19,7 @@ from torch import nn
 
 from launcher.config.schema import OptimSection, RunConfig
 from launcher.runtime.data.packing import IGNORE_INDEX, Batch, GlobalOrder, TokenData
+from launcher.runtime.model.build import unwrap
 from launcher.runtime.parallel import zero
 from launcher.runtime.parallel.dist import DistInfo, start_sum
 from launcher.runtime.parallel.native import clip_and_step, grad_sync, loss_scale
@@ -86,12 +87,28 @@ def token_loss_sum(ctx: Context, batch: Batch) -> tuple[torch.Tensor, int]:
         rows = fused.labelled_rows(targets)  # the head runs on the tokens with a target only
         rows = rows.to(device, non_blocking=True) if rows is not None else None
         with _autocast(ctx), fused.head_loss(ctx.model, targets.to(device, non_blocking=True), kind, rows) as take:
-            return take(ctx.model(**inputs)), count
+            output = ctx.model(**inputs)
+            return with_router_loss(ctx.model, output, take(output), count), count
     targets = targets.to(device, non_blocking=True)
     with _autocast(ctx):
-        logits = ctx.model(**inputs).logits
+        output = ctx.model(**inputs)
+    logits = output.logits
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, count
+    return with_router_loss(ctx.model, output, loss, count), count
+
+
+def with_router_loss(model: Any, output: Any, loss_sum: torch.Tensor, count: int) -> torch.Tensor:
+    """A Mixture-of-Experts model's load-balancing loss added as transformers adds it: a model whose
+    config has output_router_logits returns `aux_loss`, and its own loss is mean CE +
+    router_aux_loss_coef x aux_loss. Ours is a sum over the labelled tokens, divided by their count
+    later, so the term enters times `count` (the step's loss is then the token-weighted mean of each
+    micro-batch's CE + coef x aux: transformers' loss on a single batch)."""
+    aux = getattr(output, "aux_loss", None)
+    if aux is None:
+        return loss_sum
+    inner = unwrap(model)  # the CausalLM keeps its own copy of the coefficient (set from the config at init)
+    coef = float(getattr(inner, "router_aux_loss_coef", getattr(getattr(inner, "config", None), "router_aux_loss_coef", 0.0)) or 0.0)
+    return loss_sum + (coef * count) * aux.to(loss_sum.device, loss_sum.dtype) if coef else loss_sum
 
 
 def _autocast(ctx: Context) -> Any:
