@@ -35,6 +35,10 @@ Gpu = Literal["", "h100-80gb", "h200", "a100-80gb", "a100-40gb", "l40s", "a10g",
 GPU_MEMORY_GIB = {"h100-80gb": 80.0, "h200": 140.0, "a100-80gb": 80.0, "a100-40gb": 40.0, "l40s": 45.0, "a10g": 22.5, "l4": 22.5}
 # The GRES type most sites give each cluster.gpu (sbatch --gpus-per-node=TYPE:N); cluster.gpu_type overrides it.
 GRES_TYPES = {"h100-80gb": "h100", "h200": "h200", "a100-80gb": "a100", "a100-40gb": "a100", "l40s": "l40s", "a10g": "a10g", "l4": "l4"}
+# cluster.network: the transport NCCL uses between nodes (plan/network.py sets its variables).
+Network = Literal["auto", "ib", "efa", "socket"]
+# cluster.numa_binding: torchrun's --numa-binding modes (torch.numa.binding.AffinityMode).
+NumaBinding = Literal["none", "node", "socket", "exclusive", "core-complex"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,13 @@ class ModelSection:
     # Gemma-2's attn_logit_softcapping, from config.json: SDPA cannot apply it, so kernels.attention
     # auto picks flash (CUDA, flash-attn) or eager for such a model, and sdpa is refused at plan time.
     attn_logit_softcapping: float | None = None
+    # Mixture-of-Experts layers (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek), from config.json: experts per
+    # layer, experts each token is routed to, each expert's MLP width (intermediate_size when the
+    # config has no moe_intermediate_size) and a shared expert's (Qwen2-MoE). None: a dense model.
+    num_experts: int | None = None
+    experts_per_token: int | None = None
+    expert_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
     architecture: str = ""  # the config's model_type (llama, gpt2, bert, ...); filled in from config.json
     # The repeated block FSDP2 shards one unit per instance of (and activation checkpointing wraps).
     # Empty: found from the model (`_no_split_modules`, the repeated block list); set only to override.
@@ -308,9 +319,19 @@ class ClusterSection:
     max_failure_requeues: int = 2  # requeues after a crash that left a newer complete checkpoint
     extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--exclusive"]
     env: dict[str, str] = field(default_factory=dict)  # exported in launch.sh and job.sbatch
+    # The network between nodes, exported in GPU jobs (a CPU job has no NCCL: none of this):
+    # auto: NCCL's own choice; ib: InfiniBand/RoCE verbs (NCCL_IB_DISABLE=0, NCCL_IB_HCA=ib_hca);
+    # efa: AWS EFA through aws-ofi-nccl (FI_PROVIDER=efa, GPUDirect RDMA where cluster.gpu has it);
+    # socket: TCP only (NCCL_IB_DISABLE=1). cluster.env overrides any of them.
+    network: Network = "auto"
+    ib_hca: str = ""  # network ib: NCCL_IB_HCA, e.g. mlx5_0,mlx5_1 or ^mlx5_4 or =mlx5_0:1; empty: NCCL's choice
+    socket_ifname: str = ""  # NCCL_SOCKET_IFNAME, e.g. eth0, ens or ^docker,lo; empty: NCCL's choice
     # torchrun
     max_restarts: int = 0
     rdzv_port: int | None = None  # None: derived from the SLURM job id (multi-node)
+    # Each GPU rank's CPUs and memory near its GPU (torchrun --numa-binding, which runs each rank
+    # under numactl: it must be on the nodes). node is torch's advice; none: no binding.
+    numa_binding: NumaBinding = "none"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ SLURM_MEM = re.compile(r"^(\d+[KMGT]?)?$")
 SBATCH_OPTION = re.compile(r"^--[a-z][a-z0-9-]*(=[^\s\"'\\`$;]+)?$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+# NCCL_IB_HCA / NCCL_SOCKET_IFNAME: an optional ^ (all but) and = (exact names), then names (HCA:port) by commas
+NCCL_DEVICES = re.compile(r"^\^?=?[A-Za-z0-9_.@-]+(:\d+)?(,[A-Za-z0-9_.@-]+(:\d+)?)*$")
 
 # train.precision -> the dtype FSDP2 gathers parameters in (plan/fsdp.py's mixed_precision.param_dtype), and back
 _PARAM_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -164,6 +166,15 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
     for name in cluster.env:
         if not ENV_NAME.match(name):
             yield Problem(f"cluster.env.{name}", "is not an environment variable name", "use letters, digits and '_'")
+    for key, example in (("ib_hca", "mlx5_0,mlx5_1 or ^mlx5_4"), ("socket_ifname", "eth0 or ^docker,lo")):
+        if getattr(cluster, key) and not NCCL_DEVICES.match(getattr(cluster, key)):
+            yield Problem(f"cluster.{key}", f"{getattr(cluster, key)!r} is not a list NCCL reads", f"use e.g. {example}")
+    if cluster.ib_hca and cluster.network != "ib":
+        yield Problem(
+            "cluster.ib_hca",
+            f"is read only with cluster.network: ib (it is {cluster.network})",
+            "set cluster.network: ib, or leave ib_hca out",
+        )
 
 
 DATA_ROLES = ("prompt", "response", "instruction", "input", "output", "system", "messages", "text", "label")

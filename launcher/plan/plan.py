@@ -23,6 +23,7 @@ from launcher.plan.budget import collective_timeout, save_budget_warning
 from launcher.plan.deepspeed import build_deepspeed_config
 from launcher.plan.estimate import check_memory, choose_micro_batch, estimate_plan, render_estimate
 from launcher.plan.fsdp import build_fsdp_plan
+from launcher.plan.network import env_defaults, network_env
 from launcher.plan.slurm import build_launch_script, build_sbatch
 from launcher.plan.topology import Topology, build_topology
 from launcher.plan.torchrun import build_torchrun_argv
@@ -57,6 +58,9 @@ class Plan:
     # Seconds any collective of any process group may wait: cluster.collective_timeout_seconds, else
     # derived from the save estimate (plan/budget.py). 0 in older plans: torch's defaults.
     collective_timeout_seconds: int = 0
+    # Variables the scripts set only where the environment has not (`: "${NAME:=value}"`): GPU jobs'
+    # PYTORCH_CUDA_ALLOC_CONF (plan/network.py). {} in older plans.
+    env_defaults: dict[str, str] = field(default_factory=dict)
 
     @property
     def run_config(self) -> RunConfig:
@@ -116,6 +120,7 @@ def plan_env(cfg: RunConfig, topology: Topology) -> dict[str, str]:
         # NCCL's flight recorder: on a collective timeout every rank dumps its last collectives
         # (job.sbatch points TORCH_NCCL_DEBUG_INFO_TEMP_FILE into RUN/logs), naming the rank that hung.
         env.update({"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"})
+    env.update(network_env(cfg.cluster))  # cluster.network: NCCL's transport; nothing on CPU
     env.update(cfg.cluster.env)
     return env
 
@@ -137,6 +142,7 @@ def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Pl
     plan_path = str(Path(run_dir) / PLAN_FILE)
     torchrun = build_torchrun_argv(cfg.cluster, topology, plan_path, python)
     env = plan_env(cfg, topology)
+    defaults = env_defaults(cfg.cluster)
     memory = estimate_plan(cfg, topology)
     warnings = check_memory(cfg, memory)
     budget = save_budget_warning(cfg.cluster, memory)
@@ -153,13 +159,14 @@ def build_plan(cfg: RunConfig, run_dir: str, python: str = sys.executable) -> Pl
         torchrun=torchrun,
         env=env,
         estimate=memory,
-        launch_script=build_launch_script(topology, cfg.run.name, env, torchrun),
-        sbatch_script=build_sbatch(cfg.cluster, topology, cfg.run.name, run_dir, env, torchrun),
+        launch_script=build_launch_script(topology, cfg.run.name, env, defaults, torchrun),
+        sbatch_script=build_sbatch(cfg.cluster, topology, cfg.run.name, run_dir, env, defaults, torchrun),
         backend_choice=dataclasses.asdict(choice),
         warnings=warnings,
         config_digest=digest(config),
         versions=versions_report(),
         collective_timeout_seconds=collective_timeout(cfg.cluster, memory),
+        env_defaults=defaults,
     )
 
 

@@ -56,11 +56,30 @@ def sbatch_headers(cluster: ClusterSection, topology: Topology, run_name: str, r
     return [f"#SBATCH {opt}" for opt in opts]
 
 
-def env_block(env: dict[str, str]) -> str:
-    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in env.items())
+def _quote(value: str) -> str:
+    """shlex.quote, and quotes round a value it left bare that starts with '=' (NCCL's exact-name
+    prefix, =eth0): bash reads NAME==eth0 right, shellcheck (SC1097) and people do not."""
+    quoted = shlex.quote(value)
+    return f"'{value}'" if quoted.startswith("=") else quoted
 
 
-def build_sbatch(cluster: ClusterSection, topology: Topology, run_name: str, run_dir: str, env: dict[str, str], torchrun: list[str]) -> str:
+def env_block(env: dict[str, str], defaults: dict[str, str] | None = None) -> str:
+    """`export NAME=value` for the plan's variables; a default only where the environment has none."""
+    lines = [f"export {name}={_quote(value)}" for name, value in env.items()]
+    for name, value in (defaults or {}).items():  # values from plan/network.py: plain words, checked there
+        lines += [f': "${{{name}:={value}}}"', f"export {name}"]
+    return "\n".join(lines)
+
+
+def build_sbatch(
+    cluster: ClusterSection,
+    topology: Topology,
+    run_name: str,
+    run_dir: str,
+    env: dict[str, str],
+    defaults: dict[str, str],
+    torchrun: list[str],
+) -> str:
     # Below the ephemeral range (32768-60999): an outgoing connection can never be holding it.
     port = str(cluster.rdzv_port) if cluster.rdzv_port else f"$(({RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN}))"
     return render_template(
@@ -75,7 +94,7 @@ def build_sbatch(cluster: ClusterSection, topology: Topology, run_name: str, run
             "max_failure_requeues": str(cluster.max_failure_requeues),
             "requeue": "1" if cluster.requeue else "0",
             "requeue_exit_code": str(REQUEUE_EXIT_CODE),
-            "env_block": env_block(env),
+            "env_block": env_block(env, defaults),
             "signal_seconds": str(cluster.signal_seconds),
             "rdzv_port": port,
             "nodes": str(topology.nodes),
@@ -85,7 +104,7 @@ def build_sbatch(cluster: ClusterSection, topology: Topology, run_name: str, run
     )
 
 
-def build_launch_script(topology: Topology, run_name: str, env: dict[str, str], torchrun: list[str]) -> str:
+def build_launch_script(topology: Topology, run_name: str, env: dict[str, str], defaults: dict[str, str], torchrun: list[str]) -> str:
     """launch.sh: the exact torchrun command for this machine (or, multi-node, for each node)."""
     lines = [
         "#!/bin/bash",
@@ -93,8 +112,8 @@ def build_launch_script(topology: Topology, run_name: str, env: dict[str, str], 
         f"process(es) per node on {topology.nodes} node(s).",
         "set -euo pipefail",
     ]
-    if env:
-        lines.append(env_block(env))
+    if env or defaults:
+        lines.append(env_block(env, defaults))
     if topology.nodes > 1:
         lines += [
             "# Multi-node: run this on every node with the same values (job.sbatch does it for you).",

@@ -45,6 +45,9 @@ def build_torchrun_argv(cluster: ClusterSection, topology: Topology, plan_path: 
             "--rdzv_conf",
             RDZV_CONF,
         ]
+    if cluster.accelerator == "cuda" and cluster.numa_binding != "none":
+        # each rank on the CPUs (and memory) of its GPU's NUMA node, socket or share: under numactl
+        argv += ["--numa-binding", cluster.numa_binding]
     argv += [
         "--nproc_per_node",
         str(topology.procs_per_node),

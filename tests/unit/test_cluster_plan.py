@@ -1,9 +1,11 @@
 """What the plan hands a real cluster: host memory checked against cluster.mem, QLoRA's 4-bit base
 counted where FSDP2 CPU offload keeps it, DDP's gradients once, cluster.gpu as the GPU checked and
-requested, the rendezvous host named by node id, and an allocation of another size refused."""
+requested, the rendezvous host named by node id, an allocation of another size refused, and the network presets,
+expandable segments and NUMA binding a GPU job gets (and a CPU job does not)."""
 
 from __future__ import annotations
 
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -289,3 +291,104 @@ def test_usr1_while_preparing_the_data_exits_with_the_requeue_code(tmp_path: Pat
     assert "Traceback" not in err
     again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
+
+
+NETWORK_VARS = ("NCCL_IB_DISABLE", "NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA", "NCCL_PROTO")
+
+
+def _exports(script: str) -> dict[str, str]:
+    """NAME -> value of each plain `export NAME=value` line of a generated script."""
+    lines = [line[len("export ") :] for line in script.splitlines() if line.startswith("export ") and "=" in line.split()[1]]
+    return dict(line.split("=", 1) for line in lines if " " not in line)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], {}),
+        (["cluster.network=ib"], {"NCCL_IB_DISABLE": "0"}),
+        (["cluster.network=ib", "cluster.ib_hca=mlx5_0:1,mlx5_1:1"], {"NCCL_IB_DISABLE": "0", "NCCL_IB_HCA": "mlx5_0:1,mlx5_1:1"}),
+        (["cluster.network=ib", "cluster.ib_hca=^mlx5_4"], {"NCCL_IB_DISABLE": "0", "NCCL_IB_HCA": "'^mlx5_4'"}),
+        # GPUDirect RDMA only where the instance has it (p5: H100); an L4 (g6) has EFA without it
+        (["cluster.network=efa", "cluster.gpu=h100-80gb"], {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1"}),
+        (["cluster.network=efa", "cluster.gpu=l4", "parallel.fsdp.cpu_offload=true"], {"FI_PROVIDER": "efa"}),
+        (["cluster.network=socket"], {"NCCL_IB_DISABLE": "1"}),
+        (["cluster.network=socket", "cluster.socket_ifname==eth0"], {"NCCL_IB_DISABLE": "1", "NCCL_SOCKET_IFNAME": "'=eth0'"}),
+        (["cluster.socket_ifname=ens"], {"NCCL_SOCKET_IFNAME": "ens"}),
+        # cluster.env has the last word
+        (["cluster.network=socket", "cluster.env={NCCL_IB_DISABLE: '0'}"], {"NCCL_IB_DISABLE": "0"}),
+    ],
+)
+def test_cluster_network_is_exported_in_both_scripts_of_a_gpu_job(overrides: list[str], expected: dict[str, str]) -> None:
+    plan = build_plan(load_config(FULL_8B, overrides), "/scratch/r")
+    for script in (plan.launch_script, plan.sbatch_script):
+        exported = _exports(script)
+        assert {name: exported[name] for name in NETWORK_VARS if name in exported} == expected
+    assert {name: plan.env[name] for name in NETWORK_VARS if name in plan.env} == {k: v.strip("'") for k, v in expected.items()}
+
+
+def test_a_gpu_job_defaults_expandable_segments_unless_the_environment_sets_it(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "python", 'printf "%s" "$PYTORCH_CUDA_ALLOC_CONF"\n')
+    plan = build_plan(load_config(FULL_8B), str(tmp_path / "run"), python=str(bin_dir / "python"))
+    assert plan.env_defaults == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} and "PYTORCH_CUDA_ALLOC_CONF" not in plan.env
+    assert ': "${PYTORCH_CUDA_ALLOC_CONF:=expandable_segments:True}"' in plan.sbatch_script.splitlines()
+    write_run_dir(plan)
+    launch = str(tmp_path / "run" / "launch.sh")
+    unset = subprocess.run(["bash", launch], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert unset.stdout == "expandable_segments:True", unset.stderr
+    mine = subprocess.run(
+        ["bash", launch],
+        env={"PATH": "/usr/bin:/bin", "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"},
+        capture_output=True,
+        text=True,
+    )
+    assert mine.stdout == "backend:cudaMallocAsync", mine.stderr
+    # set in the recipe: exported as cluster.env is, and no default line
+    given = build_plan(load_config(FULL_8B, ["cluster.env={PYTORCH_CUDA_ALLOC_CONF: 'garbage_collection_threshold:0.8'}"]), "/scratch/r")
+    assert given.env_defaults == {} and "PYTORCH_CUDA_ALLOC_CONF:=" not in given.sbatch_script
+    assert _exports(given.launch_script)["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.8"
+
+
+def test_a_cpu_job_gets_no_network_alloc_or_numa_settings() -> None:
+    overrides = ["cluster.network=ib", "cluster.ib_hca=mlx5_0", "cluster.socket_ifname=eth0", "cluster.numa_binding=node"]
+    plan = build_plan(load_config(RECIPES / "tiny-cpu.yaml", overrides), "/scratch/r")
+    for script in (plan.launch_script, plan.sbatch_script):
+        assert not any(name in script for name in (*NETWORK_VARS, "PYTORCH_CUDA_ALLOC_CONF", "numa"))
+    assert plan.env_defaults == {} and "--numa-binding" not in plan.torchrun
+
+
+@pytest.mark.parametrize("mode", ["node", "socket", "exclusive", "core-complex"])
+def test_numa_binding_reaches_torchrun_as_torch_reads_it(mode: str) -> None:
+    from torch.distributed.run import get_args_parser
+
+    from launcher.versions import torchrun_flags_missing
+
+    argv = build_plan(load_config(FULL_8B, [f"cluster.numa_binding={mode}"]), "/scratch/r").torchrun
+    assert argv[argv.index("--numa-binding") + 1] == mode
+    assert torchrun_flags_missing(argv[3:]) == []  # launcher.agent's check passes on this torch
+    assert get_args_parser().parse_args(argv[3:]).numa_binding == mode
+    assert "--numa-binding" not in build_plan(load_config(FULL_8B), "/scratch/r").torchrun  # none: torch's default
+
+
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [
+        (
+            "cluster.network=infiniband",
+            r"^error: cluster\.network: Invalid value 'infiniband', expected one of \['auto', 'ib', 'efa', 'socket'\]",
+        ),
+        ("cluster.numa_binding=numa", r"^error: cluster\.numa_binding: Invalid value 'numa', expected one of \['none', 'node'"),
+        (
+            "cluster.ib_hca=mlx5_0",
+            r"^error: cluster\.ib_hca: is read only with cluster\.network: ib \(it is auto\); set cluster\.network: ib",
+        ),
+        ("cluster.socket_ifname=eth0;reboot", r"^error: cluster\.socket_ifname: 'eth0;reboot' is not a list NCCL reads; use e\.g\. eth0"),
+    ],
+)
+def test_a_bad_network_setting_is_one_line(override: str, error: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(FULL_8B, [override])
+    assert len(refused.value.problems) == 1
+    assert re.match(error, str(refused.value)), str(refused.value)

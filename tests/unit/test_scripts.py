@@ -22,6 +22,10 @@ VARIANTS = [
     ("tiny-cpu.yaml", ["cluster.nodes=2", "cluster.gpus_per_node=1", "cluster.requeue=false", "cluster.signal_seconds=0"]),
     ("llama3-70b-qlora-fsdp.yaml", ["cluster.partition=gpu", "cluster.account=proj-1", "cluster.qos=high", "cluster.constraint=h100&ib"]),
     ("llama3-8b-full-fsdp.yaml", ["cluster.rdzv_port=29400", "cluster.env={NCCL_IB_HCA: mlx5, HF_HOME: /data/hf}"]),
+    # the network presets and NUMA binding (plan/network.py, torchrun --numa-binding)
+    ("llama3-8b-full-fsdp.yaml", ["cluster.nodes=2", "cluster.network=ib", "cluster.ib_hca=^mlx5_4", "cluster.numa_binding=node"]),
+    ("llama3-8b-qlora.yaml", ["cluster.network=efa", "cluster.gpu=h100-80gb", "cluster.socket_ifname=^docker,lo"]),
+    ("llama3-8b-qlora.yaml", ["cluster.network=socket", "cluster.socket_ifname==eth0", "cluster.env={PYTORCH_CUDA_ALLOC_CONF: x}"]),
 ]
 
 

@@ -8,6 +8,8 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export NCCL_DEBUG=WARN
 export TORCH_NCCL_TRACE_BUFFER_SIZE=2000
 export TORCH_NCCL_DUMP_ON_TIMEOUT=1
+: "${PYTORCH_CUDA_ALLOC_CONF:=expandable_segments:True}"
+export PYTORCH_CUDA_ALLOC_CONF
 # Multi-node: run this on every node with the same values (job.sbatch does it for you).
 : "${LAUNCHER_HEAD_ADDR:?set LAUNCHER_HEAD_ADDR to the address of the first node}"
 : "${LAUNCHER_RDZV_PORT:=29500}"

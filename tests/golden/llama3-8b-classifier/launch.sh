@@ -8,4 +8,6 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export NCCL_DEBUG=WARN
 export TORCH_NCCL_TRACE_BUFFER_SIZE=2000
 export TORCH_NCCL_DUMP_ON_TIMEOUT=1
+: "${PYTORCH_CUDA_ALLOC_CONF:=expandable_segments:True}"
+export PYTORCH_CUDA_ALLOC_CONF
 exec /opt/venv/bin/python -m launcher.agent --standalone --nnodes 1 --nproc_per_node 8 --max_restarts 0 --signals-to-handle SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT --shutdown-timeout 300 --log-dir /scratch/runs/llama3-8b-classifier/logs/torchrun --tee 3 -m launcher.runtime --plan /scratch/runs/llama3-8b-classifier/plan.json
