@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             if built:
                 print(built, flush=True)
         except Stopped as stopped:
-            print(f"launcher: received {stopped} while preparing the data; stopped (run again to prepare again)", file=sys.stderr, flush=True)
+            print(
+                f"launcher: received {stopped} while preparing the data; stopped (run again to prepare again)", file=sys.stderr, flush=True
+            )
             return REQUEUE_EXIT_CODE
         except (DataError, ModelError) as exc:
             print(f"error: {exc}", file=sys.stderr)
