@@ -58,6 +58,20 @@ SHAPES = {
             "num_experts_per_tok": 2,
         },
     ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+        },
+    ),
     "bert": (
         "BertConfig",
         {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 512},

@@ -77,6 +77,26 @@ def expert_count(config_file: Path) -> int:
     return max([c for c in counts if isinstance(c, int) and not isinstance(c, bool)], default=0)
 
 
+def moe_numbers(config_file: Path) -> dict[str, int]:
+    """ModelSection's Mixture-of-Experts fields from config.json ({} for a dense model)."""
+    experts = expert_count(config_file)
+    if experts < 2:
+        return {}
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
+
+    def number(*keys: str) -> int | None:
+        found = [raw.get(k) for k in keys if isinstance(raw.get(k), int) and not isinstance(raw.get(k), bool)]
+        return int(found[0]) if found else None
+
+    out = {
+        "num_experts": experts,
+        "experts_per_token": number("num_experts_per_tok", "moe_topk", "top_k"),
+        "expert_intermediate_size": number("moe_intermediate_size", "expert_intermediate_size", "intermediate_size"),
+        "shared_expert_intermediate_size": number("shared_expert_intermediate_size"),
+    }
+    return {key: value for key, value in out.items() if value}
+
+
 def read_architecture(config_file: Path) -> Architecture:
     """config.json (+ transformers' attribute map and defaults for its model_type) -> Architecture."""
     where = str(config_file)

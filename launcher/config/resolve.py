@@ -11,7 +11,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from launcher.config.arch import CANONICAL, Architecture, architecture_of, expert_count, read_architecture
+from launcher.config.arch import CANONICAL, Architecture, architecture_of, expert_count, moe_numbers, read_architecture
 from launcher.config.errors import ConfigError, Problem
 from launcher.config.modelfiles import config_problems, file_problems
 from launcher.config.schema import DataSection, ModelSection, RunConfig, TrainSection
@@ -151,6 +151,8 @@ def resolve_model(model: ModelSection) -> ModelSection:
             arch = architecture_of(model.architecture)
         known = dict(arch.numbers) if arch else {}
         architecture, layer_class = (arch.model_type, arch.layer_class) if arch else ("", "")
+        if config_file is not None and arch is not None:
+            known.update(moe_numbers(config_file))
     filled = {name: value for name, value in known.items() if getattr(model, name) is None}
     if arch is not None and arch.attn_softcap is not None and model.attn_logit_softcapping is None:
         filled["attn_logit_softcapping"] = arch.attn_softcap

@@ -40,6 +40,11 @@ def section_of(config: transformers.PretrainedConfig, name: str) -> ModelSection
         vocab_size=config.vocab_size,
         tie_word_embeddings=bool(config.tie_word_embeddings),
         head_dim=getattr(config, "head_dim", None),
+        num_experts=getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None),
+        experts_per_token=getattr(config, "num_experts_per_tok", None),
+        expert_intermediate_size=getattr(config, "moe_intermediate_size", None)
+        or (inter if hasattr(config, "num_local_experts") else None),
+        shared_expert_intermediate_size=getattr(config, "shared_expert_intermediate_size", None),
     )
 
 
@@ -53,11 +58,15 @@ def meta_model(name: str, **shape: object) -> tuple[torch.nn.Module, ModelSectio
     return model, section_of(config, name), positions
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gemma", "gpt2", "bert"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gemma", "gpt2", "bert", "mixtral", "qwen2_moe"])
 def test_parameter_count_is_exact(name: str) -> None:
     model, section, positions = meta_model(name)
     counts = count_params(section, MethodSection(), "causal_lm" if name != "bert" else "classification", positions)
     assert counts.total == sum(p.numel() for p in model.parameters())
+    if section.num_experts:  # active: all but the experts a token is not routed to
+        experts = [p for n, p in model.named_parameters() if ".experts." in n]
+        idle = sum(p.numel() for p in experts) * (section.num_experts - (section.experts_per_token or 1)) // section.num_experts
+        assert counts.active == counts.total - idle < counts.total
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])

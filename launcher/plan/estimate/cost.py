@@ -46,7 +46,7 @@ def _forward_flops(s: Setting) -> float:
     _, layers, _, vocab, q, _ = shapes(s.model)
     head = (s.model.hidden_size or 0) * vocab if s.task == "causal_lm" else 0
     attention = 2 * layers * s.seq_len * q  # QK^T and AV, causal: 2 x 2 flops x S/2 x width
-    return float(2 * (counts.linear + head) + attention)
+    return float(2 * (counts.active_linear + head) + attention)  # MoE: the experts a token is routed to
 
 
 def model_flops_per_token(s: Setting) -> float:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from launcher.config.schema import KernelsSection, MethodSection, ModelSection, ParallelSection, TrainSection
-from launcher.plan.estimate.params import ParamCounts, block_linears, count_params, family_of, shapes, trainable_params
+from launcher.plan.estimate.params import ParamCounts, block_linears, count_params, family_of, mlp_width, shapes, trainable_params
 from launcher.plan.topology import Topology
 
 GIB = 1024**3
@@ -73,7 +73,8 @@ def attention_kind(s: Setting) -> str:
 def block_saved_bytes(s: Setting, counts: ParamCounts, mode: str) -> float:
     """Bytes saved for backward per token by one block: mode none | selective | full (checkpointed);
     selective is runtime/model/blocks.py's op-level policy (matmul and attention outputs kept)."""
-    h, _, inter, _, q, kv = shapes(s.model)
+    h, _, _, _, q, kv = shapes(s.model)
+    inter = mlp_width(s.model)  # MoE: the routed experts' (and a shared expert's) widths
     c = BYTES[s.train.precision]
     fam = family_of(s.model)
     heads = s.model.num_attention_heads or 1
@@ -183,6 +184,8 @@ def estimate_memory(s: Setting) -> dict[str, float]:
     out["total"] = sum(out[k] for k in DEVICE_ITEMS)
     out.update({f"activations_{k}": v for k, v in act.items() if k != "peak"})
     out["params"], out["trainable_params"] = float(counts.total), trainable
+    if counts.idle_layer_linear:
+        out["active_params"] = float(counts.active)  # MoE: what one token's forward uses
     return out
 
 

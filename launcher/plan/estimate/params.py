@@ -2,8 +2,10 @@
 
 Modelled exactly (tests/unit/test_estimate.py holds them to `sum(p.numel())` of the transformers
 model): llama, mistral, qwen2 (q/k/v biases), gemma (explicit head_dim, tied head), gpt2 (biases,
-LayerNorm, fused Conv1D attention, learned positions, 4x MLP without a gate) and bert (the base
-encoder with its pooler). Any other model type is counted as Llama-shaped: an approximation.
+LayerNorm, fused Conv1D attention, learned positions, 4x MLP without a gate), bert (the base
+encoder with its pooler), and the Mixture-of-Experts mixtral and qwen2_moe (a router, every expert's
+gated MLP, Qwen2-MoE's shared expert and its gate). Any other model type is counted as Llama-shaped
+(with its experts, when ModelSection has them): an approximation.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ FAMILIES = {
     "mistral": LLAMA,
     "gemma": LLAMA,
     "qwen2": Family(gated_mlp=True, layer_norm=False, biases="qkv", learned_positions=False),
+    "mixtral": LLAMA,
+    "qwen2_moe": Family(gated_mlp=True, layer_norm=False, biases="qkv", learned_positions=False),
     # gelu_new is written out in Python ops: its input and three intermediates are saved, plus c_proj's input.
     "gpt2": Family(gated_mlp=False, layer_norm=True, biases="all", learned_positions=True, mlp_saved=5),
     "bert": Family(gated_mlp=False, layer_norm=True, biases="all", learned_positions=True, encoder=True, mlp_saved=2),
@@ -56,10 +60,20 @@ class ParamCounts:
     final_norm: int  # final norm (+ BERT's embedding norm and pooler)
     lora: int  # adapter parameters for the configured targets, all layers
     lora_modules: tuple[tuple[int, int, str], ...]  # (in, out, input) of each LoRA-wrapped linear in one block
+    idle_layer_linear: int = 0  # MoE: a block's expert weights a token does not use (not routed to it)
 
     @property
     def linear(self) -> int:
         return self.layer_linear * self.layers
+
+    @property
+    def active(self) -> int:
+        """Parameters one token's forward uses: all of them, less the experts it is not routed to."""
+        return self.total - self.idle_layer_linear * self.layers
+
+    @property
+    def active_linear(self) -> int:
+        return (self.layer_linear - self.idle_layer_linear) * self.layers
 
     @property
     def root(self) -> int:
@@ -74,6 +88,15 @@ def shapes(model: ModelSection) -> tuple[int, int, int, int, int, int]:
     assert h and layers and inter and vocab and heads and kv_heads, "resolve() first"
     head_dim = model.head_dim or h // heads
     return h, layers, inter, vocab, heads * head_dim, kv_heads * head_dim
+
+
+def mlp_width(model: ModelSection) -> int:
+    """The MLP width one token's activations have: the intermediate size, or for a Mixture-of-Experts
+    block the widths of the experts it is routed to and of a shared expert."""
+    _, _, inter, _, _, _ = shapes(model)
+    if not model.num_experts:
+        return inter
+    return (model.experts_per_token or 1) * (model.expert_intermediate_size or inter) + (model.shared_expert_intermediate_size or 0)
 
 
 def learned_positions(model: ModelSection) -> int:
@@ -126,8 +149,17 @@ def count_params(model: ModelSection, method: MethodSection, task: str = "causal
     wanted = set(linears) if "all-linear" in method.lora.target_modules else set(method.lora.target_modules) & set(linears)
     lora_modules = tuple(pair for name in sorted(wanted) for pair in linears[name])
     lora = layers * sum(method.lora.r * (i + o) for i, o, _ in lora_modules)
+    idle = 0
+    if model.num_experts:  # the dense MLP above becomes a router, the experts (gated) and a shared expert
+        experts, routed = model.num_experts, model.experts_per_token or 1
+        width, shared = model.expert_intermediate_size or inter, model.shared_expert_intermediate_size or 0
+        dense_mlp = sum(i * o for name in ("gate_proj", "up_proj", "down_proj") for i, o, _ in linears.get(name, []))
+        expert = 3 * h * width
+        layer_linear += experts * expert + 3 * h * shared - dense_mlp
+        per_layer += experts * expert + 3 * h * shared - dense_mlp + h * experts + (h if shared else 0)
+        idle = (experts - routed) * expert
     total = layers * per_layer + embeddings + final_norm + head
-    return ParamCounts(total, layers, per_layer, layer_linear, embeddings, head, final_norm, lora, lora_modules)
+    return ParamCounts(total, layers, per_layer, layer_linear, embeddings, head, final_norm, lora, lora_modules, idle)
 
 
 def trainable_params(counts: ParamCounts, model: ModelSection, method: MethodSection) -> int:

@@ -24,7 +24,8 @@ def _gib(value: float) -> str:
 
 
 def render_estimate(e: dict[str, float], candidates: dict[int, float] | None = None) -> str:
-    lines = [f"parameters: {_count(e['params'])} ({_count(e['trainable_params'])} trainable)", "memory per GPU:"]
+    active = f", {_count(e['active_params'])} active per token" if e.get("active_params") else ""  # MoE
+    lines = [f"parameters: {_count(e['params'])} ({_count(e['trainable_params'])} trainable{active})", "memory per GPU:"]
     for key in DEVICE_ITEMS:
         lines.append(f"  {key:<15}{_gib(e[key])}   {_WHAT[key]}")
     limit = e.get("gpu_memory_gib", 0.0)
