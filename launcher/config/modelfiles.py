@@ -42,6 +42,7 @@ _LLAMA_LAYOUT = frozenset(
 )
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _ATTENTION = {f"self_attn.{x}_proj.weight": x for x in "qkvo"}
+_Q_PROJ = re.compile(r"^(?:model\.)?layers\.(\d+)\.self_attn\.q_proj\.weight$")
 _SHAPE_KEYS = ("hidden_size", "vocab_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 _EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "wte.weight")
 _REDOWNLOAD = "download the model again (or point model.name_or_path at a complete copy)"
@@ -201,6 +202,18 @@ def _shape_problems(headers: dict[Path, Header], arch: Architecture, tokens: int
     hidden, vocab, inter, heads, kv_heads = (_number(arch, k) for k in _SHAPE_KEYS)
     head_dim = _number(arch, "head_dim") if "head_dim" in arch.given else None
     where = {name: (file, dtype, shape) for file, header in headers.items() for name, (dtype, shape) in header.items()}
+    layers = _number(arch, "num_layers")
+    if arch.model_type in _LLAMA_LAYOUT and not arch.quantized and layers and where:  # the weights of another model?
+        seen = {int(m.group(1)) for name in where if (m := _Q_PROJ.match(name))}
+        if len(seen) < layers:
+            lacking = min(set(range(layers)) - seen)
+            held = f"it holds {len(seen)} of its {layers} layers" if seen else f"its tensors are named like {min(where)}"
+            yield (
+                f"{directory}: the safetensors have no model.layers.{lacking}.self_attn.q_proj.weight, which a {arch.model_type} "
+                f"model with {arch.source}'s numbers has ({held}): the weights are another model's",
+                f"point model.name_or_path at the weights {arch.source} belongs to (or fix config.json)",
+            )
+            return
     expected: dict[str, list[int]] = {}
     if hidden and vocab and {"hidden_size", "vocab_size"} <= arch.given:  # a class default may not be this model's
         expected.update({name: [vocab, hidden] for name in (*_EMBEDDINGS, "lm_head.weight")})

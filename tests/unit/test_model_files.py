@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _archs import tiny_arch
 from _support import launcher_cli
 
 from launcher.cli import main
@@ -151,6 +152,12 @@ BROKEN: list[tuple[str, Callable[[Path], None], str, str]] = [
     ("fifo", _fifo, "is not a regular file", WEIGHTS),
     ("index-names-missing-shard", _missing_shard, "names shard model-00002-of-00002.safetensors, which is missing", "index.json"),
     ("q-proj-shape", lambda m: edit_header(m / WEIGHTS, _wrong_q_shape), "q_proj.weight has shape [64, 256]", WEIGHTS),
+    (  # a checkpoint of another architecture under this config.json (issue 25: it failed in the ranks)
+        "another-models-weights",
+        lambda m: shutil.copy2(tiny_arch("gpt2") / WEIGHTS, m / WEIGHTS),
+        "have no model.layers.0.self_attn.q_proj.weight, which a llama model",
+        "model",
+    ),
     (
         "embedding-smaller-than-tokenizer",
         lambda m: edit_json(m / "tokenizer.json", _more_tokens_than_rows),
