@@ -1,7 +1,8 @@
 """What the plan hands a real cluster: host memory checked against cluster.mem, QLoRA's 4-bit base
 counted where FSDP2 CPU offload keeps it, DDP's gradients once, cluster.gpu as the GPU checked and
 requested, the rendezvous host named by node id, an allocation of another size refused, and the network presets,
-expandable segments and NUMA binding a GPU job gets (and a CPU job does not)."""
+expandable segments and NUMA binding a GPU job gets (and a CPU job does not), each fix of a GPU refusal
+with its own estimate, and HSDP noted where it would fit."""
 
 from __future__ import annotations
 
@@ -392,3 +393,48 @@ def test_a_bad_network_setting_is_one_line(override: str, error: str) -> None:
         load_config(FULL_8B, [override])
     assert len(refused.value.problems) == 1
     assert re.match(error, str(refused.value)), str(refused.value)
+
+
+def _fix_list(err: str) -> dict[str, float]:
+    """A GPU refusal's fixes: override(s) -> GiB per GPU, in the order given."""
+    fixes = re.split(r"(?:^|; )try ", err, maxsplit=1)[1].split(" (see `launcher estimate`")[0]
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"(?:^|; )([^:;]+): ([\d.]+) GiB per GPU", fixes)}
+
+
+def test_a_gpu_refusal_gives_each_fix_with_its_estimate_those_that_fit_first(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["plan", str(FULL_8B), "cluster.gpu=l4", "cluster.mem=128G", "--out", str(tmp_path / "l4")]) == 2
+    err = capsys.readouterr().err
+    fixes = _fix_list(err)
+    assert list(fixes) == ["cluster.nodes=2", "parallel.fsdp.cpu_offload=true", "train.micro_batch_size=1"]  # 22.5 GiB: the first two fit
+    assert fixes["parallel.fsdp.cpu_offload=true"] == pytest.approx(10.9, abs=0.05)
+    assert "parallel.fsdp.cpu_offload=true: 10.9 GiB per GPU and 146 GiB of host memory per node (over cluster.mem 128G)" in err
+    # each figure is what the plan estimates with that override
+    for override, gib in fixes.items():
+        assert _estimate(FULL_8B, "cluster.gpu=l4", *override.split())["total"] / GIB == pytest.approx(gib, abs=0.05), override
+
+
+def test_ddp_over_the_gpu_is_offered_fsdp_with_and_without_offload_and_no_fix_that_gains_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["plan", str(FULL_8B), "parallel.backend=ddp", "--out", "/tmp/unused-ddp"]) == 2
+    fixes = _fix_list(capsys.readouterr().err)
+    assert list(fixes)[:2] == ["parallel.backend=fsdp", "parallel.backend=fsdp parallel.fsdp.cpu_offload=true"]
+    assert "cluster.nodes=2" not in fixes  # DDP holds everything on every GPU, however many nodes
+    for override, gib in fixes.items():
+        assert _estimate(FULL_8B, "parallel.backend=ddp", *override.split())["total"] / GIB == pytest.approx(gib, abs=0.05), override
+
+
+SIXTEEN_NODES = ["cluster.nodes=16", "train.global_batch_size=256"]
+
+
+def test_hsdp_is_noted_at_16_nodes_where_sharding_within_a_node_fits(tmp_path: Path) -> None:
+    notes = build_plan(load_config(FULL_8B, SIXTEEN_NODES), str(tmp_path / "a")).warnings
+    assert notes == [next(n for n in notes if n.startswith("note: parallel.fsdp.hsdp=true fits (27.1 GiB per GPU, 34% of 80 GiB)"))]
+    assert "within each node's 8 GPUs and replicate across the 16 nodes" in notes[0]
+    assert build_plan(load_config(FULL_8B, ["cluster.nodes=8", "train.global_batch_size=128"]), str(tmp_path / "b")).warnings == []
+    # an L4 holds the 8B sharded over 128 ranks (11.9 GiB) but not over one node's 8 (27.1): no note
+    assert build_plan(load_config(FULL_8B, [*SIXTEEN_NODES, "cluster.gpu=l4"]), str(tmp_path / "c")).warnings == []
+    # already HSDP and over the L4: sharding over every rank is the fix
+    with pytest.raises(ConfigError) as refused:
+        build_plan(load_config(FULL_8B, [*SIXTEEN_NODES, "cluster.gpu=l4", "parallel.fsdp.hsdp=true"]), str(tmp_path / "d"))
+    assert next(iter(_fix_list(refused.value.problems[0].fix))) == "parallel.fsdp.hsdp=false"

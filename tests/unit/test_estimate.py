@@ -213,7 +213,8 @@ def test_zero2_on_70b_is_refused_with_the_fix(tmp_path: Path, capsys: pytest.Cap
     code = main(["plan", str(ROOT / "recipes" / "llama3-70b-full-zero3-offload.yaml"), "parallel.zero_stage=2", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
-    assert err.startswith("error: cluster.gpu_memory_gib: the estimate is") and "parallel.zero_stage=3" in err and "cluster.nodes=8" in err
+    assert err.startswith("error: cluster.gpu_memory_gib: the estimate is") and "parallel.zero_stage=3: 17.5 GiB per GPU" in err
+    assert "cluster.nodes=8" not in err  # ZeRO-2 keeps every parameter on every GPU: more nodes gain nothing there
 
 
 def test_over_90_percent_warns() -> None:

@@ -15,12 +15,15 @@ import re
 from launcher.config.errors import ConfigError, Problem
 from launcher.config.schema import GPU_MEMORY_GIB, ClusterSection, RunConfig
 from launcher.plan.estimate.cost import MFU, PEAK_TFLOPS, checkpoint_bytes, flops_per_token, host_bytes, model_flops_per_token, step_seconds
+from launcher.plan.estimate.fixes import OFFLOADS, alternatives, with_setting
 from launcher.plan.estimate.memory import GIB, Setting, estimate_memory
 from launcher.plan.estimate.params import count_params
 from launcher.plan.estimate.render import render_estimate
 from launcher.plan.topology import Topology, build_topology
 
 WARN_SHARE, AUTO_SHARE = 0.90, 0.90
+# From here on FSDP2 over every rank all-gathers each block across the network: hsdp is worth a note.
+HSDP_MIN_NODES = 16
 SLURM_MEM_GIB = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}  # sbatch --mem: powers of 1024, M by default
 __all__ = [
     "Setting",
@@ -97,27 +100,25 @@ def estimate_plan(cfg: RunConfig, topology: Topology) -> dict[str, float]:
     return out
 
 
-def fixes(cfg: RunConfig) -> str:
-    """The changes that lower the estimate, for this recipe."""
-    par, t = cfg.parallel, cfg.train
-    out = [f"more nodes (cluster.nodes={cfg.cluster.nodes * 2})"]
-    if par.backend == "deepspeed" and par.zero_stage < 3:
-        out.append("parallel.zero_stage=3")
-    if par.backend == "ddp":
-        out.append("parallel.backend=fsdp")
-    if par.backend == "deepspeed" and par.offload_optimizer == "none":
-        out.append("parallel.offload_optimizer=cpu")
-    if par.backend == "fsdp" and par.fsdp.defer_grad_sync:
-        out.append("parallel.fsdp.defer_grad_sync=false")
-    if par.backend == "fsdp" and not par.fsdp.cpu_offload:
-        out.append("parallel.fsdp.cpu_offload=true (states and the sharded weights in host memory)")
-    if t.checkpointing != "full":
-        out.append("train.activation_checkpointing=true" if t.checkpointing == "none" else "train.activation_checkpointing=full")
-    if (t.micro_batch_size or 1) > 1:
-        out.append(f"train.micro_batch_size={(t.micro_batch_size or 2) // 2}")
-    if cfg.kernels.loss == "plain" and cfg.task == "causal_lm":
-        out.append("kernels.loss=auto")
-    return "try " + ", ".join(out) + "; see `launcher estimate` for the items"
+def fixes(cfg: RunConfig, estimate: dict[str, float]) -> str:
+    """The changes that lower the estimate (`estimate`, this recipe's) per GPU, each with what it would
+    need per GPU (and per node, for an offload), those that fit the GPU first."""
+    limit = gpu_memory_gib(cfg.cluster)
+    fitting: list[str] = []
+    others: list[str] = []
+    for label, alt in alternatives(cfg):
+        e = estimate_plan(alt, build_topology(alt.cluster, alt.train, alt.data))
+        if e["total"] >= estimate["total"]:  # more nodes under DDP or HSDP: nothing gained per GPU
+            continue
+        line = f"{label}: {e['total'] / GIB:.1f} GiB per GPU"
+        if label.endswith(OFFLOADS):
+            line += f" and {e['host_total'] / GIB:.0f} GiB of host memory per node"
+            host = host_memory_gib(cfg.cluster)
+            line += f" (over cluster.mem {cfg.cluster.mem})" if host and e["host_total"] > host * GIB else ""
+        (fitting if limit and e["total"] <= limit * GIB else others).append(line)
+    if not fitting + others:
+        return "no single change lowers it; see `launcher estimate` for the items"
+    return "try " + "; ".join(fitting + others) + " (see `launcher estimate` for the items)"
 
 
 def check_fits(cfg: RunConfig, estimate: dict[str, float]) -> str | None:
@@ -130,9 +131,9 @@ def check_fits(cfg: RunConfig, estimate: dict[str, float]) -> str | None:
     if share > 1:
         gpu = f" ({cfg.cluster.gpu})" if gpu_memory_key(cfg.cluster) == "cluster.gpu" else ""
         what = f"the estimate is {total:.1f} GiB per GPU, {share:.0%} of the GPU's {limit:g} GiB{gpu}"
-        raise ConfigError([Problem(gpu_memory_key(cfg.cluster), what, fixes(cfg))])
+        raise ConfigError([Problem(gpu_memory_key(cfg.cluster), what, fixes(cfg, estimate))])
     if share > WARN_SHARE:
-        return f"warning: memory: the estimate is {total:.1f} GiB per GPU, {share:.0%} of {limit:g} GiB (little headroom); {fixes(cfg)}"
+        return f"warning: memory: the estimate is {total:.1f} GiB per GPU, {share:.0%} of {limit:g} GiB (little headroom); {fixes(cfg, estimate)}"
     return None
 
 
@@ -175,8 +176,27 @@ def check_host(cfg: RunConfig, estimate: dict[str, float]) -> str | None:
     return None
 
 
+def hsdp_note(cfg: RunConfig, estimate: dict[str, float]) -> str | None:
+    """FSDP2 sharded over all of HSDP_MIN_NODES nodes or more: a note proposing parallel.fsdp.hsdp
+    when sharding within a node fits (its estimate within WARN_SHARE of the GPU); else None."""
+    par, cluster = cfg.parallel, cfg.cluster
+    limit = estimate.get("gpu_memory_gib", 0.0)
+    if par.backend != "fsdp" or par.fsdp.hsdp or cluster.nodes < HSDP_MIN_NODES or not limit:
+        return None
+    hsdp = with_setting(cfg, "parallel.fsdp", hsdp=True)
+    total = estimate_plan(hsdp, build_topology(hsdp.cluster, hsdp.train, hsdp.data))["total"] / GIB
+    if total > WARN_SHARE * limit:
+        return None
+    return (
+        f"note: parallel.fsdp.hsdp=true fits ({total:.1f} GiB per GPU, {total / limit:.0%} of {limit:g} GiB): FSDP2 would shard "
+        f"within each node's {cluster.gpus_per_node} GPUs and replicate across the {cluster.nodes} nodes, so the blocks' "
+        "all-gathers and reduce-scatters stay inside a node and only an all-reduce of the gradient shards crosses the network"
+    )
+
+
 def check_memory(cfg: RunConfig, estimate: dict[str, float]) -> list[str]:
-    """Both checks: one ConfigError with every refusal (GPU and host), else the warning lines."""
+    """Both checks: one ConfigError with every refusal (GPU and host), else the warning lines (and
+    the HSDP note)."""
     problems: list[Problem] = []
     warnings: list[str] = []
     for check in (check_fits, check_host):
@@ -188,7 +208,8 @@ def check_memory(cfg: RunConfig, estimate: dict[str, float]) -> list[str]:
             warnings += [line] if line else []
     if problems:
         raise ConfigError(problems)
-    return warnings
+    note = hsdp_note(cfg, estimate)
+    return warnings + ([note] if note else [])
 
 
 def choose_micro_batch(cfg: RunConfig) -> tuple[RunConfig, dict[int, float]]:
