@@ -6,6 +6,7 @@ with its own estimate, and HSDP noted where it would fit."""
 
 from __future__ import annotations
 
+import math
 import re
 import stat
 import subprocess
@@ -438,3 +439,27 @@ def test_hsdp_is_noted_at_16_nodes_where_sharding_within_a_node_fits(tmp_path: P
     with pytest.raises(ConfigError) as refused:
         build_plan(load_config(FULL_8B, [*SIXTEEN_NODES, "cluster.gpu=l4", "parallel.fsdp.hsdp=true"]), str(tmp_path / "d"))
     assert next(iter(_fix_list(refused.value.problems[0].fix))) == "parallel.fsdp.hsdp=false"
+
+
+def test_the_70b_offload_recipe_says_what_its_estimate_says(tmp_path: Path) -> None:
+    e = _estimate(ZERO3_OFFLOAD)
+    comment = " ".join(line.lstrip("# ") for line in ZERO3_OFFLOAD.read_text().splitlines() if line.startswith("#"))
+    assert f"{e['total'] / GIB:.1f} GiB per GPU and {e['host_total'] / GIB:.1f} GiB of host memory per node" in comment
+    assert f"({e['host_offloaded'] / GIB:.1f} GiB of it offloaded states" in comment
+    assert f"({e['host_offloaded'] * 4 / GIB:,.0f} GiB, about {round(e['host_offloaded'] * 4 / 1e10) * 10:,.0f} GB)" in comment
+    refused, warned = math.ceil(e["host_total"] / GIB), math.ceil(e["host_total"] / GIB / 0.9)
+    assert f"refuses a cluster.mem under {refused}G and warns under {warned}G" in comment
+    assert f"on 1 node the host side is {_estimate(ZERO3_OFFLOAD, 'cluster.nodes=1')['host_total'] / GIB:,.0f} GiB" in comment
+    assert build_plan(load_config(ZERO3_OFFLOAD, [f"cluster.mem={refused}G"]), str(tmp_path / "a")).warnings != []
+    with pytest.raises(ConfigError, match=r"^error: cluster\.mem: the estimate is 288\.8 GiB"):
+        build_plan(load_config(ZERO3_OFFLOAD, [f"cluster.mem={refused - 1}G"]), str(tmp_path / "b"))
+    assert build_plan(load_config(ZERO3_OFFLOAD, [f"cluster.mem={warned}G"]), str(tmp_path / "c")).warnings == []
+
+
+def test_estimate_txt_names_the_file_system_speed_it_used(tmp_path: Path) -> None:
+    from launcher.plan import render_files
+
+    given = render_files(build_plan(load_config(ZERO3_OFFLOAD, ["cluster.fs_bandwidth_gbps=0.5"]), str(tmp_path / "a")))["estimate.txt"]
+    assert "checkpoint per save: 987.8 GB, ~494 s at 0.5 GB/s per node (cluster.fs_bandwidth_gbps)" in given
+    assumed = render_files(build_plan(load_config(ZERO3_OFFLOAD), str(tmp_path / "b")))["estimate.txt"]
+    assert "checkpoint per save: 987.8 GB, ~123 s at 2 GB/s per node (assumed)" in assumed

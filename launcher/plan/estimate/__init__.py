@@ -90,6 +90,9 @@ def estimate_plan(cfg: RunConfig, topology: Topology) -> dict[str, float]:
     out = estimate_memory(setting)
     out.update(host_bytes(setting, out))
     out.update(checkpoint_bytes(setting, out))
+    if cfg.cluster.fs_bandwidth_gbps:  # the file system's own speed, not the assumed one
+        out["checkpoint_seconds"] = out["checkpoint_bytes"] / (cfg.cluster.fs_bandwidth_gbps * 1e9 * topology.nodes)
+    out["fs_bandwidth_gbps"] = cfg.cluster.fs_bandwidth_gbps or 0.0  # 0: FS_BYTES_PER_SECOND assumed
     out["flops_per_token"] = flops_per_token(setting)
     out["model_flops_per_token"] = model_flops_per_token(setting)  # the progress line's MFU on CUDA
     out["step_seconds"] = step_seconds(setting, cfg.cluster.gpu) if setting.cuda else 0.0

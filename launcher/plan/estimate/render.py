@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from launcher.plan.estimate.cost import FS_BYTES_PER_SECOND
 from launcher.plan.estimate.memory import DEVICE_ITEMS, FRAGMENTATION, GIB
 
 _WHAT = {
@@ -46,9 +47,9 @@ def render_estimate(e: dict[str, float], candidates: dict[int, float] | None = N
     host = e.get("host_memory_gib", 0.0)
     share = f" ({e['host_total'] / GIB / host:.0%} of cluster.mem, {host:g} GiB)" if host else " (cluster.mem unset or 0: not checked)"
     lines.append(f"  {'total':<15}{_gib(e['host_total'])}{share}")
-    lines.append(
-        f"checkpoint per save: {e['checkpoint_bytes'] / 1e9:.1f} GB, ~{e['checkpoint_seconds']:.0f} s at 2 GB/s per node (assumed)"
-    )
+    given = e.get("fs_bandwidth_gbps", 0.0)  # older plans: the assumed speed
+    speed = f"{given:g} GB/s per node (cluster.fs_bandwidth_gbps)" if given else f"{FS_BYTES_PER_SECOND / 1e9:g} GB/s per node (assumed)"
+    lines.append(f"checkpoint per save: {e['checkpoint_bytes'] / 1e9:.1f} GB, ~{e['checkpoint_seconds']:.0f} s at {speed}")
     lines.append(f"compute: {e['flops_per_token'] / 1e9:.1f} GFLOP per token")
     if e.get("step_seconds"):
         lines.append(f"time per step: ~{e['step_seconds']:.2f} s ({e['peak_tflops']:g} TFLOP/s per GPU at {e['mfu']:.0%} MFU, assumed)")
