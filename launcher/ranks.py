@@ -56,6 +56,7 @@ def rank_env(base: dict[str, str], plan: Plan, rank: int, port: int, restart: in
     """What torchrun gives a worker on one node, over the run's own variables (launch.sh's exports)."""
     world = str(plan.topology["world_size"])
     return {
+        **plan.env_defaults,  # launch.sh's `: "${NAME:=value}"`: the environment wins
         **base,
         **plan.env,
         "RANK": str(rank),

@@ -154,3 +154,12 @@ def test_rank_env_is_the_plans_env_under_the_rank_variables(plan):
     env = rank_env({"RANK": "9", "KEEP": "1"}, plan, 1, 29511, 0)
     assert env["RANK"] == "1" and env["KEEP"] == "1" and env["PYTHONSAFEPATH"] == "1"
     assert env["TORCHELASTIC_MAX_RESTARTS"] == "0" and env["TORCHELASTIC_RUN_ID"] == plan.config["run"]["name"]
+
+
+def test_rank_env_has_the_plans_defaults_under_the_environment(plan):
+    """launch.sh's `: "${PYTORCH_CUDA_ALLOC_CONF:=expandable_segments:True}"`, as launcher run starts the ranks."""
+    import dataclasses
+
+    gpu = dataclasses.replace(plan, env_defaults={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    assert rank_env({}, gpu, 0, 29511, 0)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert rank_env({"PYTORCH_CUDA_ALLOC_CONF": "mine"}, gpu, 0, 29511, 0)["PYTORCH_CUDA_ALLOC_CONF"] == "mine"
