@@ -112,27 +112,43 @@ def model_config_file(name_or_path: str) -> Path | None:
     return None
 
 
+# The names checkpoints give each expert's projections (Mixtral's w1/w3/w2 in block_sparse_moe),
+# which transformers 5 fuses on load: a LoRA target by those names matches no module.
+_PER_EXPERT_NAMES = frozenset({"w1", "w2", "w3", "block_sparse_moe"})
+
+
 def _moe_lora_problems(cfg: RunConfig, model: ModelSection) -> list[Problem]:
     """peft wraps a Mixture-of-Experts model's fused expert weights (3-D parameters, reached by
     all-linear or an `experts` target) in its ParamWrapper, which takes no dropout: refused here, not
     as peft's traceback on every rank."""
     lora = cfg.method.lora
-    if cfg.method.name not in ("lora", "qlora") or not lora.dropout:
-        return []
-    if not any(t == "all-linear" or "experts" in t for t in lora.target_modules):
+    if cfg.method.name not in ("lora", "qlora"):
         return []
     config_file = model_config_file(model.name_or_path) if model.name_or_path != TINY_MODEL else None
     experts = expert_count(config_file) if config_file is not None else 0
     if experts < 2:
         return []
-    return [
-        Problem(
-            "method.lora.dropout",
-            f"is {lora.dropout:g}, but {model.architecture or 'this model'} is a Mixture-of-Experts model ({experts} experts) and "
-            "peft's LoRA on its fused expert weights takes no dropout",
-            "set method.lora.dropout=0 (or leave the experts out of method.lora.target_modules)",
+    problems = []
+    per_expert = sorted(set(lora.target_modules) & _PER_EXPERT_NAMES)
+    if per_expert:
+        problems.append(
+            Problem(
+                "method.lora.target_modules",
+                f"{', '.join(per_expert)} name per-expert weights of the checkpoint, which transformers fuses into one 3-D "
+                f"parameter per layer (mlp.experts) in {model.architecture or 'this model'}: no module has that name",
+                "use all-linear (peft then wraps the fused experts too) or the modules' own names (q_proj, ..., gate for the router)",
+            )
         )
-    ]
+    if lora.dropout and any(t == "all-linear" or "experts" in t for t in lora.target_modules):
+        problems.append(
+            Problem(
+                "method.lora.dropout",
+                f"is {lora.dropout:g}, but {model.architecture or 'this model'} is a Mixture-of-Experts model ({experts} experts) and "
+                "peft's LoRA on its fused expert weights takes no dropout",
+                "set method.lora.dropout=0 (or leave the experts out of method.lora.target_modules)",
+            )
+        )
+    return problems
 
 
 def resolve_model(model: ModelSection) -> ModelSection:

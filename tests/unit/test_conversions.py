@@ -96,6 +96,10 @@ def test_lora_dropout_on_fused_experts_is_refused_at_plan_time(tmp_path: Path) -
     launcher_cli(
         "plan", str(root / "recipes" / "tiny-cpu.yaml"), "method.name=lora", "method.lora.dropout=0", model, "--out", str(tmp_path / "b")
     )
+    old_names = "method.lora.target_modules=[q_proj,w1,w2]"
+    recipe = str(root / "recipes" / "tiny-cpu.yaml")
+    done = launcher_cli("plan", recipe, "method.name=lora", old_names, model, "--out", str(tmp_path / "c"), check=False)
+    assert done.returncode == 2 and "error: method.lora.target_modules: w1, w2 name per-expert weights" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
