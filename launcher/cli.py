@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("doctor", help="check this machine for a recipe: torch, CUDA, kernels, extras, paths, port")
     cmd.add_argument("recipe", nargs="?", help="recipe YAML (optional: what it needs becomes required)")
     cmd.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. cluster.accelerator=cpu")
+    cmd.add_argument(
+        "--nodes", type=int, metavar="N", help="submit a short job on N nodes that checks the allocation (all-reduce, shared dir, memory)"
+    )
+    cmd.add_argument("--dry-run", action="store_true", help="with --nodes: write and print the job's script, submit nothing")
+    cmd.add_argument("--wait", type=float, default=1800, metavar="SECONDS", help="with --nodes: how long to wait for the job (1800)")
     cmd.set_defaults(func=cmd_doctor)
 
     cmd = sub.add_parser("plot", help="draw a run's loss.png (loss and learning rate) from its metrics.jsonl")
@@ -140,6 +145,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _newest_verifies(run_dir: Path) -> bool:
+    """Whether the checkpoint a finished run would resume from reads back intact (each file's CRC-32,
+    as the ranks check before loading it): only then is the run done."""
+    from launcher.plan.resume import is_complete, resume_candidates
+
+    found, _ = resume_candidates(run_dir / "checkpoints", "auto")
+    return bool(found) and is_complete(found[0], verify=True)[0]
+
+
 @contextlib.contextmanager
 def _planned(
     args: argparse.Namespace, data: bool = False, stop_if_done: bool = False
@@ -190,6 +204,8 @@ def _planned(
         with contextlib.suppress(DataError, ModelError, OSError):  # reported by prepare() below, in its own words
             saved = check_resume(cfg, run_dir, data_fingerprint=prepare_data(cfg).name)
     why = finished(cfg, saved, previous_config(Path(run_dir))) if stop_if_done else None
+    if why is not None and not _newest_verifies(Path(run_dir)):
+        why = None  # the final checkpoint fails its checksums: the ranks fall back to an older one and train on
     if why is not None:  # nothing to start: the ranks would only evaluate the final weights again
         raise RunDone(done_message(Path(run_dir), why, cfg))
     for line in changes:
@@ -367,8 +383,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from launcher.doctor import doctor
+    from launcher.doctor import doctor, doctor_nodes
 
+    if args.nodes is not None:
+        if not args.recipe or args.nodes < 1:
+            print("error: --nodes N needs a recipe and N >= 1: launcher doctor RECIPE --nodes 2", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        on_nodes = load_config(args.recipe, [*args.overrides, f"cluster.nodes={args.nodes}"])
+        return doctor_nodes(on_nodes, args.recipe, dry_run=args.dry_run, wait_seconds=args.wait)
     cfg = load_config(args.recipe, args.overrides) if args.recipe else None
     return doctor(cfg, args.recipe or "")
 

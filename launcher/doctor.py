@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
+import shlex
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from launcher import __version__
 from launcher.config import RunConfig
 
 Status = Literal["ok", "warn", "fail"]
@@ -326,3 +332,133 @@ def doctor(cfg: RunConfig | None, label: str = "") -> int:
         return 1
     print(f"doctor: ready{subject} ({sum(c.status == 'warn' for c in checks)} warning(s))")
     return 0
+
+
+# --- `launcher doctor RECIPE --nodes N`: the checks on a real allocation (launcher/doctor_job.py) ---
+
+DOCTOR_TIME = "00:10:00"  # the job's time limit: the checks take seconds once the nodes are up
+JOIN_TIMEOUT = 120  # seconds the agents wait for every node at the rendezvous
+COLLECTIVE_TIMEOUT = 120  # seconds any collective may wait before the job fails on it
+ACTIVE_STATES = frozenset(
+    {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "SIGNALING", "STAGE_OUT"}
+)
+
+
+def _agent_line(nodes: int, procs: int, settings_path: str) -> str:
+    """The agent (torchrun) on one node, with job.sbatch's rendezvous: node 0 hosts the store."""
+    if nodes == 1:
+        rdzv = "--standalone --nnodes 1"
+    else:
+        rdzv = (
+            f'--nnodes {nodes} --rdzv_backend c10d --rdzv_endpoint "${{LAUNCHER_HEAD_ADDR}}:${{LAUNCHER_RDZV_PORT}}" '
+            f'--rdzv_id "doctor-${{SLURM_JOB_ID}}" --rdzv_conf "is_host=${{LAUNCHER_IS_HOST}},join_timeout={JOIN_TIMEOUT}"'
+        )
+    job = f"--nproc_per_node {procs} --max_restarts 0 -m launcher.doctor_job {shlex.quote(settings_path)}"
+    return f'"$PYTHON" -m launcher.agent {rdzv} \\\n    {job}'
+
+
+def build_doctor_job(cfg: RunConfig, label: str, doctor_dir: str, python: str = sys.executable) -> tuple[str, dict[str, object]]:
+    """(doctor.sbatch, doctor.json): the recipe's allocation for DOCTOR_TIME, and what the ranks check against."""
+    import dataclasses
+
+    from launcher.plan.estimate import estimate_plan
+    from launcher.plan.network import env_defaults
+    from launcher.plan.plan import default_run_dir, plan_env
+    from launcher.plan.slurm import RDZV_PORT_BASE, RDZV_PORT_SPAN, env_block, render_template, sbatch_headers
+    from launcher.plan.topology import build_topology
+
+    topology = build_topology(cfg.cluster, cfg.train, cfg.data)
+    estimate = estimate_plan(cfg, topology)
+    settings_path = str(Path(doctor_dir) / "doctor.json")
+    settings: dict[str, object] = {
+        "recipe": label,
+        "run_dir": default_run_dir(cfg),
+        "doctor_dir": doctor_dir,
+        "accelerator": cfg.cluster.accelerator,
+        "nodes": topology.nodes,
+        "procs_per_node": topology.procs_per_node,
+        "network": cfg.cluster.network,
+        "keep_last": cfg.checkpoint.keep_last,
+        "checkpoint_bytes": estimate["checkpoint_bytes"],
+        "host_bytes": estimate["host_total"],
+        "mem": cfg.cluster.mem,
+        "gpu_memory_gib": estimate["gpu_memory_gib"],
+        "model": cfg.model.name_or_path,
+        "model_local_dir": cfg.model.local_dir,
+        "collective_timeout": COLLECTIVE_TIMEOUT,
+    }
+    short = dataclasses.replace(cfg.cluster, time=DOCTOR_TIME, signal_seconds=0, requeue=False)
+    port = str(cfg.cluster.rdzv_port) if cfg.cluster.rdzv_port else f"$(({RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN}))"
+    script = render_template(
+        "doctor.sbatch.tmpl",
+        {
+            "sbatch_headers": "\n".join(sbatch_headers(short, topology, f"doctor-{cfg.run.name}", doctor_dir)),
+            "recipe": Path(label).name.replace("\n", " "),
+            "version": __version__,
+            "nodes": str(topology.nodes),
+            "procs_per_node": str(topology.procs_per_node),
+            "doctor_dir": shlex.quote(doctor_dir),
+            "python": shlex.quote(python),
+            "env_block": env_block(plan_env(cfg, topology), env_defaults(cfg.cluster)),
+            "rdzv_port": port,
+            "cpus_per_task": str(cfg.cluster.cpus_per_task),
+            "agent": _agent_line(topology.nodes, topology.procs_per_node, settings_path),
+        },
+    )
+    return script, settings
+
+
+def _job_state(job_id: str) -> str | None:
+    """The job's state from scontrol (sacct once slurmctld has forgotten it); None if neither knows."""
+    done = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    for token in done.stdout.split() if done.returncode == 0 else ():
+        if token.startswith("JobState="):
+            return token.split("=", 1)[1]
+    if shutil.which("sacct"):
+        done = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True, timeout=30)
+        words = done.stdout.split()
+        if done.returncode == 0 and words:
+            return words[0]
+    return None
+
+
+def doctor_nodes(cfg: RunConfig, label: str, dry_run: bool = False, wait_seconds: float = 1800, poll: float = 1.0) -> int:
+    """Write RUN/doctor/doctor.sbatch, submit it, wait for the job and print its report: 0 when every check passed."""
+    from launcher.plan import default_run_dir
+    from launcher.runfiles import replace_file
+
+    doctor_dir = Path(default_run_dir(cfg)) / "doctor"
+    script, settings = build_doctor_job(cfg, label, str(doctor_dir))
+    (doctor_dir / "logs").mkdir(parents=True, exist_ok=True)
+    replace_file(doctor_dir / "doctor.json", json.dumps(settings, indent=2) + "\n", 0o600)
+    path = replace_file(doctor_dir / "doctor.sbatch", script, 0o700)
+    command = ["sbatch", "--parsable", str(path)]
+    if dry_run:
+        print(script, end="")
+        print(f"\ndry run, would submit: {shlex.join(command)}")
+        return 0
+    if shutil.which("sbatch") is None:
+        print("error: sbatch: not found on PATH; run on a SLURM login node (or leave out --nodes to check this machine)", file=sys.stderr)
+        return 2
+    done = subprocess.run(command, cwd=doctor_dir, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"error: sbatch failed: {done.stderr.strip()}", file=sys.stderr)
+        return 1
+    job_id = done.stdout.strip().split(";")[0]
+    print(f"doctor: job {job_id} on {settings['nodes']} node(s), waiting (report: {doctor_dir}/report-{job_id}.txt)", flush=True)
+    deadline, state = time.monotonic() + wait_seconds, _job_state(job_id)
+    while state in ACTIVE_STATES and time.monotonic() < deadline:
+        time.sleep(poll)
+        state = _job_state(job_id)
+    report = doctor_dir / f"report-{job_id}.txt"
+    if state in ACTIVE_STATES:
+        print(f"doctor: job {job_id} still {state} after {wait_seconds:.0f} s; its report will be {report} (scancel {job_id} to drop it)")
+        return 1
+    if not report.is_file():
+        err = doctor_dir / "logs" / f"doctor-{cfg.run.name}-{job_id}.err"
+        tail = err.read_text(errors="replace").splitlines()[-20:] if err.is_file() else []
+        print("\n".join([f"fail  doctor job: {job_id} ended {state} without a report; the end of {err}:", *tail]))
+        return 1
+    lines = report.read_text().splitlines()
+    print("\n".join(lines))
+    return 0 if lines and lines[-1].startswith("doctor: ready") else 1

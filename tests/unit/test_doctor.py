@@ -100,3 +100,120 @@ def test_the_hub_is_reported_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
         hub = _by_name(doc.check_offline())["hub"]
     assert hub.status == "ok" and hub.found.startswith(f"reachable (127.0.0.1:{port} answered in")
+
+
+# --- `launcher doctor RECIPE --nodes N`: the job's script and the per-rank checks (launcher/doctor_job.py) ---
+
+
+def test_bus_bandwidth_is_nccl_tests_busbw() -> None:
+    """busbw = algbw x 2(n-1)/n: equal to algbw at 2 ranks, 1.5x at 4, 1.75x at 8; one rank moves nothing."""
+    from launcher.doctor_job import bus_bandwidth
+
+    algbw = 8 * 2**20 / 0.001  # 8 MiB in 1 ms
+    assert bus_bandwidth(8 * 2**20, 0.001, 2) == pytest.approx(algbw)
+    assert bus_bandwidth(8 * 2**20, 0.001, 4) == pytest.approx(1.5 * algbw)
+    assert bus_bandwidth(8 * 2**20, 0.001, 8) == pytest.approx(1.75 * algbw)
+    assert bus_bandwidth(8 * 2**20, 0.001, 1) == pytest.approx(algbw)
+
+
+def _doctor_script(tmp_path: Path, capsys: pytest.CaptureFixture[str], recipe: str, *overrides: str) -> tuple[str, Path]:
+    run_dir = tmp_path / "run"
+    assert main(["doctor", recipe, "--dry-run", f"run.output_dir={run_dir}", *overrides]) == 0
+    out = capsys.readouterr().out
+    script = run_dir / "doctor" / "doctor.sbatch"
+    assert out.startswith(script.read_text()) and out.endswith(f"dry run, would submit: sbatch --parsable {script}\n")
+    return script.read_text(), script
+
+
+def test_doctor_nodes_script_is_shellcheck_clean_and_asks_for_the_recipes_nodes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import subprocess
+
+    from test_scripts import SHELLCHECK
+
+    scripts = []
+    text, path = _doctor_script(tmp_path / "cpu", capsys, "tiny-cpu.yaml", "--nodes", "2")
+    scripts.append(path)
+    headers = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --nodes=2" in headers and "#SBATCH --time=00:10:00" in headers and "#SBATCH --no-requeue" in headers
+    assert "#SBATCH --cpus-per-task=2" in headers and not any("--signal" in h or "--gpus" in h for h in headers)
+    assert f'#SBATCH --output="{tmp_path / "cpu" / "run" / "doctor"}/logs/%x-%j.out"' in headers
+    assert '--rdzv_conf "is_host=${LAUNCHER_IS_HOST},join_timeout=120"' in text and "--nproc_per_node 2" in text
+    assert f"-m launcher.doctor_job {path.parent / 'doctor.json'}" in text
+    settings = json.loads((path.parent / "doctor.json").read_text())
+    assert settings["accelerator"] == "cpu" and settings["nodes"] == 2 and settings["keep_last"] == 2
+    assert settings["checkpoint_bytes"] > 0 and settings["run_dir"] == str(tmp_path / "cpu" / "run")
+
+    gpu, path = _doctor_script(
+        tmp_path / "gpu", capsys, "llama3-8b-full-fsdp.yaml", "--nodes", "4", "cluster.partition=gpu", "cluster.account=proj-1"
+    )
+    scripts.append(path)
+    for header in ("--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--account=proj-1", "--time=00:10:00"):
+        assert f"#SBATCH {header}" in gpu
+    assert "export NCCL_DEBUG=WARN" in gpu and "--nproc_per_node 8" in gpu
+    one, path = _doctor_script(tmp_path / "one", capsys, "tiny-cpu.yaml", "--nodes", "1")
+    scripts.append(path)
+    assert "--standalone --nnodes 1" in one and "--rdzv_endpoint" not in one
+    done = subprocess.run([SHELLCHECK, "--severity=info", "--shell=bash", *map(str, scripts)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for script in scripts:
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_doctor_nodes_needs_a_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--nodes", "2"]) == 2
+    assert "--nodes N needs a recipe" in capsys.readouterr().err
+
+
+def test_node_checks_fail_with_the_fix(tmp_path: Path) -> None:
+    """On this machine: a checkpoint larger than the disk, a plan over the host's memory, a marker
+    that cannot be written; rank 0 names a node whose marker it does not see."""
+    from launcher import doctor_job as job
+
+    settings = {
+        "run_dir": str(tmp_path),
+        "accelerator": "cpu",
+        "procs_per_node": 2,
+        "network": "auto",
+        "keep_last": 2,
+        "checkpoint_bytes": 1e18,
+        "host_bytes": 1e15,
+        "mem": "",
+        "gpu_memory_gib": 0.0,
+        "model": str(tmp_path / "no-model"),
+        "model_local_dir": "",
+    }
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    checks = _by_name(job.node_checks(settings, blocker / "node-0"))
+    assert checks["shared output"].status == "fail" and "make run.output_dir writable" in checks["shared output"].fix
+    assert checks["disk"].status == "fail" and "3000000000.0 GB" in checks["disk"].found and "keep_last" in checks["disk"].fix
+    assert checks["host memory"].status == "fail" and "raise cluster.mem" in checks["host memory"].fix
+    assert (
+        checks["shm"].status in ("ok", "warn") and checks["ulimit -l"].status == "ok" and "not needed on CPU" in checks["ulimit -l"].found
+    )
+    assert checks["model cache"].status == "fail" and "launcher prepare" in checks["model cache"].fix  # offline here
+    markers = tmp_path / "doctor" / "nodes-7"
+    markers.mkdir(parents=True)
+    (markers / "node-0").write_text("n1\n")
+    shared = job.check_shared(markers, ["n1", "n2"])
+    assert shared.status == "fail" and shared.found.endswith("does not show the markers of n2")
+    merged = job.merge(
+        [("n1", [doc.Check("ok", "shm", "big")]), ("n2", [doc.Check("ok", "shm", "big")]), ("n3", [doc.Check("warn", "shm", "small", "f")])]
+    )
+    assert [c.line() for c in merged] == ["ok    shm: big [n1, n2]", "warn  shm: small [n3]; fix: f"]
+    assert job.merge([("n1", [doc.Check("ok", "shm", "big")]), ("n2", [doc.Check("ok", "shm", "big")])])[0].found == "big [all 2 nodes]"
+
+
+def test_allreduce_check_on_one_gloo_rank(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    from launcher.doctor_job import check_allreduce
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        check = check_allreduce({"accelerator": "cpu", "nodes": 1}, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    assert check.status == "ok" and check.found.startswith("1 ranks on 1 node(s) over gloo, sum correct; bus bandwidth 64 KiB ")
+    assert re.search(r"8 MiB \d+\.\d\d GB/s$", check.found)
