@@ -7,7 +7,8 @@ is the mean over its pairs (the loop's denominator: a row's label count is its n
 
 The reference model is never a second copy: with adapters (LoRA, QLoRA) it is the same model with
 the adapters switched off (peft's `disable_adapter`); otherwise (full, freeze) its log-probabilities
-are computed once before training, by the same sharded model, and stored beside the prepared data
+are computed once before training, by the same sharded model in the first epoch's own micro-batches
+(so step 1 is bit for bit policy = reference), and stored beside the prepared data
 (`reference-<key>.npz`, reused by a resumed run). SimPO and ORPO need none.
 """
 
@@ -26,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launcher.config.schema import PreferenceSection, RunConfig
-from launcher.runtime.data.packing import IGNORE_INDEX, Batch, TokenData
+from launcher.runtime.data.packing import IGNORE_INDEX, Batch, GlobalOrder, TokenData
 from launcher.runtime.parallel.dist import all_reduce_sum
 from launcher.runtime.train.loop import Context, _autocast
 
@@ -160,9 +161,12 @@ class Preference:
 
 def reference_key(cfg: RunConfig, model_dir: Path, impl: str) -> str:
     """What the stored reference log-probabilities depend on besides the data: the model's files
-    (path, size and mtime: hashing 16 GB at every start would cost minutes), dtype and precision."""
+    (path, size and mtime: hashing 16 GB at every start would cost minutes), dtype and precision, and
+    the micro-batches they were computed in (the last bits of a forward depend on its batch's layout)."""
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.glob("*.safetensors"))
-    parts = [str(model_dir.resolve()), files, cfg.model.dtype, cfg.train.precision, cfg.parallel.backend, cfg.method.name, impl]
+    t, world = cfg.train, cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    batches = [t.micro_batch_size, t.global_batch_size, world, cfg.run.seed]
+    parts = [str(model_dir.resolve()), files, cfg.model.dtype, cfg.train.precision, cfg.parallel.backend, cfg.method.name, impl, batches]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -182,12 +186,12 @@ def store_reference(task: Preference, ctx: Context, folder: Path, key: str) -> P
         ctx.model.eval()
         for split, data in (("train", ctx.train_data), ("val", ctx.val_data)):
             docs, values = [], []
-            mine = _shares(len(data), info.rank, info.world_size)
-            for start in range(0, len(mine), micro):
-                batch = data.batch(mine[start : start + micro])
+            for rows, first in _train_batches(ctx) if split == "train" else _val_batches(ctx, micro):
+                batch = data.batch(rows)
                 assert batch.documents is not None
-                docs.append(batch.documents)
-                values.append(sequence_logps(ctx, batch)[0].double().cpu().numpy())
+                kept = np.isin(batch.documents, [d for r in first if r >= 0 for d in range(data.doc_offsets[r], data.doc_offsets[r + 1])])
+                docs.append(batch.documents[kept])
+                values.append(sequence_logps(ctx, batch)[0].double().cpu().numpy()[kept])
             found[split] = (docs, values)
         ctx.model.train(was_training)
         everyone: list[Any] = [None] * info.world_size
@@ -207,6 +211,29 @@ def store_reference(task: Preference, ctx: Context, folder: Path, key: str) -> P
     with np.load(path) as stored:
         task.stored = {split: np.asarray(stored[split]) for split in ("train", "val")}
     return path
+
+
+def _train_batches(ctx: Context) -> list[tuple[list[int], list[int]]]:
+    """This rank's micro-batches of the first epoch as the loop forms them, each with its rows of the
+    first epoch (the last step may reach into the second): the same rows in the same layout make step
+    1's forward bit for bit the reference's (loss ln 2, margins 0, on every backend and world size)."""
+    t, info, total = ctx.cfg.train, ctx.info, len(ctx.train_data)
+    assert t.global_batch_size and t.micro_batch_size and t.gradient_accumulation_steps
+    order = GlobalOrder(total, ctx.cfg.run.seed)
+    share = t.global_batch_size // info.world_size
+    out = []
+    for step in range(math.ceil(total / t.global_batch_size)):
+        args = (t.global_batch_size, info.rank, info.world_size, t.micro_batch_size, t.gradient_accumulation_steps)
+        for a, rows in enumerate(order.step_rows(step, *args)):
+            position = step * t.global_batch_size + info.rank * share + a * t.micro_batch_size  # of rows[0]
+            out.append((rows, rows[: max(0, total - position)]))
+    return out
+
+
+def _val_batches(ctx: Context, micro: int) -> list[tuple[list[int], list[int]]]:
+    """This rank's validation micro-batches, as `Preference.evaluate` forms them (every row its own)."""
+    mine = _shares(len(ctx.val_data), ctx.info.rank, ctx.info.world_size)
+    return [(mine[start : start + micro], mine[start : start + micro]) for start in range(0, len(mine), micro)]
 
 
 def reference_context(cfg: RunConfig, info: Any, model: Any, train: TokenData, val: TokenData, impl: str) -> Context:
