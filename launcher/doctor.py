@@ -344,8 +344,9 @@ ACTIVE_STATES = frozenset(
 )
 
 
-def _agent_line(nodes: int, procs: int, settings_path: str) -> str:
-    """The agent (torchrun) on one node, with job.sbatch's rendezvous: node 0 hosts the store."""
+def _agent_line(python: str, nodes: int, procs: int, settings_path: str) -> str:
+    """The agent (torchrun) on one node, with job.sbatch's rendezvous: node 0 hosts the store. Literal
+    paths: the line runs in each node's own bash, where only exported variables exist."""
     if nodes == 1:
         rdzv = "--standalone --nnodes 1"
     else:
@@ -354,7 +355,7 @@ def _agent_line(nodes: int, procs: int, settings_path: str) -> str:
             f'--rdzv_id "doctor-${{SLURM_JOB_ID}}" --rdzv_conf "is_host=${{LAUNCHER_IS_HOST}},join_timeout={JOIN_TIMEOUT}"'
         )
     job = f"--nproc_per_node {procs} --max_restarts 0 -m launcher.doctor_job {shlex.quote(settings_path)}"
-    return f'"$PYTHON" -m launcher.agent {rdzv} \\\n    {job}'
+    return f"{shlex.quote(python)} -m launcher.agent {rdzv} \\\n    {job}"
 
 
 def build_doctor_job(cfg: RunConfig, label: str, doctor_dir: str, python: str = sys.executable) -> tuple[str, dict[str, object]]:
@@ -398,11 +399,10 @@ def build_doctor_job(cfg: RunConfig, label: str, doctor_dir: str, python: str = 
             "nodes": str(topology.nodes),
             "procs_per_node": str(topology.procs_per_node),
             "doctor_dir": shlex.quote(doctor_dir),
-            "python": shlex.quote(python),
             "env_block": env_block(plan_env(cfg, topology), env_defaults(cfg.cluster)),
             "rdzv_port": port,
             "cpus_per_task": str(cfg.cluster.cpus_per_task),
-            "agent": _agent_line(topology.nodes, topology.procs_per_node, settings_path),
+            "agent": _agent_line(python, topology.nodes, topology.procs_per_node, settings_path),
         },
     )
     return script, settings
