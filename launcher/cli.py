@@ -147,11 +147,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def _newest_verifies(run_dir: Path) -> bool:
     """Whether the checkpoint a finished run would resume from reads back intact (each file's CRC-32,
-    as the ranks check before loading it): only then is the run done."""
-    from launcher.plan.resume import is_complete, resume_candidates
+    as the ranks check before loading it): only then is the run done. A manifest without checksums
+    (an older one) cannot say so without loading it: the ranks load it (or fall back) as before."""
+    from launcher.plan.resume import is_complete, read_manifest, resume_candidates
 
     found, _ = resume_candidates(run_dir / "checkpoints", "auto")
-    return bool(found) and is_complete(found[0], verify=True)[0]
+    return bool(found) and bool(read_manifest(found[0]).get("checksums")) and is_complete(found[0], verify=True)[0]
 
 
 @contextlib.contextmanager
