@@ -22,6 +22,7 @@ N_TASKS = 12000
 SENTIMENT_NAME = "tiny-sentiment"
 N_SENTIMENT = 4000
 PREFERENCES_NAME = "tiny-preferences"
+PREFERENCES_VERSION = "v3"  # v3: a sum's near miss is one of its operands (v2: the sum off by 1 or 2, not learnable by DPO)
 N_PREFERENCES = 3000
 
 _WORDS = (
@@ -99,8 +100,12 @@ def tiny_sentiment(n: int = N_SENTIMENT, seed: int = 0) -> list[dict[str, str]]:
 
 
 def _wrong(task: dict[str, str], rng: random.Random) -> str:
-    """A plausible wrong answer to a task: the words unchanged or shuffled, a sum off by a little."""
+    """A plausible wrong answer to a task: the words unchanged or shuffled, a count off by a little, a
+    sum's operand (a tiny model cannot learn sums off by one from a few hundred pairs: it stays at chance)."""
     answer, prompt = task["response"], task["prompt"]
+    if prompt.startswith("add: "):
+        operands = [o for o in prompt.removeprefix("add: ").split(" + ") if o != answer]
+        return rng.choice(operands) if operands else str(int(answer) + 1)
     if answer.isdigit():
         return str(int(answer) + rng.choice((-2, -1, 1, 2, 10)))
     words = prompt.split(": ", 1)[1].split()
@@ -145,7 +150,7 @@ def shipped_data(name: str) -> Path | None:
     builders = {
         TASKS_NAME: ensure_tiny_tasks,
         SENTIMENT_NAME: ensure_tiny_sentiment,
-        PREFERENCES_NAME: lambda: _ensure_jsonl(cache_dir() / f"{PREFERENCES_NAME}-{TINY_VERSION}.jsonl", tiny_preferences),
+        PREFERENCES_NAME: lambda: _ensure_jsonl(cache_dir() / f"{PREFERENCES_NAME}-{PREFERENCES_VERSION}.jsonl", tiny_preferences),
     }
     return builders[name]() if name in builders else None
 
