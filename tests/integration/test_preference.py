@@ -212,3 +212,17 @@ def test_simpo_is_trls_cpo_simpo() -> None:
     torch.testing.assert_close(losses, theirs, rtol=0, atol=1e-6)
     torch.testing.assert_close(metrics[:, 0], chosen_rewards, rtol=0, atol=1e-6)
     torch.testing.assert_close(metrics[:, 1], rejected_rewards, rtol=0, atol=1e-6)
+
+
+def test_lora_dpo_trains_under_zero2(pairs, tmp_path_factory) -> None:
+    """LoRA-DPO on 2 ranks under ZeRO-2: the reference is the model with its adapters switched off."""
+    from _support import launcher_cli
+
+    folder = tmp_path_factory.mktemp("lora-zero2")
+    recipe = _recipe(folder, pairs[0], 2, "deepspeed", packing=True)
+    overrides = ("method.name=lora", "parallel.zero_stage=2", "optim.lr=1e-2", "checkpoint.every=0")
+    launcher_cli("run", str(recipe), "--out", str(folder / "run"), *overrides)
+    steps = _steps(folder / "run")
+    assert len(steps) == STEPS
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-6 and steps[0]["rewards/margins"] == 0.0, steps[0]
+    assert steps[-1]["rewards/margins"] > 0 and steps[-1]["loss"] < math.log(2), steps[-1]

@@ -43,7 +43,7 @@ def is_adapter(name: str) -> bool:
     return any(marker in name for marker in ADAPTER_MARKERS)
 
 
-PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "classification": None}
+PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "preference": "CAUSAL_LM", "classification": None}
 
 
 def lora_config(lora: LoraSection, task: str = "causal_lm", heads: list[str] | None = None) -> Any:

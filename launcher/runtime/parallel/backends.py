@@ -114,4 +114,4 @@ def _zero3_lora(cfg: RunConfig) -> bool:
     """LoRA under ZeRO-3 builds inside zero.Init, for a causal LM. A classifier's head is trained in
     full beside the adapters, which a partitioned parameter does not survive: validation refuses a
     classifier's LoRA under ZeRO-3 rather than build its whole base on every rank."""
-    return cfg.method.name == "lora" and cfg.task == "causal_lm"
+    return cfg.method.name == "lora" and cfg.task in ("causal_lm", "preference")

@@ -190,7 +190,9 @@ def train(ctx: Context, start_step: int, on_step_end: Callable[[int], bool]) -> 
     assert t.max_steps is not None
     ctx.model.train()
     step = start_step
-    wants_eval = t.eval_batches > 0 or t.eval_exact_match > 0 or cfg.task in ("classification", "preference")  # 0: all of it
+    wants_eval = t.eval_batches > 0 or t.eval_exact_match > 0 or cfg.task == "classification"  # 0: all of it
+    if cfg.task == "preference":  # the reward metrics of no pairs would read as zeros
+        wants_eval = len(ctx.val_data) > 0
     if step >= t.max_steps and wants_eval:  # a finished run resumed (at any world size): evaluate its weights
         _evaluate(ctx, step)
     while step < t.max_steps:
