@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from _support import launcher_cli
 
@@ -25,6 +26,17 @@ def test_preview_marks_exactly_the_trained_tokens() -> None:
     assert "Instruction" not in answer and answer.endswith("</s>")
     block = text.split("--- document 2 of ")[0]
     assert f"[[{answer}]]" in block and block.count("[[") == 1
+    # the marks are the cache's own labels: the row as the ranks read it (labels != -100)
+    import numpy as np
+
+    from launcher.runtime.data import IGNORE_INDEX
+    from launcher.runtime.data.packing import TokenData
+
+    batch = TokenData(Path(found["cache"]), "train").batch([first["row"]])
+    length = int(batch.lengths[0]) if batch.lengths is not None else first["tokens"]
+    marked = [t["trained"] for d in first["documents"] for t in d]
+    assert marked == (np.asarray(batch.labels[0][:length]) != IGNORE_INDEX).tolist()
+    assert [t["id"] for d in first["documents"] for t in d] == batch.input_ids[0][:length].tolist()
 
 
 def test_preview_of_classification_shows_text_and_label() -> None:
