@@ -381,6 +381,7 @@ def build_doctor_job(cfg: RunConfig, label: str, doctor_dir: str, python: str = 
         "network": cfg.cluster.network,
         "keep_last": cfg.checkpoint.keep_last,
         "checkpoint_bytes": estimate["checkpoint_bytes"],
+        "checkpoint_seconds": estimate["checkpoint_seconds"],
         "host_bytes": estimate["host_total"],
         "mem": cfg.cluster.mem,
         "gpu_memory_gib": estimate["gpu_memory_gib"],
@@ -406,6 +407,41 @@ def build_doctor_job(cfg: RunConfig, label: str, doctor_dir: str, python: str = 
         },
     )
     return script, settings
+
+
+def preemption_grace(partition: str, shown: str, save_seconds: float) -> Check:
+    """The partition's preemption GraceTime (`scontrol show partition -o` output) against one save. A
+    preempted job's ranks get SIGTERM, finish the step, agree to stop and save; SLURM kills them
+    GraceTime seconds after the signal."""
+    fields = dict(token.split("=", 1) for token in shown.split() if "=" in token)
+    name = fields.get("PartitionName", partition or "the default partition")
+    mode, grace = fields.get("PreemptMode", "OFF"), fields.get("GraceTime", "0")
+    needed = 1.5 * save_seconds + 30  # the save, with room, plus the step in flight and the stop agreement
+    if mode.upper().startswith("OFF"):
+        return Check("ok", "preemption grace", f"partition {name} does not preempt (PreemptMode={mode})")
+    if not grace.isdigit() or int(grace) < needed:
+        return Check(
+            "warn",
+            "preemption grace",
+            f"partition {name} preempts ({mode}) with GraceTime={grace}, under the ~{needed:.0f} s a save of ~{save_seconds:.0f} s "
+            "needs: a preempted job loses the steps since its last checkpoint",
+            "ask the admins for a longer GraceTime, or save more often (checkpoint.every)",
+        )
+    return Check(
+        "ok", "preemption grace", f"partition {name} preempts ({mode}) with GraceTime={grace} s, for a save of ~{save_seconds:.0f} s"
+    )
+
+
+def _grace_check(partition: str, save_seconds: float) -> Check | None:
+    """The grace check on the partition the job runs in (the default one when none is named)."""
+    command = ["scontrol", "show", "partition", "-o", *([partition] if partition else [])]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = [line for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
+    chosen = next((line for line in lines if partition or "Default=YES" in line), None)
+    return preemption_grace(partition, chosen, save_seconds) if chosen else None
 
 
 def _job_state(job_id: str) -> str | None:
@@ -446,6 +482,9 @@ def doctor_nodes(cfg: RunConfig, label: str, dry_run: bool = False, wait_seconds
         return 1
     job_id = done.stdout.strip().split(";")[0]
     print(f"doctor: job {job_id} on {settings['nodes']} node(s), waiting (report: {doctor_dir}/report-{job_id}.txt)", flush=True)
+    grace = _grace_check(cfg.cluster.partition, float(settings["checkpoint_seconds"]))  # type: ignore[arg-type]
+    if grace is not None:  # the login node's view of the partition, before the job's own checks
+        print(grace.line(), flush=True)
     deadline, state = time.monotonic() + wait_seconds, _job_state(job_id)
     while state in ACTIVE_STATES and time.monotonic() < deadline:
         time.sleep(poll)

@@ -45,6 +45,10 @@ def test_doctor_on_two_nodes_reports_allreduce_and_shared_dir(slurm_cluster: Slu
         rf"^ok    shared output: {re.escape(str(run_dir))} is shared: the marker of each of 2 node\(s\) seen from n1$", out, re.M
     ), out
     assert sorted(p.name for p in (run_dir / "doctor" / f"nodes-{job_id}").iterdir()) == ["node-0", "node-1"]
+    # The login side: the partition's preemption GraceTime (60 s here) against the plan's save.
+    assert re.search(
+        r"^ok    preemption grace: partition local preempts \(REQUEUE\) with GraceTime=60 s, for a save of ~0 s$", out, re.M
+    ), out
     for name in ("disk", "shm", "ulimit -l", "host memory", "versions", "model cache"):
         assert re.search(rf"^(ok|warn) +{name}: .*\[(all 2 nodes|n1|n2)\]$", out, re.M), (name, out)
     assert out.splitlines()[-1].startswith("doctor: ready for tiny-cpu.yaml on 2 node(s) ("), out

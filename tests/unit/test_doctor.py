@@ -217,3 +217,19 @@ def test_allreduce_check_on_one_gloo_rank(tmp_path: Path) -> None:
         dist.destroy_process_group()
     assert check.status == "ok" and check.found.startswith("1 ranks on 1 node(s) over gloo, sum correct; bus bandwidth 64 KiB ")
     assert re.search(r"8 MiB \d+\.\d\d GB/s$", check.found)
+
+
+def test_preemption_grace_against_one_save() -> None:
+    """issue 26: the partition's GraceTime (scontrol show partition -o) against the plan's save time."""
+    from launcher.doctor import preemption_grace
+
+    shown = "PartitionName=gpu AllowGroups=ALL Default=YES PreemptMode=REQUEUE GraceTime={} State=UP"
+    assert preemption_grace("gpu", shown.format(600), 120).line() == (
+        "ok    preemption grace: partition gpu preempts (REQUEUE) with GraceTime=600 s, for a save of ~120 s"
+    )
+    short = preemption_grace("gpu", shown.format(60), 480)  # 988 GB at 0.5 GB/s per node on 4 nodes
+    assert short.status == "warn" and "GraceTime=60, under the ~750 s a save of ~480 s needs" in short.line()
+    assert "fix: ask the admins for a longer GraceTime, or save more often (checkpoint.every)" in short.line()
+    assert preemption_grace("", "PartitionName=high PreemptMode=OFF", 480).line() == (
+        "ok    preemption grace: partition high does not preempt (PreemptMode=OFF)"
+    )
