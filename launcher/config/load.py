@@ -33,7 +33,13 @@ MAX_REPORTED = 20  # problem lines for unknown keys, at most
 def load_config(recipe: str | os.PathLike[str], overrides: list[str] | None = None) -> RunConfig:
     """Load, merge, resolve and validate a recipe; raise ConfigError listing every problem."""
     raw = read_recipe(Path(recipe))
-    raw = merge_dicts(raw, parse_overrides(overrides or []))
+    top = parse_overrides(overrides or [])
+    cluster = top.get("cluster")
+    if isinstance(cluster, dict) and "gpu" in cluster and "gpu_memory_gib" not in cluster and isinstance(raw.get("cluster"), dict):
+        # `cluster.gpu=h200` on the command line names the GPU the job gets: its memory, not the
+        # recipe's gpu_memory_gib (written for another GPU), is what the plan checks against
+        raw = {**raw, "cluster": {k: v for k, v in raw["cluster"].items() if k != "gpu_memory_gib"}}
+    raw = merge_dicts(raw, top)
     return config_from_dict(raw)
 
 

@@ -286,8 +286,9 @@ class ClusterSection:
     accelerator: Accelerator = "cuda"
     # The GPU's memory, for the plan's check (warn above 90 %, refuse above 100 % of the estimate):
     # gpu_memory_gib in GiB, or a known gpu name that implies it (and the peak FLOPs for step time).
-    # cluster.gpu wins over a larger gpu_memory_gib (a recipe's 80 run with gpu=l4 is checked against
-    # the L4's 22.5); a smaller gpu_memory_gib wins over the gpu (a MIG slice). cluster.gpu also asks
+    # cluster.gpu given on the command line replaces the recipe's gpu_memory_gib (config/load.py: a
+    # recipe's 80 run with gpu=h200 is checked against 140, with gpu=l4 against 22.5); both given,
+    # the smaller wins (a MIG slice, memory kept back). cluster.gpu also asks
     # sbatch for that GPU type: --gpus-per-node=TYPE:N with TYPE from GRES_TYPES or cluster.gpu_type.
     gpu: Gpu = ""
     gpu_memory_gib: float | None = None

@@ -100,9 +100,10 @@ def test_cluster_gpu_wins_over_a_larger_recipe_default(capsys: pytest.CaptureFix
     assert main(["plan", str(FULL_8B), "cluster.gpu=l4", "parallel.fsdp.cpu_offload=true", "--out", str(tmp_path / "off")]) == 0
     # a smaller gpu_memory_gib (a MIG slice, memory kept back) is the one checked
     assert _estimate(FULL_8B, "cluster.gpu=h100-80gb", "cluster.gpu_memory_gib=40")["gpu_memory_gib"] == 40.0
-    # a larger one cannot be right for that GPU: the recipe's 80 caps an h200 until it is unset
-    assert _estimate(FULL_8B, "cluster.gpu=h200")["gpu_memory_gib"] == 80.0
-    assert _estimate(FULL_8B, "cluster.gpu=h200", "cluster.gpu_memory_gib=null")["gpu_memory_gib"] == 140.0
+    # cluster.gpu on the command line replaces the recipe's gpu_memory_gib (80, written for an H100):
+    # an h200 is checked against its 140, not capped at the recipe's 80
+    assert _estimate(FULL_8B, "cluster.gpu=h200")["gpu_memory_gib"] == 140.0
+    assert _estimate(FULL_8B, "cluster.gpu=h200", "cluster.gpu_memory_gib=120")["gpu_memory_gib"] == 120.0
 
 
 @pytest.mark.parametrize(
