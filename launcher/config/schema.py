@@ -310,6 +310,9 @@ class ClusterSection:
     # Write speed to the run directory per node, in GB/s (gigabytes); the plan warns when
     # signal_seconds cannot cover a save at that speed. None: 2 GB/s is assumed.
     fs_bandwidth_gbps: float | None = None
+    # What the shared file system takes from all nodes together, in GB/s: a save from many nodes is
+    # capped by it (None: 20 GB/s is assumed).
+    fs_total_gbps: float | None = None
     # How long every process group waits on one collective before it aborts the job (NCCL's default
     # is 10 min). A healthy job's longest wait is the other ranks at a barrier while a checkpoint is
     # written: None derives it from the save estimate (plan/budget.py), at least 600; plan.json

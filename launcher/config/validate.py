@@ -134,6 +134,8 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
     yield from _at_least(cluster.cpus_per_task, 1, "cluster.cpus_per_task")
     yield from _at_least(cluster.max_requeues, 0, "cluster.max_requeues")
     yield from _at_least(cluster.max_failure_requeues, 0, "cluster.max_failure_requeues")
+    if cluster.fs_total_gbps is not None and not 0 < cluster.fs_total_gbps <= 100_000:
+        yield Problem("cluster.fs_total_gbps", f"{cluster.fs_total_gbps} is not a write speed in GB/s", "use e.g. 20, or leave it out")
     if cluster.fs_bandwidth_gbps is not None and not 0 < cluster.fs_bandwidth_gbps <= 10_000:
         yield Problem(
             "cluster.fs_bandwidth_gbps", f"{cluster.fs_bandwidth_gbps} is not a write speed in GB/s", "use e.g. 2, or leave it out"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from launcher.config.schema import ClusterSection
-from launcher.plan.estimate.cost import FS_BYTES_PER_SECOND
+from launcher.plan.estimate.cost import write_speed
 
 MARGIN = 1.5  # the estimate is rough, and a save that does not finish is lost whole
 NCCL_TIMEOUT_SECONDS = 600  # torch's default for NCCL groups: never planned shorter
@@ -16,9 +16,8 @@ TIMEOUT_MARGIN = 2.0
 
 
 def save_seconds(cluster: ClusterSection, checkpoint_bytes: float) -> float:
-    """One save at cluster.fs_bandwidth_gbps (else the assumed speed) per node, all nodes writing."""
-    per_node = cluster.fs_bandwidth_gbps * 1e9 if cluster.fs_bandwidth_gbps else FS_BYTES_PER_SECOND
-    return checkpoint_bytes / (per_node * cluster.nodes)
+    """One save, all nodes writing (estimate/cost.write_speed: per node, capped by the file system's total)."""
+    return checkpoint_bytes / write_speed(cluster.nodes, cluster.fs_bandwidth_gbps, cluster.fs_total_gbps)
 
 
 def save_budget_warning(cluster: ClusterSection, estimate: dict[str, float]) -> str | None:

@@ -62,3 +62,21 @@ def test_launcher_plan_prints_the_warning(tmp_path: Path) -> None:
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(["plan", str(RECIPE), "cluster.signal_seconds=30", "--out", str(tmp_path / "run")])
     assert code == 0 and err.getvalue().startswith("warning: cluster.signal_seconds: 30 s may not cover a save"), err.getvalue()
+
+
+def test_a_save_from_many_nodes_is_capped_by_the_file_systems_total() -> None:
+    """issue 26: the save time assumed every node adds its own bandwidth (0.4 s at 128 nodes)."""
+    from launcher.plan.estimate import estimate_plan
+    from launcher.plan.estimate.cost import write_speed
+    from launcher.plan.topology import build_topology
+
+    assert write_speed(1) == 2e9 and write_speed(4) == 8e9  # 2 GB/s per node while the file system keeps up
+    assert write_speed(128) == 20e9  # then the file system's total (20 GB/s assumed)
+    assert write_speed(128, per_node_gbps=0.5, total_gbps=100) == 64e9 and write_speed(2, 30.0, 20.0) == 30e9
+    cfg = load_config(
+        ROOT / "recipes" / "llama3-70b-full-zero3-offload.yaml",
+        ["cluster.nodes=16", "train.global_batch_size=128", "cluster.fs_total_gbps=10"],
+    )
+    estimate = estimate_plan(cfg, build_topology(cfg.cluster, cfg.train, cfg.data))
+    assert estimate["checkpoint_seconds"] == pytest.approx(estimate["checkpoint_bytes"] / 10e9)
+    assert save_seconds(cfg.cluster, estimate["checkpoint_bytes"]) == pytest.approx(estimate["checkpoint_seconds"])

@@ -14,7 +14,16 @@ import re
 
 from launcher.config.errors import ConfigError, Problem
 from launcher.config.schema import GPU_MEMORY_GIB, ClusterSection, RunConfig
-from launcher.plan.estimate.cost import MFU, PEAK_TFLOPS, checkpoint_bytes, flops_per_token, host_bytes, model_flops_per_token, step_seconds
+from launcher.plan.estimate.cost import (
+    MFU,
+    PEAK_TFLOPS,
+    checkpoint_bytes,
+    flops_per_token,
+    host_bytes,
+    model_flops_per_token,
+    step_seconds,
+    write_speed,
+)
 from launcher.plan.estimate.fixes import OFFLOADS, alternatives, with_setting
 from launcher.plan.estimate.memory import GIB, Setting, estimate_memory
 from launcher.plan.estimate.params import count_params
@@ -90,8 +99,8 @@ def estimate_plan(cfg: RunConfig, topology: Topology) -> dict[str, float]:
     out = estimate_memory(setting)
     out.update(host_bytes(setting, out))
     out.update(checkpoint_bytes(setting, out))
-    if cfg.cluster.fs_bandwidth_gbps:  # the file system's own speed, not the assumed one
-        out["checkpoint_seconds"] = out["checkpoint_bytes"] / (cfg.cluster.fs_bandwidth_gbps * 1e9 * topology.nodes)
+    speed = write_speed(topology.nodes, cfg.cluster.fs_bandwidth_gbps, cfg.cluster.fs_total_gbps)
+    out["checkpoint_seconds"], out["save_write_gbps"] = out["checkpoint_bytes"] / speed, speed / 1e9
     out["fs_bandwidth_gbps"] = cfg.cluster.fs_bandwidth_gbps or 0.0  # 0: FS_BYTES_PER_SECOND assumed
     out["flops_per_token"] = flops_per_token(setting)
     out["model_flops_per_token"] = model_flops_per_token(setting)  # the progress line's MFU on CUDA

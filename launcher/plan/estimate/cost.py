@@ -14,6 +14,9 @@ from launcher.plan.estimate.params import count_params, shapes
 PEAK_TFLOPS = {"h100-80gb": 989.0, "h200": 989.0, "a100-80gb": 312.0, "a100-40gb": 312.0, "l40s": 362.0, "a10g": 125.0, "l4": 121.0}
 MFU = 0.40
 FS_BYTES_PER_SECOND = 2.0e9  # written per node (each node writes its ranks' shards)
+# What a shared file system takes from all nodes together: a save from 128 nodes is not 128 times
+# faster than from one (cluster.fs_total_gbps overrides it).
+FS_TOTAL_BYTES_PER_SECOND = 20.0e9
 HOST_PER_RANK = 3.0 * GIB  # a rank's own process: torch, CUDA and NCCL host buffers, the model code
 LOADER_PER_RANK = 0.25 * GIB  # prefetched batches and the memory-mapped index; the token cache itself is page cache
 
@@ -37,7 +40,15 @@ def checkpoint_bytes(s: Setting, memory: dict[str, float], checkpoint: Checkpoin
         size = total * c + trainable * (4 + 8)  # module states + fp32 masters and AdamW states
     else:
         size = total * 4 + trainable * 8  # fp32 parameters + AdamW states
-    return {"checkpoint_bytes": size, "checkpoint_seconds": size / (FS_BYTES_PER_SECOND * s.topology.nodes)}
+    return {"checkpoint_bytes": size, "checkpoint_seconds": size / write_speed(s.topology.nodes)}
+
+
+def write_speed(nodes: int, per_node_gbps: float | None = None, total_gbps: float | None = None) -> float:
+    """Bytes per second one save is written at: each node at its speed (cluster.fs_bandwidth_gbps, else
+    FS_BYTES_PER_SECOND), all of them together at most the file system's (cluster.fs_total_gbps)."""
+    per_node = per_node_gbps * 1e9 if per_node_gbps else FS_BYTES_PER_SECOND
+    total = total_gbps * 1e9 if total_gbps else FS_TOTAL_BYTES_PER_SECOND
+    return min(per_node * max(nodes, 1), max(total, per_node))
 
 
 def _forward_flops(s: Setting) -> float:

@@ -49,6 +49,8 @@ def render_estimate(e: dict[str, float], candidates: dict[int, float] | None = N
     lines.append(f"  {'total':<15}{_gib(e['host_total'])}{share}")
     given = e.get("fs_bandwidth_gbps", 0.0)  # older plans: the assumed speed
     speed = f"{given:g} GB/s per node (cluster.fs_bandwidth_gbps)" if given else f"{FS_BYTES_PER_SECOND / 1e9:g} GB/s per node (assumed)"
+    if e.get("save_write_gbps"):  # all nodes together, at most the file system's total (cluster.fs_total_gbps)
+        speed += f", {e['save_write_gbps']:g} GB/s in all"
     lines.append(f"checkpoint per save: {e['checkpoint_bytes'] / 1e9:.1f} GB, ~{e['checkpoint_seconds']:.0f} s at {speed}")
     lines.append(f"compute: {e['flops_per_token'] / 1e9:.1f} GFLOP per token")
     if e.get("step_seconds"):
