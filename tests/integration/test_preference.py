@@ -226,3 +226,23 @@ def test_lora_dpo_trains_under_zero2(pairs, tmp_path_factory) -> None:
     assert len(steps) == STEPS
     assert abs(steps[0]["loss"] - math.log(2)) < 1e-6 and steps[0]["rewards/margins"] == 0.0, steps[0]
     assert steps[-1]["rewards/margins"] > 0 and steps[-1]["loss"] < math.log(2), steps[-1]
+
+
+def test_resume_mid_run_is_bit_exact_and_reuses_the_stored_reference(packed_two: Path, pairs, tmp_path_factory) -> None:
+    """A run stopped after step 2 and run again to step 5 (train.max_steps raised: it resumes) logs the
+    uninterrupted run's steps 3-5 bit for bit; the stored reference is read, not computed again."""
+    from _support import launcher_cli
+
+    folder = tmp_path_factory.mktemp("dpo-resume")
+    recipe = _recipe(folder, pairs[0], 2, "fsdp", True)
+    run = folder / "run"
+    launcher_cli("run", str(recipe), "--out", str(run), f"train.max_steps={STEPS - 3}", "checkpoint.every=2")
+    cache = Path(json.loads((run / "data_report.json").read_text())["cache"])
+    stored = {p.name: p.stat().st_mtime_ns for p in cache.glob("reference-*.npz")}
+    assert stored, "the reference is stored beside the prepared data"
+    done = launcher_cli("run", str(recipe), "--out", str(run), "checkpoint.every=2")
+    assert "at step 2" in done.stdout, done.stdout[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("reference-*.npz")} == stored
+    resumed, whole = _steps(run), _steps(packed_two)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [{k: r[k] for k in KEYS} for r in resumed[2:]] == [{k: r[k] for k in KEYS} for r in whole[2:]]
