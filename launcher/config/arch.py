@@ -67,32 +67,26 @@ class Architecture:
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
-def expert_count(config_file: Path) -> int:
-    """Experts per MoE layer from config.json (0 for a dense model or an unreadable file)."""
+def moe_numbers(config_file: Path) -> dict[str, int]:
+    """ModelSection's Mixture-of-Experts fields from config.json ({} for a dense model or an unreadable file)."""
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
-        return 0
-    counts = [raw.get(key) for key in _EXPERT_KEYS] if isinstance(raw, dict) else []
-    return max([c for c in counts if isinstance(c, int) and not isinstance(c, bool)], default=0)
+        return {}
+    if not isinstance(raw, dict):
+        return {}
 
+    def numbers(*keys: str) -> list[int]:
+        return [int(raw[k]) for k in keys if isinstance(raw.get(k), int) and not isinstance(raw.get(k), bool)]
 
-def moe_numbers(config_file: Path) -> dict[str, int]:
-    """ModelSection's Mixture-of-Experts fields from config.json ({} for a dense model)."""
-    experts = expert_count(config_file)
+    experts = max(numbers(*_EXPERT_KEYS), default=0)
     if experts < 2:
         return {}
-    raw = json.loads(config_file.read_text(encoding="utf-8"))
-
-    def number(*keys: str) -> int | None:
-        found = [raw.get(k) for k in keys if isinstance(raw.get(k), int) and not isinstance(raw.get(k), bool)]
-        return int(found[0]) if found else None
-
     out = {
         "num_experts": experts,
-        "experts_per_token": number("num_experts_per_tok", "moe_topk", "top_k"),
-        "expert_intermediate_size": number("moe_intermediate_size", "expert_intermediate_size", "intermediate_size"),
-        "shared_expert_intermediate_size": number("shared_expert_intermediate_size"),
+        "experts_per_token": next(iter(numbers("num_experts_per_tok", "moe_topk", "top_k")), None),
+        "expert_intermediate_size": next(iter(numbers("moe_intermediate_size", "expert_intermediate_size", "intermediate_size")), None),
+        "shared_expert_intermediate_size": next(iter(numbers("shared_expert_intermediate_size")), None),
     }
     return {key: value for key, value in out.items() if value}
 

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from launcher.config.arch import CANONICAL, Architecture, architecture_of, expert_count, moe_numbers, read_architecture
+from launcher.config.arch import CANONICAL, Architecture, architecture_of, moe_numbers, read_architecture
 from launcher.config.errors import ConfigError, Problem
 from launcher.config.modelfiles import config_problems, file_problems
 from launcher.config.schema import DataSection, ModelSection, RunConfig, TrainSection
@@ -124,8 +124,7 @@ def _moe_lora_problems(cfg: RunConfig, model: ModelSection) -> list[Problem]:
     lora = cfg.method.lora
     if cfg.method.name not in ("lora", "qlora"):
         return []
-    config_file = model_config_file(model.name_or_path) if model.name_or_path != TINY_MODEL else None
-    experts = expert_count(config_file) if config_file is not None else 0
+    experts = model.num_experts or 0  # resolved from config.json (resolve_model), or given for a model not on disk
     if experts < 2:
         return []
     problems = []
