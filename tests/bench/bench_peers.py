@@ -1,6 +1,6 @@
 """Benchmark: issue 15's job, `launcher run` against the Hugging Face Trainer, interleaved. Not a test.
 
-    .venv/bin/python tests/bench/bench_peers.py [--repeats 3] [--quick] [--cases ...]
+    .venv/bin/python tests/bench/bench_peers.py [--repeats 3] [--quick] [--cases SUBSTRING ...]
 
 The job: a 2-layer Llama (d 64, 4 heads / 2 KV heads, FFN 128, vocab 1,000, about 202k
 parameters) built locally, 2,000 single-turn chat rows of 18-154 tokens, sequence 256,
@@ -9,15 +9,34 @@ constant, no weight decay, clip 1.0, fp32, prompt masked. Both tools get the sam
 labels: the Trainer's rows are the launcher's own tokenisation (`launcher.runtime.data.tokenize`),
 written to a JSON file once, so its workers do no tokenising (in its favour on the first step).
 
-Cases run A B C ... B C A ... (rotated each repeat), after one untimed 2-step warm-up pass (data cache, page cache,
-DeepSpeed's shared-memory op). Per run: steady real tokens/s (non-padding input tokens, steps
-SKIP+1..40 over the wall time between the end of step SKIP and of step 40), time to first step
-(from just before the command the user types starts, `launcher run` or `torchrun`, to the end of
-the first optimizer step: the stamped `step 1/` line, or the Trainer callback's wall clock), the
-padding fraction (padding / all input positions), and peak RSS per process (bench_startup's
-sampler, every 0.05 s). Medians over the repeats; ratios to the Trainer (padded) of the same run,
-and to the "bare" Trainer (padded, with peft, bitsandbytes and DeepSpeed hidden from it: it imports
-peft, and through it bitsandbytes, whenever they are installed). Results: tests/bench/RESULTS.md.
+Both tools are measured the same way, from inside their workers, by a probe neither knows about:
+tests/bench/peers_hook/sitecustomize.py, first on PYTHONPATH for the command and everything it
+starts. It patches `torch.nn.Embedding.forward` in whichever process imports torch (a worker forked
+from a parent that imported torch inherits it) and stamps each forward in training mode: the wall
+clock, RANK at the call, the tokens that are not the pad id, all tokens; and the end of each
+process's first optimizer step (torch's global post-step hook). From those stamps alone:
+- first forward: rank 0's first training forward, seconds from just before the command the user
+  types (`launcher run` or `torchrun`) starts;
+- steady real tokens/s: the non-pad tokens the embeddings of all ranks saw in steps SKIP+1..N-1,
+  over the wall time from the forward of step SKIP+1 to the forward of step N (each step starts when
+  its slowest rank's forward starts);
+- padding: pad-id tokens over all tokens the embeddings saw (what the model computes on; rows or
+  slots dropped before the model are not padding, padded slots added for attention are).
+Peak RSS: every process in the command's tree is read every 0.05 s (its kernel high-water mark,
+VmHWM, so a peak between two reads still counts); the workers are the processes that ran a training
+forward, "everything else" is the sum of every other process's peak (the supervisor or agent, a
+pre-importing parent, helpers). RSS counts pages a forked worker shares with its parent in both, so
+the tree's proportional set size (PSS, summed over the tree, read every 0.5 s) is given too.
+Kept from before, each tool's own figures: tokens/s and padding from metrics.jsonl (launcher) or the
+attention mask (Trainer), and "step-1 line": the `step 1/` line as it reaches this script through
+`launcher run`'s pipe, or the Trainer callback's `on_step_end` wall clock (slower rank); with "step 1
+end", the probe's end of rank 0's first optimizer step, they show where the clocks differ. "CPU s of
+the tree by then": user + system seconds of every process in the tree at rank 0's first forward (a
+start-up figure the load moves less than the wall clock).
+
+Cases run A B C ... B C A ... (rotated each repeat), after one untimed 2-step warm-up pass (data
+cache, page cache, DeepSpeed's shared-memory op). Medians over the repeats; ratios are taken per
+repeat against the Trainer (padded) of the same repeat, then the median. Results: tests/bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -168,55 +187,147 @@ cluster: {{accelerator: cpu, nodes: 1, gpus_per_node: {PROCS}, cpus_per_task: {P
 
 # ---- one run of each tool -------------------------------------------------------------------------
 
-
-class Watched:
-    """One command's run: its start (wall clock), peak RSS MiB by process, the wall clock of each
-    `step N/` line, and the workers' CPU seconds (user + system, summed) sampled against the wall clock."""
-
-    def __init__(self, t0: float, peaks: dict[str, float], stamps: dict[int, float], cpu: list[tuple[float, float]]) -> None:
-        self.t0, self.peaks, self.stamps, self.cpu = t0, peaks, stamps, cpu
-
-    def cpu_at(self, when: float) -> float:
-        """The workers' CPU seconds at the last sample before `when`."""
-        return max((c for t, c in self.cpu if t <= when), default=0.0)
+HOOK = Path(__file__).resolve().parent / "peers_hook"  # its sitecustomize.py: the probe
+PSS_EVERY = 10  # samples between two reads of the tree's PSS (smaps_rollup walks the page tables)
 
 
-def _cpu(root: Any, kind_of: Any, out: list[tuple[float, float]], stop: threading.Event) -> None:
+class Tree:
+    """What the sampler saw of one command's process tree: per process its peak RSS (MB, from the
+    kernel's high-water mark), its command line, its CPU seconds over time, and the tree's peak PSS."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.peak: dict[int, float] = {}
+        self.label: dict[int, str] = {}
+        self.cpu: list[tuple[float, dict[int, float]]] = []
+        self.pss_peak = 0.0
+
+    def cpu_at(self, when: float, pids: set[int]) -> float:
+        """CPU seconds (user + system) of these processes together at the last sample before `when`."""
+        last: dict[int, float] = {}
+        for t, seen in self.cpu:
+            if t > when:
+                break
+            last.update(seen)
+        return sum(v for pid, v in last.items() if pid in pids)
+
+
+def _kib(path: str, field: str) -> int:
+    """A `Field:   123 kB` line's value from a /proc file (0 if absent: a zombie has none)."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def _sample(tree: Tree, stop: threading.Event) -> None:
     import psutil
 
-    seen: dict[int, float] = {}
+    root, tick = psutil.Process(tree.root), 0
     while not stop.is_set():
         try:
-            for child in root.children(recursive=True):
-                try:
-                    if kind_of(" ".join(child.cmdline())) == "worker":
-                        times = child.cpu_times()
-                        seen[child.pid] = times.user + times.system
-                except psutil.Error:
-                    continue
+            procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             break
-        out.append((time.time(), sum(seen.values())))
+        cpu: dict[int, float] = {}
+        pss = 0
+        for proc in procs:
+            try:
+                if proc.pid not in tree.label:
+                    tree.label[proc.pid] = " ".join(proc.cmdline())
+                hwm = _kib(f"/proc/{proc.pid}/status", "VmHWM:")
+                tree.peak[proc.pid] = max(tree.peak.get(proc.pid, 0.0), hwm * 1024 / 1e6)
+                times = proc.cpu_times()
+                cpu[proc.pid] = times.user + times.system
+                if tick % PSS_EVERY == 0:
+                    pss += _kib(f"/proc/{proc.pid}/smaps_rollup", "Pss:")
+            except (psutil.Error, OSError):
+                continue
+        tree.cpu.append((time.time(), cpu))
+        if tick % PSS_EVERY == 0:
+            tree.pss_peak = max(tree.pss_peak, pss * 1024 / 1e6)
+        tick += 1
         time.sleep(0.05)
 
 
-def _watch(argv: list[str], env: dict[str, str], kind_of: Any, root_name: str) -> Watched:
-    """Run argv, stamping its `step N/` output lines, sampling RSS (bench_startup's sampler) and CPU."""
-    import psutil
-    from bench_startup import sample
+class Watched:
+    """One command's run: its start (wall clock), its tree, the wall clock of each `step N/` line it
+    printed, and the probe's records per process: forwards [time, rank, real, all] and the end of the
+    first optimizer step [time, rank]."""
 
+    def __init__(self, t0: float, tree: Tree, lines: dict[int, float], probe: Path) -> None:
+        self.t0, self.tree, self.lines = t0, tree, lines
+        self.forwards: dict[int, list[list[Any]]] = {}
+        self.first_step: dict[str, float] = {}
+        for path in probe.glob("forwards-*.jsonl"):
+            pid = int(path.stem.split("-")[1])
+            for record in map(json.loads, path.read_text().splitlines()):
+                if isinstance(record, dict):
+                    time_, rank = record["step"]
+                    self.first_step[rank] = min(self.first_step.get(rank, time_), time_)
+                else:
+                    self.forwards.setdefault(pid, []).append(record)
+
+    @property
+    def workers(self) -> set[int]:
+        return set(self.forwards)
+
+    def figures(self, steps: int) -> dict[str, float]:
+        """The probe's figures (module docstring), the same for both tools."""
+        ranks: dict[str, list[list[Any]]] = {}
+        for records in self.forwards.values():
+            ranks.setdefault(records[0][1], []).extend(records)
+        for records in ranks.values():
+            records.sort()
+            assert len(records) == steps, f"{len(records)} training forwards on a rank for {steps} steps (one micro-batch each)"
+        starts = [max(r[i][0] for r in ranks.values()) for i in range(steps)]
+        real = [sum(r[i][2] for r in ranks.values()) for i in range(steps)]
+        total = [sum(r[i][3] for r in ranks.values()) for i in range(steps)]
+        skip = _skip(steps)
+        window = starts[steps - 1] - starts[skip]
+        steady = sum(real[skip : steps - 1])
+        cpu = self.tree.cpu_at(starts[steps - 1], self.workers) - self.tree.cpu_at(starts[skip], self.workers)
+        others = [pid for pid in self.tree.peak if pid not in self.workers]
+        first = ranks["0"][0][0]
+        return {
+            "tokens/s": steady / window if window > 0 else 0.0,  # 0: the warm-up pass, too short for a window
+            "tokens/cpu s": steady / max(cpu, 1e-9),
+            "first forward s": first - self.t0,
+            "cpu s to first forward": self.tree.cpu_at(first, set(self.tree.peak)),
+            "step 1 end s": self.first_step["0"] - self.t0,
+            "padding": 1 - sum(real) / sum(total),
+            "rss worker (max)": max(self.tree.peak.get(pid, 0.0) for pid in self.workers),
+            "rss others": sum(self.tree.peak[pid] for pid in others),
+            "pss tree": self.tree.pss_peak,
+        }
+
+    def others(self, root_name: str) -> str:
+        """The processes besides the workers, with their peaks: `launcher run 84, python -m x 12`."""
+        parts = []
+        for pid, mb in self.tree.peak.items():
+            if pid not in self.workers and mb > 0:  # 0: only ever seen as a zombie
+                argv = self.tree.label.get(pid, "?").split()
+                name = root_name if pid == self.tree.root else " ".join([Path(argv[0]).name, *argv[1:3]]) if argv else "?"
+                parts.append(f"{name} {mb:.0f}")
+        return ", ".join(parts)
+
+
+def _skip(steps: int) -> int:
+    return min(SKIP, steps // 2)
+
+
+def _watch(argv: list[str], env: dict[str, str], probe: Path, pad_id: int) -> Watched:
+    """Run argv with the probe on its PYTHONPATH, stamping its `step N/` lines and sampling its tree."""
+    shutil.rmtree(probe, ignore_errors=True)
+    probe.mkdir(parents=True)
+    path = os.pathsep.join(p for p in (str(HOOK), env.get("PYTHONPATH", "")) if p)
+    env = {**env, "PYTHONPATH": path, "BENCH_PEERS_PROBE": str(probe), "BENCH_PEERS_PAD_ID": str(pad_id)}
     t0 = time.time()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
-    peaks: dict[str, float] = {}
-    cpu: list[tuple[float, float]] = []
-    stop = threading.Event()
-    root = psutil.Process(proc.pid)
-    threads = [
-        threading.Thread(target=sample, args=(root, peaks, stop, kind_of, root_name), daemon=True),
-        threading.Thread(target=_cpu, args=(root, kind_of, cpu, stop), daemon=True),
-    ]
-    for thread in threads:
-        thread.start()
+    tree, stop = Tree(proc.pid), threading.Event()
+    sampler = threading.Thread(target=_sample, args=(tree, stop), daemon=True)
+    sampler.start()
     lines: list[str] = []
     stamps: dict[int, float] = {}
     assert proc.stdout is not None
@@ -228,67 +339,53 @@ def _watch(argv: list[str], env: dict[str, str], kind_of: Any, root_name: str) -
                 stamps.setdefault(int(head), time.time())
     proc.wait()
     stop.set()
-    for thread in threads:
-        thread.join()
+    sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{argv[0]} exited {proc.returncode}:\n{''.join(lines[-40:])}")
-    return Watched(t0, peaks, stamps, cpu)
+    return Watched(t0, tree, stamps, probe)
 
 
-def _memory(peaks: dict[str, float], parents: list[str]) -> dict[str, float]:
-    """Peak RSS of the workers (the largest) and of the parents that ran (`launcher run` has had no
-    torchrun agent below it since launcher/ranks.py; a launch.sh run still has one)."""
-    workers = [v for k, v in peaks.items() if k.startswith("worker")]
-    parents = [p for p in parents if p in peaks]
-    out = {f"rss {p}": peaks[p] for p in parents}
-    out["rss worker (max)"] = max(workers, default=0.0)
-    out["rss parents"] = sum(peaks[p] for p in parents)
-    return out
-
-
-def run_launcher(assets: dict[str, Path], overrides: list[str], out: Path, steps: int) -> dict[str, float]:
+def run_launcher(assets: dict[str, Path], overrides: list[str], out: Path, steps: int) -> tuple[dict[str, float], str]:
     argv = [str(BIN / "launcher"), "run", str(assets["recipe"]), f"train.max_steps={steps}", *overrides, "--out", str(out)]
-    env = {**os.environ}
-    from bench_startup import launcher_kind
-
-    watched = _watch(argv, env, launcher_kind, "launcher run")
+    watched = _watch(argv, {**os.environ}, out.with_name(out.name + "-probe"), _pad_id(assets))
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]
     by_step = {r["step"]: r for r in records}
-    skip = min(SKIP, steps - 1)
+    skip = _skip(steps)
     steady = [r for r in records if r["step"] > skip]
     real = sum(r["tokens"] for r in records)
     pads = sum(r["pad_tokens"] for r in records)
-    seconds = by_step[steps]["elapsed"] - by_step[skip]["elapsed"]
-    first = watched.stamps[1] - watched.t0
-    result = {"tokens/s": sum(r["tokens"] for r in steady) / seconds, "first step s": first, "padding": pads / (real + pads)}
-    cpu = watched.cpu_at(watched.stamps[steps]) - watched.cpu_at(watched.stamps[skip])
-    result["tokens/cpu s"] = sum(r["tokens"] for r in steady) / max(cpu, 1e-9)
-    result["loss"] = by_step[steps]["loss"]
-    return {**result, **_memory(watched.peaks, ["launcher run", "agent"])}
+    own = {
+        "own tokens/s": sum(r["tokens"] for r in steady) / (by_step[steps]["elapsed"] - by_step[skip]["elapsed"]),
+        "own padding": pads / (real + pads),
+        "step-1 line s": watched.lines[1] - watched.t0,
+        "loss": by_step[steps]["loss"],
+    }
+    return {**watched.figures(steps), **own}, watched.others("launcher run")
 
 
-def run_trainer(assets: dict[str, Path], collator: str, out: Path, steps: int) -> dict[str, float]:
+def run_trainer(assets: dict[str, Path], collator: str, out: Path, steps: int) -> tuple[dict[str, float], str]:
     argv = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(PROCS), __file__, "--hf-worker", collator]
     argv += ["--steps", str(steps), "--dir", str(out), "--model", str(assets["model"]), "--tokens", str(assets["tokens"])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def kind_of(cmd: str) -> str | None:
-        return "worker" if "--hf-worker" in cmd else None
-
-    watched = _watch(argv, env, kind_of, "torchrun agent")
+    watched = _watch(argv, env, out.with_name(out.name + "-probe"), _pad_id(assets))
     ranks = [json.loads((out / f"steps-{r}.json").read_text()) for r in range(PROCS)]
-    skip = min(SKIP, steps - 1)
-    # each rank's (end time, real, all) per step; a step ends when the slower rank ends it
+    skip = _skip(steps)
+    # each rank's (end time, real, all, loss) per step; a step ends when the slower rank ends it
     ends = [max(rk[i][0] for rk in ranks) for i in range(steps)]
     real = [sum(rk[i][1] for rk in ranks) for i in range(steps)]
     total = [sum(rk[i][2] for rk in ranks) for i in range(steps)]
-    result = {"tokens/s": sum(real[skip:]) / (ends[steps - 1] - ends[skip - 1]), "first step s": ends[0] - watched.t0}
-    result["padding"] = 1 - sum(real) / sum(total)
-    cpu = watched.cpu_at(ends[steps - 1]) - watched.cpu_at(ends[skip - 1])
-    result["tokens/cpu s"] = sum(real[skip:]) / max(cpu, 1e-9)
-    result["loss"] = ranks[0][-1][3]
-    return {**result, **_memory(watched.peaks, ["torchrun agent"])}
+    own = {
+        "own tokens/s": sum(real[skip:]) / (ends[steps - 1] - ends[skip - 1]),
+        "own padding": 1 - sum(real) / sum(total),
+        "step-1 line s": ends[0] - watched.t0,
+        "loss": ranks[0][-1][3],
+    }
+    return {**watched.figures(steps), **own}, watched.others("torchrun agent")
+
+
+def _pad_id(assets: dict[str, Path]) -> int:
+    return int(json.loads((assets["model"] / "config.json").read_text())["pad_token_id"])
 
 
 def hf_worker(args: argparse.Namespace) -> None:
@@ -362,7 +459,9 @@ def hf_worker(args: argparse.Namespace) -> None:
 
 # ---- the table --------------------------------------------------------------------------------------
 
-COLUMNS = ["tokens/s", "tokens/cpu s", "first step s", "padding", "rss worker (max)", "rss parents", "loss"]
+
+def _median(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
 
 
 def _ratio(runs: list[dict[str, float]], base: list[dict[str, float]] | None, key: str) -> str:
@@ -371,22 +470,34 @@ def _ratio(runs: list[dict[str, float]], base: list[dict[str, float]] | None, ke
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:
-    """Medians per case, with ratios to the Trainer (padded) and to the bare Trainer (padded) of the same repeat."""
-    mb = 2**20 / 1e6
-    head = "| case | steady real tokens/s | x Trainer | x bare | per worker CPU s | x Trainer | first step s | x Trainer | x bare "
-    head += "| padding | peak RSS MB: worker (max) / parents | loss at the end |"
-    lines = [head, "|---|" + "---:|" * 12]
-    base, bare = results.get(BASELINE), results.get(BASELINE + ", bare")
+    """The issue's figures (medians; ratios to the Trainer, padded, of the same repeat), then the
+    clocks and each tool's own figures."""
+    base = results.get(BASELINE)
+    lines = [
+        "| case | steady real tokens/s | x Trainer | per worker CPU s | x Trainer | first training forward s | x Trainer "
+        "| padding | peak RSS MB: largest worker / everything else | tree PSS MB |",
+        "|---|" + "---:|" * 9,
+    ]
     for name, runs in results.items():
-        med = {c: statistics.median(r[c] for r in runs) for c in COLUMNS}
-        kinds = [k for k in runs[0] if k.startswith("rss ") and k not in ("rss worker (max)", "rss parents")]
-        parents = " + ".join(f"{statistics.median(r[k] for r in runs) * mb:.0f}" for k in kinds)
         lines.append(
-            f"| {name} | {med['tokens/s']:,.0f} | {_ratio(runs, base, 'tokens/s')} | {_ratio(runs, bare, 'tokens/s')} "
-            f"| {med['tokens/cpu s']:,.0f} | {_ratio(runs, base, 'tokens/cpu s')} "
-            f"| {med['first step s']:.1f} | {_ratio(runs, base, 'first step s')} | {_ratio(runs, bare, 'first step s')} "
-            f"| {100 * med['padding']:.1f} % | {med['rss worker (max)'] * mb:.0f} / {parents} = {med['rss parents'] * mb:.0f} "
-            f"| {med['loss']:.3f} |"
+            f"| {name} | {_median(runs, 'tokens/s'):,.0f} | {_ratio(runs, base, 'tokens/s')} "
+            f"| {_median(runs, 'tokens/cpu s'):,.0f} | {_ratio(runs, base, 'tokens/cpu s')} "
+            f"| {_median(runs, 'first forward s'):.2f} | {_ratio(runs, base, 'first forward s')} "
+            f"| {100 * _median(runs, 'padding'):.1f} % | {_median(runs, 'rss worker (max)'):.0f} / {_median(runs, 'rss others'):.0f} "
+            f"| {_median(runs, 'pss tree'):.0f} |"
+        )
+    lines += [
+        "",
+        "| case | first forward s | CPU s of the tree by then | x Trainer | step 1 end s (rank 0, in the worker) | x Trainer "
+        "| step-1 line s (Trainer: callback) | x Trainer | own tokens/s | own padding | loss at the end |",
+        "|---|" + "---:|" * 10,
+    ]
+    for name, runs in results.items():
+        lines.append(
+            f"| {name} | {_median(runs, 'first forward s'):.2f} | {_median(runs, 'cpu s to first forward'):.1f} "
+            f"| {_ratio(runs, base, 'cpu s to first forward')} | {_median(runs, 'step 1 end s'):.2f} | {_ratio(runs, base, 'step 1 end s')} "
+            f"| {_median(runs, 'step-1 line s'):.2f} | {_ratio(runs, base, 'step-1 line s')} "
+            f"| {_median(runs, 'own tokens/s'):,.0f} | {100 * _median(runs, 'own padding'):.1f} % | {_median(runs, 'loss'):.3f} |"
         )
     return "\n".join(lines)
 
@@ -416,8 +527,10 @@ def main() -> None:
     steps, repeats = (12, 1) if args.quick else (args.steps, args.repeats)
     cases: dict[str, Any] = {**LAUNCHER_CASES, **TRAINER_CASES}
     names = [n for n in cases if not args.cases or any(c in n for c in args.cases)]
+    if not names:
+        raise SystemExit(f"--cases {args.cases} matches none of: {', '.join(cases)}")
 
-    def once(name: str, out: Path, n: int) -> dict[str, float]:
+    def once(name: str, out: Path, n: int) -> tuple[dict[str, float], str]:
         shutil.rmtree(out, ignore_errors=True)
         if name in LAUNCHER_CASES:
             return run_launcher(assets, LAUNCHER_CASES[name], out, n)
@@ -434,11 +547,17 @@ def main() -> None:
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             i = names.index(name)
-            r = once(name, work / "runs" / f"r{rep}-{i}", steps)
+            r, others = once(name, work / "runs" / f"r{rep}-{i}", steps)
             results[name].append(r)
-            print(f"repeat {rep + 1} {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in r.items()), flush=True)
+            print(
+                f"repeat {rep + 1} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()) + f"; besides the workers: {others}",
+                flush=True,
+            )
     print(f"load average after: {Path('/proc/loadavg').read_text().strip()}")
-    print(f"\nmedians of {repeats}; {steps} steps; steady = steps {SKIP + 1}-{steps}; real = non-padding input tokens\n")
+    skip = _skip(steps)
+    print(
+        f"\nmedians of {repeats}; {steps} steps; steady = steps {skip + 1}-{steps - 1}, forward to forward; real = non-pad tokens at the embedding\n"
+    )
     print(table(results))
 
 
