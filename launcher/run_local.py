@@ -27,7 +27,7 @@ from launcher.config.errors import one_line
 from launcher.plan import Plan
 from launcher.plan.slurm import REQUEUE_EXIT_CODE
 from launcher.plot import plot_after_run
-from launcher.ranks import Ranks, send_signal
+from launcher.ranks import Ranks, Tee, pump, send_signal, shell_code
 from launcher.runfiles import open_append, read_small, replace_file
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -58,16 +58,9 @@ def run_local(plan: Plan) -> int:
     run_dir = Path(plan.run_dir)
     logs = run_dir / "logs"
     with open_append(logs / "launcher.log") as log:  # never through a link planted there: refused before anything runs
-        code = prepare(plan)
-        if code != 0:
-            return code
-        (run_dir / "checkpoints" / "REQUEUE").unlink(missing_ok=True)
-        for stale in (logs / "exit_code", logs / "failure", *(logs / "errors").glob("rank-*.json")):
-            stale.unlink(missing_ok=True)
-        write_state(run_dir, "running", job="local", attempt=1)
-        world = plan.topology["world_size"]
-        print(f"launcher: {world} process(es) on this machine (the same run under torchrun: bash {run_dir / 'launch.sh'})", flush=True)
-        code = _supervise(plan, log)
+        code, ran = _supervise(plan, log)
+    if not ran:  # the data could not be prepared (it said why), or a signal came first
+        return code
     if code not in (0, EXIT_INTERRUPTED) and (logs / "exit_code").exists():
         # The first rank to fail may be one that lost its peers; rank 0 recorded what the run meant (2 bad input, 75 saved).
         code = int((logs / "exit_code").read_text().strip() or code)
@@ -84,11 +77,13 @@ def run_local(plan: Plan) -> int:
     return code
 
 
-def _supervise(plan: Plan, log: IO[str]) -> int:
-    """Start the ranks (launcher/ranks.py); pass signals on; tee their output; leave no process behind."""
+def _supervise(plan: Plan, log: IO[str]) -> tuple[int, bool]:
+    """Prepare the data in a process of its own while rank 0 imports (launcher/ranks.py, zygote.py);
+    then run the ranks; pass signals on; tee their output; leave no process behind. The exit code,
+    and whether the ranks ran."""
     # Every process of the run inherits this token: found by it, even once re-parented to init.
     token = f"{os.getpid()}-{time.time_ns()}"
-    # prepare() has fetched the model and built the data: the ranks need nothing from the Hub.
+    # prepare has fetched the model and built the data before any rank reads them: the ranks need nothing from the Hub.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", RUN_TOKEN: token}
     lock = threading.Lock()
 
@@ -101,13 +96,18 @@ def _supervise(plan: Plan, log: IO[str]) -> int:
                 sink.flush()
 
     ranks = Ranks(plan, env, tee)
+    preparing: list[subprocess.Popen[str]] = []  # the data's process, while it runs
     received: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
         if len(received) == 1:
             name = signal.Signals(signum).name
-            say(f"launcher: {name}: the ranks save at the next step boundary and stop (Ctrl-C again to stop at once)")
+            if preparing:
+                say(f"launcher: {name}: stopping the data preparation (run again to prepare again)")
+                send_signal(preparing[0].pid, signal.SIGTERM)  # it stops at once (runtime/train/signals.py: stop_at_once)
+            else:
+                say(f"launcher: {name}: the ranks save at the next step boundary and stop (Ctrl-C again to stop at once)")
             ranks.send(signum)  # once, to every rank
         elif signum == signal.SIGINT:
             say("launcher: second Ctrl-C: stopping every process of the run now, without saving")
@@ -115,14 +115,63 @@ def _supervise(plan: Plan, log: IO[str]) -> int:
 
     previous = {signum: signal.signal(signum, on_signal) for signum in FORWARDED}
     try:
+        ranks.spawn()  # forking: rank 0 imports torch and the rest while the data is prepared
+        code = _prepare(plan, {**os.environ, RUN_TOKEN: token}, tee, preparing)
+        if code != 0 or received:
+            ranks.abort()
+            return (EXIT_INTERRUPTED if signal.SIGINT in received else (code or REQUEUE_EXIT_CODE)), False
+        _clear_last_attempt(plan)
         code = ranks.run()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _kill_all(token)  # whatever outlived its rank (a child it started, a rank that ignored a kill)
     if signal.SIGINT in received[1:]:
-        return EXIT_INTERRUPTED
-    return code
+        return EXIT_INTERRUPTED, True
+    return code, True
+
+
+def _prepare(plan: Plan, env: dict[str, str], tee: Tee, preparing: list[subprocess.Popen[str]]) -> int:
+    """`python -m launcher.runtime --prepare-only` in a process of its own (the tokenising never grows
+    this one), its output teed here; its exit code."""
+    argv = [plan.torchrun[0], "-m", "launcher.runtime", "--plan", plan.plan_path, "--prepare-only"]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+        env=env,
+    )
+    preparing.append(proc)
+    assert proc.stdout is not None and proc.stderr is not None
+    pumps = [
+        threading.Thread(target=pump, args=("", source, sink, tee), daemon=True)
+        for source, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
+    ]
+    for thread in pumps:
+        thread.start()
+    code = proc.wait()
+    for thread in pumps:
+        thread.join(timeout=10)
+    preparing.clear()
+    if code == 0:
+        tee(f"launcher: data prepared for {plan.run_dir}\n", sys.stdout)
+    return shell_code(code)
+
+
+def _clear_last_attempt(plan: Plan) -> None:
+    """What an earlier run in this directory left that would speak for this one; the state: running."""
+    run_dir = Path(plan.run_dir)
+    logs = run_dir / "logs"
+    (run_dir / "checkpoints" / "REQUEUE").unlink(missing_ok=True)
+    for stale in (logs / "exit_code", logs / "failure", *(logs / "errors").glob("rank-*.json")):
+        stale.unlink(missing_ok=True)
+    write_state(run_dir, "running", job="local", attempt=1)
+    world = plan.topology["world_size"]
+    print(f"launcher: {world} process(es) on this machine (the same run under torchrun: bash {run_dir / 'launch.sh'})", flush=True)
 
 
 def say(line: str) -> None:

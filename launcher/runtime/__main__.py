@@ -85,11 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     gc.disable()
     from launcher.runtime.parallel.dist import init_distributed, quiet_warnings, teardown, write_error_file
     from launcher.runtime.state.checkpoint import CheckpointError, write_exit_code
-    from launcher.runtime.train.signals import StopFlag
+    from launcher.runtime.train.signals import STOP_SIGNALS, StopFlag
 
     # Catch USR1/TERM/INT from the first moment: a preemption while a large model loads must not be lost.
     stop = StopFlag()
     stop.install()
+    import signal
+
+    # Forked by rank 0 (launcher/zygote.py), the stop signals were blocked until now: one held meanwhile arrives here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     quiet_warnings()
     cpu_offload = cfg.parallel.backend == "fsdp" and cfg.parallel.fsdp.cpu_offload
     info = init_distributed(cfg.cluster.accelerator, cpu_offload, plan.collective_timeout_seconds or None)
@@ -122,6 +126,49 @@ def main(argv: list[str] | None = None) -> int:
             write_exit_code(Path(plan.run_dir) / "logs", code)
         teardown(synchronise=code in (0, EXIT_BAD_INPUT, REQUEUE_EXIT_CODE))
     return code
+
+
+def preload(argv: list[str]) -> None:
+    """What every rank imports, imported once by rank 0's interpreter before it forks the others
+    (launcher/zygote.py): torch and its distributed package, transformers with this plan's model
+    code, peft / bitsandbytes / DeepSpeed where the plan uses them, and this runtime. Imports only:
+    nothing here may start a thread or touch CUDA. A plan that does not load is left to main()."""
+    import importlib
+
+    gc.disable()  # as main() does: the collector would scan the imports' objects again and again
+    from launcher.config.errors import ConfigError
+
+    try:
+        cfg = Plan.load(argv[argv.index("--plan") + 1]).run_config
+    except (ConfigError, ValueError, IndexError):
+        return
+    from launcher.runtime.model.build import skip_unused_imports
+
+    skip_unused_imports()  # before transformers' first import
+    for name in (
+        "torch",
+        "torch.distributed",
+        "torch.distributed.fsdp",
+        "torch.distributed.checkpoint",
+        "transformers",
+        "launcher.runtime.parallel.dist",
+        "launcher.runtime.parallel.backends",
+        "launcher.runtime.state.checkpoint",
+        "launcher.runtime.train.loop",
+        "launcher.runtime.train.tasks",
+        "launcher.runtime.train.metrics",
+        "launcher.kernels.attention",
+        *(["peft"] if cfg.method.name in ("lora", "qlora", "prompt_tuning") else []),
+        *(["bitsandbytes"] if cfg.method.name == "qlora" else []),
+        *(["deepspeed"] if cfg.parallel.backend == "deepspeed" else []),
+        *(["launcher.runtime.train.preference"] if cfg.task == "preference" else []),
+    ):
+        importlib.import_module(name)
+    arch = cfg.model.architecture
+    if arch and arch.isidentifier():  # the model's own code (transformers.models.llama.modeling_llama, ...)
+        with contextlib.suppress(ImportError):
+            importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    gc.freeze()  # shared with the forked ranks, never copied by a collection
 
 
 def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Path:

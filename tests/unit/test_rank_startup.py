@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -54,4 +55,29 @@ def test_a_rank_reads_its_planned_config_without_omegaconf_or_yaml(tmp_path) -> 
         "assert not loaded, loaded\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_rank_zeros_preload_imports_the_runtime_and_starts_no_thread(tmp_path) -> None:
+    """launcher/zygote.py forks the other ranks after this: safe only with one thread and no CUDA."""
+    from launcher.config import load_config
+    from launcher.plan import build_plan, write_run_dir
+
+    plan = build_plan(load_config("tiny-cpu.yaml", ["method.name=lora"]), str(tmp_path / "run"))
+    write_run_dir(plan)
+    code = (
+        "import sys\n"
+        "from launcher.runtime.__main__ import preload\n"
+        "from launcher.zygote import threads\n"
+        f"preload(['--plan', {plan.plan_path!r}])\n"
+        "import torch\n"
+        "assert threads() == 1, threads()\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "wanted = {'torch.distributed.fsdp', 'transformers.models.llama.modeling_llama', 'peft', 'launcher.runtime.train.loop'}\n"
+        "assert wanted <= set(sys.modules), wanted - set(sys.modules)\n"
+        "assert 'deepspeed' not in sys.modules  # what this plan does not use\n"
+    )
+    # rank 0's environment: OMP_NUM_THREADS from the plan (more than 1 starts nothing at import), OpenBLAS's pool off
+    env = {**os.environ, "OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

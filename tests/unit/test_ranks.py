@@ -1,7 +1,9 @@
 """launcher/ranks.py, torchrun's one-node job in the `launcher run` process: each rank's environment,
-the prefixed output, the first failure stopping the others, a kill named, restarts. The workers
-here are a few lines of Python standing in for `python -m launcher.runtime` (no torch); the real
-runtime under it is run by every integration test that calls `launcher run`."""
+the prefixed output, the first failure stopping the others, a kill named, restarts; each both ways
+the ranks start: forked from rank 0's interpreter (launcher/zygote.py, the default on Linux) and
+each its own fresh interpreter (LAUNCHER_FORK_RANKS=0). The workers here are a few lines of Python
+standing in for `python -m launcher.runtime` (no torch); the real runtime under it is run by every
+integration test that calls `launcher run`."""
 
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ if act == "deaf":
 print("env", r, os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"],
       os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ["OMP_NUM_THREADS"], flush=True)
 print("to stderr", r, file=sys.stderr, flush=True)
+# launcher run's own child (forked ones adopted), in a session of its own; the rendezvous socket and the zygote's pipes rank 0's alone
+print("parent", r, os.getppid() == int(os.environ["LAUNCHER_SUPERVISOR_PID"]), os.getsid(0) == os.getpid(),
+      sorted(k for k in os.environ if k.startswith(("LAUNCHER_ZYGOTE", "LAUNCHER_STORE"))), flush=True)
 ready = pathlib.Path(os.environ["FAKE_DIR"], "ready-" + r)
 ready.touch()
 if act in ("hang", "deaf"):
@@ -54,6 +59,12 @@ if r == "0" and "LAUNCHER_STORE_FD" in os.environ:  # the rendezvous socket, han
     print("store", r, os.environ["GROUP_WORLD_SIZE"], os.environ["TORCHELASTIC_ERROR_FILE"], os.environ["LAUNCHER_SUPERVISOR_PID"], flush=True)
 sys.exit(int(act) if act.isdigit() else 0)
 """
+
+
+@pytest.fixture(params=["forked", "exec"], autouse=True)
+def start_mode(request, monkeypatch):
+    monkeypatch.setenv("LAUNCHER_FORK_RANKS", "1" if request.param == "forked" else "0")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +108,59 @@ def test_each_rank_gets_torchruns_environment_and_a_prefix(plan, tmp_path):
     # Rank 0 got the rendezvous port still bound and listening (nobody could take it in between).
     [store] = [line.split(":", 1)[1].split() for line in out.splitlines() if ":store " in line]
     assert store == ["store", "0", "1", f"{plan.run_dir}/logs/torchrun/attempt_0/0/error.json", str(os.getpid())]
+    parents = sorted(line.split(":", 1)[1].strip() for line in out.splitlines() if ":parent " in line)
+    assert parents == ["parent 0 True True ['LAUNCHER_STORE_FD']", "parent 1 True True ['LAUNCHER_STORE_CLIENT']"]
+
+
+# A stand-in runtime module with the zygote's hooks: what preload did, in which process, and whether
+# the stop signals are still held when main() begins (it unblocks them, as the runtime does).
+PRELOADING = r"""
+import os, signal, threading, time
+PRELOADED = None
+
+def preload(args):
+    global PRELOADED
+    PRELOADED = (os.getpid(), args)
+    if os.environ.get("STANDIN_THREAD"):  # a library that starts a thread at import
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+
+def main(args):
+    held = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+    pid, seen = PRELOADED
+    print("preloaded", os.environ["RANK"], pid == os.getpid(), seen == args, held, flush=True)
+    return 0
+
+if __name__ == "__main__":
+    print("fresh", os.environ["RANK"], flush=True)
+"""
+
+
+def test_forked_ranks_begin_from_rank_zeros_preload_with_the_stop_signals_held(plan, tmp_path, start_mode):
+    (tmp_path / "standin_runtime.py").write_text(PRELOADING)
+    out = io.StringIO()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)}
+    ranks = Ranks(plan, env, lambda line, sink: out.write(line), argv=[sys.executable, "-m", "standin_runtime", "--plan", "x"])
+    assert ranks.run() == 0
+    lines = sorted(line.split(":", 1)[1].split() for line in out.getvalue().splitlines() if "preloaded" in line)
+    if start_mode == "forked":  # rank 0 preloaded in its own process, rank 1 was forked from it afterwards
+        assert lines == [["preloaded", "0", "True", "True", "True"], ["preloaded", "1", "False", "True", "True"]]
+    else:
+        assert lines == []  # without the zygote nothing calls main(): the module ran as a script
+
+
+def test_after_imports_that_start_a_thread_the_other_ranks_are_fresh_interpreters(plan, tmp_path, start_mode):
+    """Copying a process with a second thread running could deadlock on a lock it held: not forked on."""
+    if start_mode == "exec":
+        pytest.skip("only the forked start copies rank 0")
+    (tmp_path / "standin_runtime.py").write_text(PRELOADING)
+    out, err = io.StringIO(), io.StringIO()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path), "STANDIN_THREAD": "1"}
+    tee = lambda line, sink: (err if sink is sys.stderr else out).write(line)  # noqa: E731
+    ranks = Ranks(plan, env, tee, argv=[sys.executable, "-m", "standin_runtime", "--plan", "x"])
+    assert ranks.run() == 0
+    assert "[default0]:preloaded 0 True True True" in out.getvalue() and "[default1]:fresh 1" in out.getvalue()
+    assert "2 threads after rank 0's imports" in err.getvalue()
 
 
 def test_the_first_failure_sets_the_code_and_stops_the_others(plan, tmp_path):
