@@ -184,7 +184,6 @@ def test_a_killed_launcher_run_takes_its_ranks_with_it(tmp_path: Path) -> None:
         assert line, f"launcher run ended before its first step:\n{seen}"
         seen += line
     assert len([line for line in _leftovers(run) if "launcher.runtime" in line]) == 2
-    time.sleep(1)
     proc.kill()
     proc.communicate(timeout=60)
     deadline = time.monotonic() + 10
