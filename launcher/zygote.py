@@ -21,6 +21,13 @@ The stop signals (USR1, TERM, INT, HUP, QUIT) arrive blocked, from `launcher run
 while the imports run is held, not lost. A target with a `preload` unblocks them once its own
 handlers are in place (launcher/runtime/__main__.py, after its StopFlag); a `-c` target gets them
 unblocked before it runs. Rank 0 then stops at the first step boundary and the others agree.
+
+Not under launch.sh and job.sbatch: there torchrun's agent starts each rank, as a process it
+watches by pid, and forking them from a pre-imported parent would mean a function entrypoint under
+the agent's fork start method, in an agent that must then never touch CUDA (torchrun asks CUDA for
+the device count with `--nproc-per-node gpu`, and a CUDA runtime does not survive a fork), which no
+GPU here can prove. The gain is also small there: on a GPU node every rank has cores of its own and
+imports in parallel with the others, where CUDA and NCCL set-up take longer than the imports.
 """
 
 from __future__ import annotations
