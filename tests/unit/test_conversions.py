@@ -25,6 +25,7 @@ def _tiny(kind: str, path: Path, **extra: object) -> torch.nn.Module:
         "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**shape, **moe, num_experts=4, moe_intermediate_size=32),
         "olmoe": lambda: transformers.OlmoeConfig(**shape, **moe, num_experts=4, eos_token_id=1, pad_token_id=0),
         "gpt_neox": lambda: transformers.GPTNeoXConfig(**shape),
+        "gpt2": lambda: transformers.GPT2Config(**shape),  # a tied head
     }
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(configs[kind]()).eval()
@@ -129,3 +130,58 @@ def test_the_router_loss_is_in_the_training_loss_as_transformers_adds_it(kind: s
         summed, count = token_loss_sum(ctx, batch)
         assert count == 23
         torch.testing.assert_close(summed.float() / count, reference.loss, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt_neox", "mixtral"])
+@torch.no_grad()
+def test_a_merged_lora_export_reads_the_base_as_transformers_does(kind: str, tmp_path: Path) -> None:
+    """export --merge of a dense LoRA (no expert adapters) read the base's safetensors under their
+    on-disk names: GPT-NeoX's embed_out and Mixtral's per-expert weights matched no model name and
+    were left out ("1 parameters were not written, e.g. lm_head.weight"; Qwen2-MoE: "...experts.down_proj").
+    Now every base tensor comes out under the model's name with the adapter merged in, and
+    save_pretrained's layout is written back from them."""
+    import json
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from launcher.config.schema import LoraSection, MethodSection, ModelSection
+    from launcher.runtime.model.conversions import SaveConversions
+    from launcher.runtime.model.methods import merged_tensors
+
+    original = _tiny(kind, tmp_path)
+    lora = LoraSection(r=2, alpha=8, dropout=0.0)
+    cfg = SimpleNamespace(model=ModelSection(name_or_path=str(tmp_path)), method=MethodSection(name="lora", lora=lora), task="causal_lm")
+    module = "gpt_neox.layers.0.attention.query_key_value" if kind == "gpt_neox" else "model.layers.0.self_attn.q_proj"
+    weight = original.get_submodule(module).weight
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, weight.shape[1], generator=generator), torch.randn(weight.shape[0], 2, generator=generator)
+    prefix = f"model.base_model.model.{module}"  # a checkpoint's names: the training model's, under "model."
+    read = {f"{prefix}.lora_A.default.weight": a, f"{prefix}.lora_B.default.weight": b}
+    expected = {key: tensor.shape for key, tensor in original.state_dict().items()}
+    merged = dict(merged_tensors(read, cfg, tmp_path, torch.float32, None, expected))
+    assert merged.keys() == expected.keys()
+    scale = 8 / 2
+    torch.testing.assert_close(merged[f"{module}.weight"], weight + scale * b @ a)
+    assert all(torch.equal(tensor, original.state_dict()[key]) for key, tensor in merged.items() if key != f"{module}.weight")
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        on_disk = set(handle.keys())
+    assert dict(SaveConversions(json.loads((tmp_path / "config.json").read_text()), original.config)(merged.items())).keys() == on_disk
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox"])
+@torch.no_grad()
+def test_an_export_writes_the_tensors_save_pretrained_writes(kind: str, tmp_path: Path) -> None:
+    """A model's tensors as export writes them are save_pretrained's, name for name and bit for bit:
+    a tied output embedding once (a full or freeze GPT-2 / Gemma export wrote lm_head.weight beside
+    the input embedding), a renamed head under the checkpoint's name (GPT-NeoX's embed_out)."""
+    from safetensors import safe_open
+
+    from launcher.runtime.state.export import save_pretrained_layout
+
+    original = _tiny(kind, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        on_disk = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    written = dict(save_pretrained_layout(tmp_path)(original.state_dict().items()))
+    assert written.keys() == on_disk.keys()
+    assert all(torch.equal(written[key], on_disk[key]) for key in on_disk)

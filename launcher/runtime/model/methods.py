@@ -30,6 +30,7 @@ from torch import nn
 
 from launcher.config.schema import LoraSection, MethodSection, RunConfig
 from launcher.runtime.model.build import copy_full_into, final_norms, find_blocks, head_modules
+from launcher.runtime.model.conversions import Conversions
 from launcher.runtime.model.files import ModelError
 
 ADAPTER_MARKERS = ("lora_", "prompt_encoder")
@@ -205,10 +206,13 @@ def merged_tensors(
     """The base model's tensors (from its own safetensors) with W + (alpha / r) B A merged in.
 
     Frozen base weights are read from the original files rather than the checkpoint, so a QLoRA
-    adapter merges into the unquantised weights. GPT-2's Conv1D stores W transposed (peft's
-    fan_in_fan_out): found by module type on a meta copy of the model, not by shape. For a
-    classifier, `expected` is the exported model's keys (the base's lm_head is left out) and the
-    trained head comes from the checkpoint. Yields (Hugging Face name, tensor).
+    adapter merges into the unquantised weights; they are read as from_pretrained reads them,
+    through transformers' conversions (GPT-NeoX's `embed_out` is `lm_head`, a Mixture-of-Experts
+    base's per-expert weights are fused, one layer's experts at a time), so the names are the
+    model's: the adapters' and `expected`'s (export writes save_pretrained's layout back). GPT-2's
+    Conv1D stores W transposed (peft's fan_in_fan_out): found by module type on a meta copy of the
+    model, not by shape. For a classifier, `expected` is the exported model's keys (the base's
+    lm_head is left out) and the trained head comes from the checkpoint. Yields (model name, tensor).
     """
     from safetensors import safe_open
     from transformers.pytorch_utils import Conv1D
@@ -232,25 +236,47 @@ def merged_tensors(
         pairs.setdefault(f"{module}.weight", {})[rest.split(".")[0]] = tensor.float()  # A, B, embedding_A, embedding_B
     prefixes = sorted({k.split(".")[0] for k in (expected or {})})
     merged = 0
-    for file in sorted(base.glob("*.safetensors")):
+
+    def exported_name(key: str) -> str:  # a base saved without its prefix (BertModel) → the classifier's name; "": not exported
+        if expected is None:
+            return key
+        return next((k for k in (key, *(f"{p}.{key}" for p in prefixes)) if k in expected), "")
+
+    def merge(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal merged
+        pair = pairs.get(key)
+        if pair is None:
+            return tensor
+        if "A" in pair:
+            delta = pair["B"] @ pair["A"]
+            delta = delta.T if key in transposed else delta
+        else:  # an embedding's LoRA: A is [r, vocab], B is [dim, r]
+            delta = (pair["embedding_B"] @ pair["embedding_A"]).T
+        merged += 1
+        return (tensor.float() + scale * delta).to(dtype)
+
+    files = sorted(base.glob("*.safetensors"))
+    where: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            where.update(dict.fromkeys(handle.keys(), file))
+    conversions = Conversions(meta)
+    plain, groups = conversions.groups(list(where))
+    for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for stored in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                key = stored
-                if expected is not None:  # a base saved without its prefix (BertModel) → the classifier's name
-                    key = next((k for k in (stored, *(f"{p}.{stored}" for p in prefixes)) if k in expected), "")
-                    if not key:
-                        continue
-                tensor = handle.get_tensor(stored)
-                pair = pairs.get(key)
-                if pair is not None:
-                    if "A" in pair:
-                        delta = pair["B"] @ pair["A"]
-                        delta = delta.T if key in transposed else delta
-                    else:  # an embedding's LoRA: A is [r, vocab], B is [dim, r]
-                        delta = (pair["embedding_B"] @ pair["embedding_A"]).T
-                    tensor = (tensor.float() + scale * delta).to(dtype)
-                    merged += 1
-                yield key, tensor
+                key = exported_name(plain[stored]) if stored in plain else ""
+                if key:
+                    yield key, merge(key, handle.get_tensor(stored))
+
+    def read_base(stored: str) -> torch.Tensor:
+        with safe_open(str(where[stored]), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(stored)
+
+    for target, group in groups.items():  # tensors transformers merges on load (one layer's experts at a time)
+        for converted, tensor in conversions.convert(target, group, read_base).items():
+            if key := exported_name(converted):
+                yield key, merge(key, tensor)
     yield from head_tensors
     if merged != len(pairs):
         raise ModelError(f"merged {merged} of {len(pairs)} LoRA pairs into {base}; the base does not match the checkpoint")

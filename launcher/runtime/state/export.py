@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -160,11 +160,11 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
         from launcher.runtime.model.methods import merged_tensors
 
         _copy_side_files(base, out, dtype, cfg.task, labels)
-        save = _saver(out)
+        save = save_pretrained_layout(out)
         count = write_model(save(merged_tensors(read, cfg, base, dtype, heads, expected_keys(out, cfg.task))), out, dtype)
     else:
         _copy_side_files(base, out, dtype, cfg.task, labels)
-        save = _saver(out)
+        save = save_pretrained_layout(out)
         count = write_model(save((name.removeprefix("model."), tensor) for name, tensor in read.items()), out, dtype)
     verify(out, cfg.task)
     return count
@@ -286,16 +286,23 @@ def _merge_with_peft(read: Any, cfg: Any, base: Path, out: Path, dtype: torch.dt
         model = model_class(cfg.task).from_pretrained(base, dtype=torch.float32)
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     _copy_side_files(base, out, dtype, cfg.task, None)
-    tied = getattr(merged.config, "tie_word_embeddings", False)
-    state = ((key, tensor) for key, tensor in merged.state_dict().items() if not (tied and key == "lm_head.weight"))
-    return write_model(_saver(out)(state), out, dtype)
+    return write_model(save_pretrained_layout(out)(merged.state_dict().items()), out, dtype)
 
 
-def _saver(out: Path) -> SaveConversions:
-    """The names and layout save_pretrained writes for the exported config.json (conversions.py)."""
+def save_pretrained_layout(out: Path) -> Callable[[Iterable[tuple[str, torch.Tensor]]], Iterator[tuple[str, torch.Tensor]]]:
+    """The model's tensors → what save_pretrained writes for the exported config.json: a tied output
+    embedding once, under the input embedding's name (a full GPT-2 or Gemma export wrote lm_head.weight
+    too), then transformers' conversions reversed for the names and layout (conversions.py)."""
     from transformers import AutoConfig
 
-    return SaveConversions(json.loads((out / "config.json").read_text()), AutoConfig.from_pretrained(out))
+    config = AutoConfig.from_pretrained(out)
+    convert = SaveConversions(json.loads((out / "config.json").read_text()), config)
+    tied = getattr(config, "tie_word_embeddings", False)
+
+    def save(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        return convert((key, tensor) for key, tensor in tensors if not (tied and key == "lm_head.weight"))
+
+    return save
 
 
 def _meta_model(out: Path, task: str) -> torch.nn.Module:
