@@ -230,6 +230,7 @@ def _summary(plan) -> str:  # plan: Plan
 
     cfg, topo = plan.config, plan.topology
     mem = plan.estimate
+    pairs = cfg["task"] == "preference"  # a row is a pair: two sequences, each up to max_seq_len
     rows = [
         ("run dir", plan.run_dir),
         ("model", f"{cfg['model']['name_or_path']} ({mem['params'] / 1e6:,.1f} M params)"),
@@ -239,9 +240,10 @@ def _summary(plan) -> str:  # plan: Plan
         (
             "batch",
             f"{topo['micro_batch_size']} micro x {topo['gradient_accumulation_steps']} accum x {topo['data_parallel']} dp"
-            f" = {topo['global_batch_size']} seqs ({topo['tokens_per_step']:,} tokens max)",
+            f" = {topo['global_batch_size']} {'pairs' if pairs else 'seqs'} ({topo['tokens_per_step'] * (2 if pairs else 1):,} tokens max)",
         ),
         ("steps", str(cfg["train"]["max_steps"])),
+        *([("reference", _reference_line(cfg, mem))] if cfg["task"] == "preference" else []),
         ("memory/GPU", _memory_line(mem)),
         ("collectives", f"time out after {plan.collective_timeout_seconds} s (cluster.collective_timeout_seconds)"),
         # launcher.agent is torchrun (torch.distributed.run) with the same arguments, minus its slow exit
@@ -255,6 +257,19 @@ def _backend_line(plan) -> str:  # plan: Plan
     par, choice = plan.config["parallel"], plan.backend_choice
     line = par["backend"] + (f" ZeRO-{par['zero_stage']}" if plan.deepspeed else "")
     return line + (f" ({choice['reason']})" if choice.get("requested") == "auto" else "")
+
+
+def _reference_line(cfg: dict[str, Any], mem: dict[str, float]) -> str:
+    """A preference run's reference pass and what it costs (estimate.txt has the numbers)."""
+    loss, flops = cfg["preference"]["loss"], mem.get("reference_flops_per_token", 0.0)
+    if not flops:
+        return f"none ({loss} is reference-free)"
+    if mem.get("reference_stored"):
+        share = flops / mem["flops_per_token"]
+        return f"{loss}: computed once before step 1 (a forward of the first epoch, {share:.0%} of its training compute), stored beside the data"
+    return (
+        f"{loss}: the base with the adapters off, a forward of every micro-batch ({mem['reference_step_share']:.0%} of each step's compute)"
+    )
 
 
 def _memory_line(mem: dict[str, float]) -> str:

@@ -187,6 +187,11 @@ class PreferenceSection:
     gamma: float = 0.5  # simpo: the target reward margin (TRL's simpo_gamma)
     orpo_lambda: float = 0.1  # orpo: the weight of the odds-ratio term (TRL's ORPOConfig.beta; `lambda` is Python's)
 
+    @property
+    def needs_reference(self) -> bool:
+        """dpo and ipo score against the reference model's log-probabilities; orpo and simpo are reference-free."""
+        return self.loss in ("dpo", "ipo")
+
 
 @dataclass(frozen=True)
 class OptimSection:

@@ -21,6 +21,8 @@ from launcher.plan.estimate.cost import (
     flops_per_token,
     host_bytes,
     model_flops_per_token,
+    reference_flops_per_token,
+    step_reference_flops,
     step_seconds,
     write_speed,
 )
@@ -90,7 +92,17 @@ def setting_of(cfg: RunConfig, topology: Topology) -> Setting:
         topology=topology,
         cuda=cfg.cluster.accelerator == "cuda",
         task=cfg.task,
+        reference=reference_pass(cfg),
     )
+
+
+def reference_pass(cfg: RunConfig) -> str:
+    """How a run gets its reference log-probabilities (runtime/train/preference.py): none (not a
+    preference run, or orpo/simpo), adapters (the same model with its adapters off, every
+    micro-batch), stored (computed once before step 1 by the same sharded model, kept beside the data)."""
+    if cfg.task != "preference" or not cfg.preference.needs_reference:
+        return "none"
+    return "adapters" if cfg.method.name in ("lora", "qlora") else "stored"
 
 
 def estimate_plan(cfg: RunConfig, topology: Topology) -> dict[str, float]:
@@ -105,6 +117,12 @@ def estimate_plan(cfg: RunConfig, topology: Topology) -> dict[str, float]:
     out["flops_per_token"] = flops_per_token(setting)
     out["model_flops_per_token"] = model_flops_per_token(setting)  # the progress line's MFU on CUDA
     out["step_seconds"] = step_seconds(setting, cfg.cluster.gpu) if setting.cuda else 0.0
+    # the reference pass: its forward per token; stored: done once, over the first epoch, before step 1
+    reference = reference_flops_per_token(setting)
+    out["reference_flops_per_token"], out["reference_stored"] = reference, float(setting.reference == "stored")
+    out["reference_step_share"] = step_reference_flops(setting) / out["flops_per_token"]  # of each step's compute
+    # stored: the pass's seconds for one step's rows (an epoch of N steps takes N times this)
+    out["reference_seconds_per_step"] = step_seconds(setting, cfg.cluster.gpu, reference) if setting.cuda else 0.0
     out["peak_tflops"] = PEAK_TFLOPS.get(cfg.cluster.gpu, PEAK_TFLOPS["h100-80gb"])
     out["mfu"] = MFU
     out["gpu_memory_gib"] = gpu_memory_gib(cfg.cluster) or 0.0

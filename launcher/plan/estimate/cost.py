@@ -55,7 +55,7 @@ def _forward_flops(s: Setting) -> float:
     """One forward per token: 2 per matmul weight, and causal attention (half of the S x S scores)."""
     counts = count_params(s.model, s.method, s.task, s.positions)
     _, layers, _, vocab, q, _ = shapes(s.model)
-    head = (s.model.hidden_size or 0) * vocab if s.task == "causal_lm" else 0
+    head = (s.model.hidden_size or 0) * vocab if s.task != "classification" else 0
     attention = 2 * layers * s.seq_len * q  # QK^T and AV, causal: 2 x 2 flops x S/2 x width
     return float(2 * (counts.active_linear + head) + attention)  # MoE: the experts a token is routed to
 
@@ -68,7 +68,18 @@ def model_flops_per_token(s: Setting) -> float:
     if s.method.name in ("full", "freeze"):
         return 3 * forward
     _, layers, _, _, q, _ = shapes(s.model)
-    return 2 * forward + 2 * layers * s.seq_len * q
+    return 2 * forward + 2 * layers * s.seq_len * q + step_reference_flops(s)
+
+
+def reference_flops_per_token(s: Setting) -> float:
+    """The reference pass (dpo, ipo) per token: one no-grad forward of the model without adapters,
+    in every step (adapters) or over the first epoch once before step 1 (stored)."""
+    return _forward_flops(s) if s.reference != "none" else 0.0
+
+
+def step_reference_flops(s: Setting) -> float:
+    """The part of the reference pass each training step does: all of it with adapters, none stored."""
+    return reference_flops_per_token(s) if s.reference == "adapters" else 0.0
 
 
 def flops_per_token(s: Setting) -> float:
@@ -78,6 +89,9 @@ def flops_per_token(s: Setting) -> float:
     return model_flops_per_token(s) + recompute
 
 
-def step_seconds(s: Setting, gpu: str) -> float:
+def step_seconds(s: Setting, gpu: str, flops: float | None = None) -> float:
+    """One step's seconds at `flops` per token (the step's own by default), a preference row holding
+    a pair (twice the tokens the topology counts)."""
     peak = PEAK_TFLOPS.get(gpu, PEAK_TFLOPS["h100-80gb"]) * 1e12
-    return flops_per_token(s) * s.topology.tokens_per_step / (s.topology.world_size * peak * MFU)
+    tokens = s.topology.tokens_per_step * s.row_len // s.seq_len
+    return (flops_per_token(s) if flops is None else flops) * tokens / (s.topology.world_size * peak * MFU)

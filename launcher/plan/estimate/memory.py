@@ -13,6 +13,11 @@ Each item is what the launcher's runtime allocates for it, not a textbook rule:
   to pinned host memory.
 - Activations are the tensors saved for backward per token, counted from the ops HF's blocks run
   (tests/unit/test_estimate.py holds them to `saved_tensors_hooks`).
+- A preference row is a pair (chosen and rejected, each up to max_seq_len): twice the tokens of a
+  causal-LM row, scored through full fp32 logits (runtime/train/preference.py). Its reference pass
+  (dpo, ipo) is a no-grad forward: it saves nothing for backward and its logits peak is below the
+  loss's, so it adds no item here; it costs compute (cost.py), and a stored reference costs 8 bytes
+  per sequence on the host.
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ class Setting:
     cuda: bool = True
     task: str = "causal_lm"
     positions: int | None = None  # learned position rows (GPT-2, BERT); None: read or defaulted
+    # preference: none (orpo, simpo; other tasks) | adapters (the base with the adapters off, a no-grad
+    # forward of every micro-batch) | stored (a no-grad forward of the first epoch, once before step 1)
+    reference: str = "none"
+
+    @property
+    def row_len(self) -> int:
+        """Tokens one row holds at most: a preference row is a pair, each sequence up to seq_len."""
+        return 2 * self.seq_len if self.task == "preference" else self.seq_len
 
 
 def shard_group(s: Setting) -> int:
@@ -58,7 +71,10 @@ def shard_group(s: Setting) -> int:
 
 
 def loss_kind(s: Setting) -> str:
-    """plain | chunked | none, as kernels/src/loss.py `choose` decides it on the cluster."""
+    """plain | chunked | none, as kernels/src/loss.py `choose` decides it on the cluster (a preference
+    run takes every position's log-softmax of the full logits: plain)."""
+    if s.task == "preference":
+        return "plain"
     if s.task != "causal_lm":
         return "none"
     if s.kernels.loss == "plain" or s.method.name == "prompt_tuning" or s.model.architecture in POST_PROCESSED_LOGITS:
@@ -87,7 +103,7 @@ def block_saved_bytes(s: Setting, counts: ParamCounts, mode: str) -> float:
         norms = 2 * (4 * h + 4 + (0 if frozen else 2 * c * h))
     core = c * q + 4 * heads  # attention output and logsumexp
     if attention_kind(s) == "eager":
-        core += heads * s.seq_len * (4 + c)  # fp32 softmax and its cast, per query token
+        core += heads * s.row_len * (4 + c)  # fp32 softmax and its cast, per query token (over the whole row)
     mlp = (fam.mlp_saved - (1 if frozen else 0)) * c * inter  # frozen: the down projection's input is not kept
     saved: float = norms + c * (q + 2 * kv) + mlp + core
     if frozen:
@@ -96,7 +112,7 @@ def block_saved_bytes(s: Setting, counts: ParamCounts, mode: str) -> float:
         # the block's input (kept by the checkpoint), attention's output and logsumexp (eager:
         # the scores' and the values' matmuls), every linear's output; the rest is recomputed
         outputs = q + 2 * kv + h + (2 if fam.gated_mlp else 1) * inter + h
-        attention = c * q + (c * heads * s.seq_len if attention_kind(s) == "eager" else 4 * heads)
+        attention = c * q + (c * heads * s.row_len if attention_kind(s) == "eager" else 4 * heads)
         adapters = 4 * sum(s.method.lora.r + o for _, o, _ in counts.lora_modules) if frozen else 0  # fp32 lora_A, lora_B outputs
         return c * h + attention + c * outputs + adapters
     return saved
@@ -122,7 +138,7 @@ def activation_bytes(s: Setting, counts: ParamCounts) -> dict[str, float]:
     """Saved-for-backward bytes of one micro-batch, and its peak with the configured checkpointing."""
     h, layers, _, _, _, _ = shapes(s.model)
     c = BYTES[s.train.precision]
-    tokens = (s.train.micro_batch_size or 1) * s.seq_len
+    tokens = (s.train.micro_batch_size or 1) * s.row_len
     fam = family_of(s.model)
     frozen = s.method.name in ("lora", "qlora")  # frozen embeddings, final norm and head: less to keep
     outside = 0 if frozen else 8 * (2 if fam.learned_positions else 1)  # token (and position) ids
@@ -135,14 +151,14 @@ def activation_bytes(s: Setting, counts: ParamCounts) -> dict[str, float]:
     saved = layers * per_block[mode] + outside * tokens
     # one block's activations, rebuilt in its backward (selective: what it did not keep)
     recompute = {"none": 0.0, "full": per_block["none"], "selective": max(0.0, per_block["none"] - per_block["selective"])}[mode]
-    mask = tokens * s.seq_len * c if attention_kind(s) == "eager" else 0.0  # dense [B, 1, S, S]
+    mask = tokens * s.row_len * c if attention_kind(s) == "eager" else 0.0  # dense [B, 1, S, S]
     return {"saved": saved, "peak": saved + recompute, "mask": mask, **{f"block_{m}": v for m, v in per_block.items()}}
 
 
 def logits_bytes(s: Setting) -> float:
     """The loss's peak beyond the head's input: plain = full logits, chunked = one block at a time."""
     h, _, _, vocab, _, _ = shapes(s.model)
-    tokens = (s.train.micro_batch_size or 1) * s.seq_len
+    tokens = (s.train.micro_batch_size or 1) * s.row_len
     match loss_kind(s):
         case "plain":
             # backward of log-softmax: its saved fp32 output, the incoming gradient and the result

@@ -145,7 +145,7 @@ def count_params(model: ModelSection, method: MethodSection, task: str = "causal
     rows = 0 if not fam.learned_positions else positions if positions is not None else learned_positions(model)
     embeddings = vocab * h + rows * h + (2 * h if fam.encoder else 0)
     final_norm = (norm + h * h + h) if fam.encoder else norm  # BERT: embedding LayerNorm + pooler, no final norm
-    head = 0 if (model.tie_word_embeddings or fam.encoder or task != "causal_lm") else vocab * h
+    head = 0 if (model.tie_word_embeddings or fam.encoder or task == "classification") else vocab * h  # preference: an LM head
     wanted = set(linears) if "all-linear" in method.lora.target_modules else set(method.lora.target_modules) & set(linears)
     lora_modules = tuple(pair for name in sorted(wanted) for pair in linears[name])
     lora = layers * sum(method.lora.r * (i + o) for i, o, _ in lora_modules)

@@ -55,7 +55,29 @@ def render_estimate(e: dict[str, float], candidates: dict[int, float] | None = N
     lines.append(f"compute: {e['flops_per_token'] / 1e9:.1f} GFLOP per token")
     if e.get("step_seconds"):
         lines.append(f"time per step: ~{e['step_seconds']:.2f} s ({e['peak_tflops']:g} TFLOP/s per GPU at {e['mfu']:.0%} MFU, assumed)")
-    return "\n".join(lines) + "\n"
+    line = reference_line(e)
+    return "\n".join(lines + ([line] if line else [])) + "\n"
+
+
+def reference_line(e: dict[str, float]) -> str | None:
+    """What the reference pass of dpo/ipo costs (None without one): in each step, or once before step 1."""
+    flops = e.get("reference_flops_per_token", 0.0)
+    if not flops:
+        return None
+    if e.get("reference_stored"):
+        seconds = f", ~{e['reference_seconds_per_step']:.2f} s per step's rows" if e.get("reference_seconds_per_step") else ""
+        return (
+            f"reference pass: once before step 1, a no-grad forward of the first epoch ({_flops(flops)} per token{seconds}, "
+            f"{flops / e['flops_per_token']:.0%} of the epoch's training compute), stored beside the data and reused on resume"
+        )
+    return (
+        f"reference pass: the base with the adapters off, a no-grad forward of every micro-batch ({_flops(flops)} per token, "
+        f"{e['reference_step_share']:.0%} of each step's compute, counted above)"
+    )
+
+
+def _flops(n: float) -> str:
+    return f"{n / 1e9:.1f} GFLOP" if n >= 1e8 else f"{n / 1e6:.2f} MFLOP"
 
 
 def _count(n: float) -> str:
