@@ -179,7 +179,7 @@ def check_fields(cfg: RunConfig) -> Iterator[Problem]:
         )
 
 
-DATA_ROLES = ("prompt", "response", "instruction", "input", "output", "system", "messages", "text", "label")
+DATA_ROLES = ("prompt", "response", "instruction", "input", "output", "system", "messages", "text", "label", "chosen", "rejected")
 
 
 def check_data_sources(cfg: RunConfig) -> Iterator[Problem]:

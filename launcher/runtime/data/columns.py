@@ -94,7 +94,8 @@ def role_columns(source: Source, present: list[str]) -> dict[str, str]:
             column = "conversations"  # ShareGPT's name for it
         if column in present:
             out[role] = column
-        elif role not in OPTIONAL or role in explicit:
+        elif (role not in OPTIONAL and (source.template, role) != ("preference", "prompt")) or role in explicit:
+            # a pair without a prompt column has it inside chosen and rejected (TRL's implicit prompt)
             key = f"data.{_LEGACY_KEYS[role]}" if role in _LEGACY_KEYS else f"data.columns.{role}"
             raise DataError(
                 f"{source.path}: row 1 has no column {column!r} (the {role} of template {source.template}); "
@@ -177,7 +178,8 @@ def to_roles(
     out: dict[str, list[Any]] = {"_invalid": [""] * n, "_missing": [False] * n}
     given = batch[invalid] if invalid else [None] * n
     if template == "preference":
-        for role in ROLES[template]:
+        out["prompt"] = ["null"] * n  # no prompt column: pairs.py finds it inside chosen and rejected
+        for role in (r for r in ROLES[template] if r in columns):
             out[role] = []
             for i, value in enumerate(batch[columns[role]]):
                 try:
@@ -185,7 +187,7 @@ def to_roles(
                 except RowFault as fault:
                     out[role].append("")
                     out["_invalid"][i] = out["_invalid"][i] or str(fault)
-        out["_missing"] = [any(batch[columns[r]][i] is None for r in ROLES[template]) and not given[i] for i in range(n)]
+        out["_missing"] = [any(batch[columns[r]][i] is None for r in columns) and not given[i] for i in range(n)]
         # a prompt may be empty (TRL allows it); a response may not
         empty = [any(out[r][i] in ("", '""', "[]") for r in ("chosen", "rejected")) for i in range(n)]
     elif template == "chat":

@@ -33,8 +33,9 @@ from launcher.runtime.data.store import pack_lengths
 # 5: Arrow pipeline, mixes, report per data set; target mask and document lengths, see data/store.py;
 # 6: OpenAI content parts read as their text, not their repr; 7: unreadable rows counted and
 # dropped, cells cut at columns.char_limit, a validation set's own report; 8: a DatasetDict's own
-# validation split used by default).
-CACHE_VERSION = 8
+# validation split used by default; 9: preference pairs that are whole conversations take their
+# shared opening turns as the prompt).
+CACHE_VERSION = 9
 SPLITS = ("train", "val")
 __all__ = ["CACHE_VERSION", "Batch", "GlobalOrder", "TokenData", "cache_key", "pack_lengths", "prepare_data"]
 

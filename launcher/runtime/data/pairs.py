@@ -4,7 +4,9 @@ on the same tokens.
 Each role arrives as JSON (columns.to_roles): text, or chat messages (TRL's conversational format).
 Text: the prompt is tokenised alone and joined with each response (the tokenizer's EOS appended to a
 response that lacks it); messages: the chat template renders the prompt with the generation prompt,
-and prompt + response whole. The response starts where the prompt's tokens and the whole's part
+and prompt + response whole. Chosen and rejected that are whole conversations beside a text prompt
+(UltraFeedback-binarized) or none (TRL's implicit prompt) have their shared opening turns taken as
+the prompt (TRL's maybe_extract_prompt), so the question is neither said twice nor scored. The response starts where the prompt's tokens and the whole's part
 (TRL's common prefix), and only its tokens are scored. A pair is one row of the Arrow table: the
 chosen sequence, then the rejected one (`split` = the chosen one's length); data.max_seq_len
 bounds each sequence, as TRL's max_length does.
@@ -13,6 +15,7 @@ bounds each sequence, as TRL's max_length does.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +23,7 @@ import numpy as np
 from launcher.runtime.data.core import IGNORE_INDEX
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -33,9 +36,28 @@ def _as_messages(value: Any, role: str) -> list[dict[str, str]]:
     return value if isinstance(value, list) else [{"role": role, "content": value}]
 
 
+def implicit_prompt(prompt: Any, chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) with the prompt found where the pair holds it inside its responses
+    (TRL's extract_prompt): conversations beside a text prompt or none (`prompt` None: no column)
+    give the turns they open with alike; text without a prompt column, the characters they open with
+    alike, up to a space (the space stays with the responses). A given conversational prompt is kept."""
+    if isinstance(chosen, list) and isinstance(rejected, list) and not isinstance(prompt, list):
+        shared = _common_prefix(chosen, rejected)
+        if shared or prompt is None:
+            return chosen[:shared], chosen[shared:], rejected[shared:]
+    elif prompt is None and isinstance(chosen, str) and isinstance(rejected, str):
+        shared = _common_prefix(chosen, rejected)
+        shared -= 1 if 0 < shared < min(len(chosen), len(rejected)) and chosen[shared - 1] == " " else 0
+        return chosen[:shared], chosen[shared:], rejected[shared:]
+    return ("" if prompt is None else prompt), chosen, rejected
+
+
 def pair_ids(prompt: Any, chosen: Any, rejected: Any, tokenizer: Any, chat_template: str) -> tuple[list[int], list[int], list[int]]:
     """(prompt ids, chosen response ids, rejected response ids) of one pair, as TRL tokenises it."""
+    prompt, chosen, rejected = implicit_prompt(prompt, chosen, rejected)
     if isinstance(prompt, list) or isinstance(chosen, list):  # conversational
+        if not chat_template:
+            raise ValueError("the tokenizer has no chat template for these messages; set data.chat_template")
         turns = _as_messages(prompt, "user") if prompt else []
 
         def render(messages: list[dict[str, str]], generation_prompt: bool = False) -> list[int]:

@@ -46,7 +46,9 @@ def build(data: DataSection, task: str, tokenizer_dir: Path, seed: int, out: Pat
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     sources = sources_of(data, task, resolve)
-    chat = chat_template(data.chat_template, tokenizer, tokenizer_dir) if any(s.template == "chat" for s in sources) else ""
+    # preference pairs need one only for chat messages (pairs.py refuses those rows without one)
+    pairs = any(s.template == "preference" for s in sources) and (data.chat_template or getattr(tokenizer, "chat_template", None))
+    chat = chat_template(data.chat_template, tokenizer, tokenizer_dir) if pairs or any(s.template == "chat" for s in sources) else ""
     work = out / "work"
     work.mkdir()
     ctx = _Context(data, tokenizer, chat, work, seed)
