@@ -22,7 +22,7 @@ N_TASKS = 12000
 SENTIMENT_NAME = "tiny-sentiment"
 N_SENTIMENT = 4000
 PREFERENCES_NAME = "tiny-preferences"
-PREFERENCES_VERSION = "v3"  # v3: a sum's near miss is one of its operands (v2: the sum off by 1 or 2, not learnable by DPO)
+PREFERENCES_VERSION = "v4"  # v4: a copy's or reversal's near miss stops after a word (v3: reordered, stayed at chance)
 N_PREFERENCES = 3000
 
 _WORDS = (
@@ -100,14 +100,19 @@ def tiny_sentiment(n: int = N_SENTIMENT, seed: int = 0) -> list[dict[str, str]]:
 
 
 def _wrong(task: dict[str, str], rng: random.Random) -> str:
-    """A plausible wrong answer to a task: the words unchanged or shuffled, a count off by a little, a
-    sum's operand (a tiny model cannot learn sums off by one from a few hundred pairs: it stays at chance)."""
+    """A plausible wrong answer to a task: a count off by a little, a sum's operand, a copy or reversal
+    stopped after its first word, the other tasks' words unchanged, reordered or cut to the first.
+    What DPO from the untrained tiny model could not learn in a few hundred pairs stayed at chance, so
+    it is left out: sums off by one (v2), a copy reversed or a reversal left as it was (v3), a copy or
+    reversal with one word dropped or said twice."""
     answer, prompt = task["response"], task["prompt"]
     if prompt.startswith("add: "):
         operands = [o for o in prompt.removeprefix("add: ").split(" + ") if o != answer]
         return rng.choice(operands) if operands else str(int(answer) + 1)
     if answer.isdigit():
         return str(int(answer) + rng.choice((-2, -1, 1, 2, 10)))
+    if prompt.startswith(("copy: ", "reverse: ")):
+        return answer.split()[0]
     words = prompt.split(": ", 1)[1].split()
     candidates = [" ".join(words), " ".join(reversed(words)), " ".join(sorted(words)), words[0]]
     wrong = [c for c in candidates if c != answer]

@@ -32,7 +32,6 @@ from launcher.runtime.parallel.dist import all_reduce_sum
 from launcher.runtime.train.loop import Context, _autocast
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
-REFERENCE_FREE = ("orpo", "simpo")
 
 
 def pair_losses(
@@ -52,12 +51,18 @@ def pair_losses(
         else:  # IPO on per-token log-ratios (TRL's normalisation, confirmed with the IPO authors)
             losses = (chosen_ratio / n_chosen - rejected_ratio / n_rejected - 1 / (2 * beta)) ** 2
         good, bad, shown = beta * chosen_ratio.detach(), beta * rejected_ratio.detach(), (chosen, rejected)
-    elif pref.loss == "simpo":
+    elif pref.loss == "simpo":  # SimPO (Meng et al. 2024): reward beta x mean token log-prob, margin gamma
         chosen, rejected = chosen / n_chosen, rejected / n_rejected
         margin = chosen - rejected - pref.gamma / beta
         losses = -F.logsigmoid(beta * margin) * (1 - smoothing) - F.logsigmoid(-beta * margin) * smoothing
         good, bad, shown = beta * chosen.detach(), beta * rejected.detach(), (chosen, rejected)
-    else:  # orpo: the chosen response's mean NLL minus lambda x log sigmoid(log odds ratio)
+    else:
+        # orpo: the chosen response's NLL minus lambda x log sigmoid(log odds ratio), each sequence's
+        # probability its tokens' geometric mean. The NLL is per pair, the chosen response's tokens'
+        # mean, as the ORPO paper writes its SFT term (Hong et al. 2024: the loss over a response's m
+        # tokens divided by m, in expectation over pairs). TRL's ORPOTrainer, like the authors' code,
+        # averages over every chosen token of a batch instead: a long response weighs more and the loss
+        # changes with the batching; the two agree when a batch's chosen responses are equally long.
         chosen, rejected = chosen / n_chosen, rejected / n_rejected
         log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
         losses = -chosen - pref.orpo_lambda * F.logsigmoid(log_odds)
@@ -112,7 +117,7 @@ class Preference:
     def __init__(self, pref: PreferenceSection, method: str) -> None:
         self.pref = pref
         self.adapters = method in ("lora", "qlora")
-        self.needs_reference = pref.loss not in REFERENCE_FREE
+        self.needs_reference = pref.needs_reference
         self.stored: dict[str, np.ndarray] = {}  # split -> reference log-probability per sequence (full, freeze)
         self.sums: torch.Tensor | None = None  # this step's METRICS summed over its pairs
 
@@ -120,7 +125,14 @@ class Preference:
         if not self.needs_reference:
             return None
         if self.adapters:
+            trainable = [p for p in ctx.model.parameters() if p.requires_grad]
             with torch.no_grad(), _adapters(ctx.model).disable_adapter():
+                # peft switches requires_grad off on the adapters too, but FSDP2 reads requires_grad at
+                # its first forward (this one) to choose the gradients' reduce dtype and the dtype they
+                # are cast back to: with none trainable it casts nothing, and a bf16 gradient meets an
+                # fp32 shard at the first backward. The forward reads only peft's switch.
+                for param in trainable:
+                    param.requires_grad_(True)
                 return sequence_logps(ctx, batch)[0]
         assert batch.documents is not None
         return torch.from_numpy(self.stored[split][batch.documents]).to(ctx.info.device, torch.float32)
