@@ -158,6 +158,36 @@ def pump(prefix: str, source: IO[str], sink: IO[str], tee: Tee) -> None:
             tee(prefix + line, sink)
 
 
+def pump_both(out: IO[str], err: IO[str], tee: Tee, prefix: str) -> list[threading.Thread]:
+    """A child's stdout and stderr pumped to ours (and the log) by two daemon threads."""
+    pumps = []
+    for source, sink in ((out, sys.stdout), (err, sys.stderr)):
+        thread = threading.Thread(target=pump, args=(prefix, source, sink, tee), daemon=True)
+        thread.start()
+        pumps.append(thread)
+    return pumps
+
+
+def start_piped(
+    argv: list[str], env: dict[str, str], tee: Tee, prefix: str, fds: tuple[int, ...] = ()
+) -> tuple[subprocess.Popen[str], list[threading.Thread]]:
+    """A child of this process in a session of its own (a Ctrl-C at the terminal reaches `launcher run`
+    only; it passes one on), its output pumped through `tee` with `prefix`."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+        env=env,
+        pass_fds=fds,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    return proc, pump_both(proc.stdout, proc.stderr, tee, prefix)
+
+
 def worker_argv(plan: Plan) -> list[str]:
     """A rank's command: the interpreter the plan was made with, the per-rank runtime, the plan."""
     return [plan.torchrun[0], "-m", "launcher.runtime", "--plan", plan.plan_path]
@@ -257,19 +287,8 @@ class RankGroup:
         listener.close()  # rank 0 holds it now
 
     def _popen(self, rank: int, argv: list[str], env: dict[str, str], fds: tuple[int, ...]) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-            start_new_session=True,  # a Ctrl-C at the terminal reaches `launcher run` only; it passes one on
-            env=env,
-            pass_fds=fds,
-        )
-        assert proc.stdout is not None and proc.stderr is not None
-        self.ranks.append(Rank(rank, proc, self._pump_pair(rank, proc.stdout, proc.stderr)))
+        proc, pumps = start_piped(argv, env, self._tee, f"[default{rank}]:", fds)
+        self.ranks.append(Rank(rank, proc, pumps))
         return proc
 
     def _spawn_zygote(self, envs: list[dict[str, str]], listener: int) -> None:
@@ -298,12 +317,7 @@ class RankGroup:
         self._control, self._report = control_write, report_read
 
     def _pump_pair(self, rank: int, out: IO[str], err: IO[str]) -> list[threading.Thread]:
-        pumps = []
-        for source, sink in ((out, sys.stdout), (err, sys.stderr)):
-            thread = threading.Thread(target=pump, args=(f"[default{rank}]:", source, sink, self._tee), daemon=True)
-            thread.start()
-            pumps.append(thread)
-        return pumps
+        return pump_both(out, err, self._tee, f"[default{rank}]:")
 
     def alive(self) -> list[Rank]:
         return [member for member in self.ranks if member.proc.poll() is None]

@@ -27,7 +27,7 @@ from launcher.config.errors import one_line
 from launcher.plan import Plan
 from launcher.plan.slurm import REQUEUE_EXIT_CODE
 from launcher.plot import plot_after_run
-from launcher.ranks import Ranks, Tee, pump, send_signal, shell_code
+from launcher.ranks import Ranks, Tee, send_signal, shell_code, start_piped
 from launcher.runfiles import open_append, read_small, replace_file
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -135,24 +135,8 @@ def _prepare(plan: Plan, env: dict[str, str], tee: Tee, preparing: list[subproce
     """`python -m launcher.runtime --prepare-only` in a process of its own (the tokenising never grows
     this one), its output teed here; its exit code."""
     argv = [plan.torchrun[0], "-m", "launcher.runtime", "--plan", plan.plan_path, "--prepare-only"]
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-        env=env,
-    )
+    proc, pumps = start_piped(argv, env, tee, "")
     preparing.append(proc)
-    assert proc.stdout is not None and proc.stderr is not None
-    pumps = [
-        threading.Thread(target=pump, args=("", source, sink, tee), daemon=True)
-        for source, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
-    ]
-    for thread in pumps:
-        thread.start()
     code = proc.wait()
     for thread in pumps:
         thread.join(timeout=10)
