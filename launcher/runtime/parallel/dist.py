@@ -116,6 +116,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return start_sum(torch.tensor(values, dtype=torch.float64, device=device))()
 
 
+def row_shares(total: int, rank: int, world: int) -> list[int]:
+    """This rank's rows of `total` (every world-th), padded with -1 to the same count on every rank,
+    so each rank runs as many batches (and collectives) as the others."""
+    mine = list(range(rank, total, world))
+    return mine + [-1] * (-(-total // world) - len(mine))
+
+
 def teardown(synchronise: bool) -> None:
     """Barrier, then destroy: without both, gloo runs abort at exit about one time in ten.
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from launcher.config.schema import PreferenceSection, RunConfig
 from launcher.runtime.data.packing import IGNORE_INDEX, Batch, GlobalOrder, TokenData
-from launcher.runtime.parallel.dist import all_reduce_sum
+from launcher.runtime.parallel.dist import all_reduce_sum, row_shares
 from launcher.runtime.train.loop import Context, _autocast
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -97,12 +97,6 @@ def sequence_logps(ctx: Context, batch: Batch) -> tuple[torch.Tensor, torch.Tens
     return logps, tokens
 
 
-def _shares(total: int, rank: int, world: int) -> list[int]:
-    """This rank's rows of `total`, padded with -1 to the same count on every rank (tasks.py's rule)."""
-    mine = list(range(rank, total, world))
-    return mine + [-1] * (math.ceil(total / world) - len(mine))
-
-
 def _adapters(model: Any) -> Any:
     """The peft model inside a DDP wrapper or a DeepSpeed engine (None without adapters)."""
     while model is not None and not hasattr(model, "disable_adapter"):
@@ -159,7 +153,7 @@ class Preference:
         micro = cfg.train.micro_batch_size or 1
         rows = len(ctx.val_data)
         total = rows if cfg.train.eval_batches == 0 else min(rows, cfg.train.eval_batches * (cfg.train.global_batch_size or 1))
-        mine = _shares(total, info.rank, info.world_size)
+        mine = row_shares(total, info.rank, info.world_size)
         sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64, device=info.device)
         for start in range(0, len(mine), micro):
             losses, metrics = self.pairs(ctx, ctx.val_data.batch(mine[start : start + micro]), "val")
@@ -244,7 +238,7 @@ def _train_batches(ctx: Context) -> list[tuple[list[int], list[int]]]:
 
 def _val_batches(ctx: Context, micro: int) -> list[tuple[list[int], list[int]]]:
     """This rank's validation micro-batches, as `Preference.evaluate` forms them (every row its own)."""
-    mine = _shares(len(ctx.val_data), ctx.info.rank, ctx.info.world_size)
+    mine = row_shares(len(ctx.val_data), ctx.info.rank, ctx.info.world_size)
     return [(mine[start : start + micro], mine[start : start + micro]) for start in range(0, len(mine), micro)]
 
 

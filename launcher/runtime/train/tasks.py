@@ -22,16 +22,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launcher.runtime.data.packing import IGNORE_INDEX, Batch
-from launcher.runtime.parallel.dist import all_reduce_sum
+from launcher.runtime.parallel.dist import all_reduce_sum, row_shares
 from launcher.runtime.train.loop import Context, _autocast, token_loss_sum
 
 Evaluation = tuple[dict[str, Any], list[dict[str, Any]]]  # (metrics, predictions in dataset order)
-
-
-def _shares(total: int, rank: int, world: int) -> list[int]:
-    """This rank's rows of `total`, padded with -1 to the same count on every rank."""
-    mine = list(range(rank, total, world))
-    return mine + [-1] * (math.ceil(total / world) - len(mine))
 
 
 def _gather(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -63,7 +57,7 @@ class CausalLM:
         cfg, info = ctx.cfg, ctx.info
         micro = cfg.train.micro_batch_size or 1
         total = min(len(ctx.val_data), cfg.train.eval_batches * (cfg.train.global_batch_size or 1))
-        mine = _shares(total, info.rank, info.world_size)
+        mine = row_shares(total, info.rank, info.world_size)
         loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
         count = 0
         for start in range(0, len(mine), micro):
@@ -96,7 +90,7 @@ class CausalLM:
         stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")}
         new_tokens = max(len(tokenizer.encode(p["answer"], add_special_tokens=False)) for p in prompts) + 1
         out = []
-        for index in _shares(n, info.rank, info.world_size):
+        for index in row_shares(n, info.rank, info.world_size):
             prompt = prompts[index] if index >= 0 else prompts[0]
             ids = torch.tensor([prompt["prompt_ids"]], device=info.device)
             start = ids.shape[1]
@@ -146,7 +140,7 @@ class Classification:
         info, data = ctx.info, ctx.val_data
         tokenizer = _tokenizer(ctx)
         micro = ctx.cfg.train.micro_batch_size or 1
-        mine = _shares(len(data), info.rank, info.world_size)
+        mine = row_shares(len(data), info.rank, info.world_size)
         records: list[dict[str, Any]] = []
         loss_sum = 0.0
         for start in range(0, len(mine), micro):
