@@ -53,13 +53,16 @@ SCRIPT = textwrap.dedent(
     from transformers import AutoModelForCausalLM, GPT2Config
     from transformers.integrations import HfDeepSpeedConfig
     from launcher.runtime.parallel.optim import parameter_groups, parameter_ndim
+    from launcher.runtime.parallel.zero import _prepare_environment
 
     config = {
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": 3},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1, "torch_adam": True}},
     }
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    # As the ranks start DeepSpeed: gloo, and without the shared-memory all-reduce DeepSpeed would
+    # otherwise compile at init_distributed (about 50 s of C++ on 2 CPUs on a fresh cache, CI's).
+    _prepare_environment()
     keep = HfDeepSpeedConfig(config)  # build partitioned, as engine.zero3_model does
     gpt2 = GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
     model = AutoModelForCausalLM.from_config(gpt2)
