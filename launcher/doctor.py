@@ -352,7 +352,8 @@ def _agent_line(python: str, nodes: int, procs: int, settings_path: str) -> str:
     else:
         rdzv = (
             f'--nnodes {nodes} --rdzv_backend c10d --rdzv_endpoint "${{LAUNCHER_HEAD_ADDR}}:${{LAUNCHER_RDZV_PORT}}" '
-            f'--rdzv_id "doctor-${{SLURM_JOB_ID}}" --rdzv_conf "is_host=${{LAUNCHER_IS_HOST}},join_timeout={JOIN_TIMEOUT}"'
+            f'--rdzv_id "doctor-${{SLURM_JOB_ID}}" --rdzv_conf "is_host=${{LAUNCHER_IS_HOST}},join_timeout={JOIN_TIMEOUT}" '
+            "--local-addr auto"
         )
     job = f"--nproc_per_node {procs} --max_restarts 0 -m launcher.doctor_job {shlex.quote(settings_path)}"
     return f"{shlex.quote(python)} -m launcher.agent {rdzv} \\\n    {job}"
@@ -365,7 +366,7 @@ def build_doctor_job(cfg: RunConfig, label: str, doctor_dir: str, python: str = 
     from launcher.plan.estimate import estimate_plan
     from launcher.plan.network import env_defaults
     from launcher.plan.plan import default_run_dir, plan_env
-    from launcher.plan.slurm import RDZV_PORT_BASE, RDZV_PORT_SPAN, env_block, render_template, sbatch_headers
+    from launcher.plan.slurm import env_block, render_template, rendezvous_block, sbatch_headers
     from launcher.plan.topology import build_topology
 
     topology = build_topology(cfg.cluster, cfg.train, cfg.data)
@@ -390,7 +391,6 @@ def build_doctor_job(cfg: RunConfig, label: str, doctor_dir: str, python: str = 
         "collective_timeout": COLLECTIVE_TIMEOUT,
     }
     short = dataclasses.replace(cfg.cluster, time=DOCTOR_TIME, signal_seconds=0, requeue=False)
-    port = str(cfg.cluster.rdzv_port) if cfg.cluster.rdzv_port else f"$(({RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN}))"
     script = render_template(
         "doctor.sbatch.tmpl",
         {
@@ -401,7 +401,7 @@ def build_doctor_job(cfg: RunConfig, label: str, doctor_dir: str, python: str = 
             "procs_per_node": str(topology.procs_per_node),
             "doctor_dir": shlex.quote(doctor_dir),
             "env_block": env_block(plan_env(cfg, topology), env_defaults(cfg.cluster)),
-            "rdzv_port": port,
+            "rendezvous": rendezvous_block(cfg.cluster),
             "cpus_per_task": str(cfg.cluster.cpus_per_task),
             "agent": _agent_line(python, topology.nodes, topology.procs_per_node, settings_path),
         },

@@ -71,6 +71,14 @@ def env_block(env: dict[str, str], defaults: dict[str, str] | None = None) -> st
     return "\n".join(lines)
 
 
+def rendezvous_block(cluster: ClusterSection) -> str:
+    """The batch shell's rendezvous lines (job.sbatch and doctor.sbatch): the head node's address and a
+    free port, exported as LAUNCHER_HEAD_ADDR and LAUNCHER_RDZV_PORT for the agents."""
+    # Below the ephemeral range (32768-60999): an outgoing connection can never be holding it.
+    port = str(cluster.rdzv_port) if cluster.rdzv_port else f"$(({RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN}))"
+    return render_template("rendezvous.sh.tmpl", {"rdzv_port": port}).rstrip("\n")
+
+
 def build_sbatch(
     cluster: ClusterSection,
     topology: Topology,
@@ -80,8 +88,6 @@ def build_sbatch(
     defaults: dict[str, str],
     torchrun: list[str],
 ) -> str:
-    # Below the ephemeral range (32768-60999): an outgoing connection can never be holding it.
-    port = str(cluster.rdzv_port) if cluster.rdzv_port else f"$(({RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN}))"
     return render_template(
         "job.sbatch.tmpl",
         {
@@ -96,7 +102,7 @@ def build_sbatch(
             "requeue_exit_code": str(REQUEUE_EXIT_CODE),
             "env_block": env_block(env, defaults),
             "signal_seconds": str(cluster.signal_seconds),
-            "rdzv_port": port,
+            "rendezvous": rendezvous_block(cluster),
             "nodes": str(topology.nodes),
             "cpus_per_task": str(cluster.cpus_per_task),
             "torchrun": shell_join(torchrun),

@@ -17,6 +17,7 @@ RDZV_ENDPOINT = f"{HEAD_ADDR}:{RDZV_PORT}"
 # whatever its own name resolves to (torch guesses from the name, and Debian maps it to 127.0.1.1)
 RDZV_CONF = "is_host=${LAUNCHER_IS_HOST}"
 _PLACEHOLDERS = frozenset({RDZV_ENDPOINT, RDZV_ID, RDZV_CONF})
+LOCAL_ADDR_AUTO = "auto"  # launcher/agent.py resolves it on each node
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT"
 MIN_SHUTDOWN_SECONDS = 120
 
@@ -44,6 +45,10 @@ def build_torchrun_argv(cluster: ClusterSection, topology: Topology, plan_path: 
             RDZV_ID,
             "--rdzv_conf",
             RDZV_CONF,
+            # launcher.agent makes it the address this node reaches the endpoint from: the one MASTER_ADDR
+            # needs (torch takes socket.getfqdn(), "localhost" on some images); it binds gloo there too
+            "--local-addr",
+            LOCAL_ADDR_AUTO,
         ]
     if cluster.accelerator == "cuda" and cluster.numa_binding != "none":
         # each rank on the CPUs (and memory) of its GPU's NUMA node, socket or share: under numactl
