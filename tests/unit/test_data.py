@@ -133,6 +133,47 @@ def test_prepared_cache_is_reused_and_keyed(tmp_path: Path, tiny_dir: Path) -> N
     assert batch.label_tokens == int(np.sum(batch.labels != IGNORE_INDEX))
 
 
+def test_cache_is_keyed_on_the_tokenizer_not_its_folder(tmp_path: Path, tiny_dir: Path) -> None:
+    """The same tokenizer in two folders prepares once; a changed tokenizer file, or a model_type that
+    makes AutoTokenizer pick another class, is another tokenizer; the rest of config.json is not."""
+    import shutil
+
+    from launcher.runtime.data.packing import cache_key
+
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"copy: w{i}", "response": f"w{i}"}) + "\n" for i in range(40)))
+    data = _data(path=str(source), val_fraction=0.1)
+    folders = {}
+    for name in ("a", "b"):
+        folders[name] = tmp_path / name / "model"
+        folders[name].mkdir(parents=True)
+        for file in tiny_dir.iterdir():
+            if file.name != "model.safetensors":
+                shutil.copy(file, folders[name])
+    first = prepare_data(data, str(source), folders["a"], tmp_path / "cache", seed=1)
+    assert prepare_data(data, str(source), folders["b"], tmp_path / "cache", seed=1) == first
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [first.name], "built once"
+
+    def key(folder: Path) -> str:
+        return cache_key(data, str(source), folder, seed=1)
+
+    b = folders["b"]
+    config = json.loads((b / "config.json").read_text())
+    (b / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    assert key(b) == first.name  # the model's shape leaves the tokens alone
+    (b / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
+    assert key(b) != first.name
+    (b / "config.json").write_text(json.dumps(config))
+    assert key(b) == first.name
+    tokenizer_config = (b / "tokenizer_config.json").read_text()
+    (b / "tokenizer_config.json").write_text(json.dumps({**json.loads(tokenizer_config), "pad_token": "</s>"}))
+    assert key(b) != first.name
+    (b / "tokenizer_config.json").write_text(tokenizer_config)
+    assert key(b) == first.name
+    (b / "special_tokens_map.json").write_text('{"pad_token": "</s>"}')  # read by AutoTokenizer too
+    assert key(b) != first.name
+
+
 def test_corrupt_file_is_one_line_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{not json\n')

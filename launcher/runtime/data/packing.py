@@ -34,8 +34,25 @@ from launcher.runtime.data.store import pack_lengths
 # 6: OpenAI content parts read as their text, not their repr; 7: unreadable rows counted and
 # dropped, cells cut at columns.char_limit, a validation set's own report; 8: a DatasetDict's own
 # validation split used by default; 9: preference pairs that are whole conversations take their
-# shared opening turns as the prompt).
-CACHE_VERSION = 9
+# shared opening turns as the prompt; 10: the tokenizer keyed by its files' names and bytes, not its folder).
+CACHE_VERSION = 10
+# What AutoTokenizer reads from a model folder: the tokenizer's own files (transformers' names for the
+# fast tokenizer, its config, the legacy maps, the chat templates, the slow vocabularies), and from
+# config.json the fields that choose the tokenizer class (with model_type qwen2 the same tokenizer.json
+# loads as a Qwen2Tokenizer, which builds its own pre-tokenizer: not the same tokens in general).
+TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "*.jinja",
+    "additional_chat_templates/*.jinja",
+    "vocab*",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+)
+CLASS_FIELDS = ("model_type", "tokenizer_class")
 SPLITS = ("train", "val")
 __all__ = ["CACHE_VERSION", "Batch", "GlobalOrder", "TokenData", "cache_key", "pack_lengths", "prepare_data"]
 
@@ -58,8 +75,27 @@ def _file_part(path: str) -> str:
     return fingerprint(source_files(path)) if path else ""
 
 
+def tokenizer_fingerprint(folder: Path) -> str:
+    """The tokenizer by what it is, not where: its files' names and bytes and the class-choosing fields
+    of config.json. The same tokenizer in another folder (a copy, another snapshot) reuses the data."""
+    digest = hashlib.sha256()
+    for path in sorted({p for pattern in TOKENIZER_FILES for p in folder.glob(pattern) if p.is_file()}):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())  # no two files read alike
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    config = folder / "config.json"
+    text = config.read_text(errors="replace") if config.is_file() else "{}"
+    try:
+        fields = json.loads(text)
+        chosen = json.dumps({k: fields.get(k) for k in CLASS_FIELDS}, sort_keys=True) if isinstance(fields, dict) else text
+    except ValueError:  # not JSON: loading the model says so; the key takes the whole file
+        chosen = text
+    digest.update(chosen.encode())
+    return digest.hexdigest()[:16]
+
+
 def cache_key(data: DataSection, data_source: str, tokenizer_dir: Path, seed: int, task: str = "causal_lm") -> str:
-    tokenizer_files = sorted(p for p in tokenizer_dir.glob("tokenizer*") if p.is_file()) + sorted(tokenizer_dir.glob("*.jinja"))
     template_file = Path(data.chat_template) if data.chat_template and "{" not in data.chat_template else None
     parts = {
         "version": CACHE_VERSION,
@@ -68,7 +104,7 @@ def cache_key(data: DataSection, data_source: str, tokenizer_dir: Path, seed: in
         "datasets": [_file_part(d.path) or d.path for d in data.datasets],
         "val_source": _file_part(data.val_path),
         "chat_template": fingerprint([template_file]) if template_file is not None and template_file.is_file() else "",
-        "tokenizer": fingerprint(tokenizer_files),
+        "tokenizer": tokenizer_fingerprint(tokenizer_dir),
         "seed": seed,
         "task": task,
     }
