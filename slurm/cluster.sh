@@ -21,8 +21,10 @@
 #   LAUNCHER_SLURM_SHAPE="64 128 2000000 8"  shape: nodes, CPUs, memory (MB) and GPUs per node
 #
 # netns mode gives every node its own network namespace, IP address and hostname (as on a real
-# cluster); loopback mode runs both slurmd on 127.0.0.1 with distinct ports. Either way n1 and n2
-# are added to /etc/hosts (torchrun's rendezvous connects to the head node by name) and removed at stop.
+# cluster), and its own view of /etc/hosts, where its own name resolves to a loopback address as on
+# many real nodes: n1 as Debian writes it (127.0.1.1 n1), n2 as this kind of container does (127.0.0.1
+# n2, after localhost), each with the other's real address. loopback mode runs both slurmd on
+# 127.0.0.1 with distinct ports. Either way this machine's /etc/hosts gets n1 and n2 (removed at stop).
 set -euo pipefail
 
 NODES=(n1 n2)
@@ -189,6 +191,22 @@ remove_hosts() {
 
 # --- configuration --------------------------------------------------------------------------------
 
+# STATE_DIR/hosts-NAME: /etc/hosts as node NAME sees it (bind-mounted over it in the node's own mount
+# namespace): its own name on a loopback address, the other nodes on theirs.
+write_node_hosts() {
+  local i j file
+  for i in "${!NODES[@]}"; do
+    file=$STATE_DIR/hosts-${NODES[i]}
+    echo "# /etc/hosts of test node ${NODES[i]} (slurm/cluster.sh): its own name resolves to a loopback address" >"$file"
+    echo "127.0.0.1 localhost" >>"$file"
+    if ((i == 0)); then echo "127.0.1.1 ${NODES[i]}" >>"$file"; else echo "127.0.0.1 ${NODES[i]}" >>"$file"; fi
+    echo "::1 localhost ip6-localhost ip6-loopback" >>"$file"
+    for j in "${!NODES[@]}"; do
+      ((i == j)) || echo "$(node_ip $((j + 1))) ${NODES[j]}" >>"$file"
+    done
+  done
+}
+
 write_config() {
   local mode=$1 nodes="" i name ctld_addr text
   for i in "${!NODES[@]}"; do
@@ -211,6 +229,7 @@ write_config() {
   text=${text//@PARTITION@/$PARTITION}
   text=${text//@NODES@/${nodes%$'\n'}}
   printf '%s\n' "$text" >"$CONF"
+  [[ $mode != netns ]] || write_node_hosts
   # gres.conf sits next to slurm.conf; File= must name device files, so point symlinks at /dev/null.
   mkdir -p "$STATE_DIR/dev"
   for ((i = 0; i < GPUS_PER_NODE; i++)); do ln -sfn /dev/null "$STATE_DIR/dev/gpu$i"; done
@@ -259,11 +278,12 @@ start_slurm() {
     name=${NODES[i]}
     if [[ $mode == netns ]]; then
       # nsenter --net only (`ip netns exec` remounts /sys and hides the cgroup mounts slurmd reads);
-      # unshare --uts gives the node its own hostname. Every step execs, so $! is slurmd's PID.
+      # unshare --uts gives the node its own hostname, --mount its own /etc/hosts (private mounts:
+      # nothing shows outside). Every step execs, so $! is slurmd's PID.
       # shellcheck disable=SC2016 # expanded by the inner shell
-      env "$MARKER" setsid nsenter --net="/run/netns/$NETNS_PREFIX$name" unshare --uts \
-        sh -c 'hostname "$1" && exec slurmd -D -N "$1" -f "$2"' node "$name" "$CONF" \
-        </dev/null >>"$STATE_DIR/log/slurmd-$name.out" 2>&1 &
+      env "$MARKER" setsid nsenter --net="/run/netns/$NETNS_PREFIX$name" unshare --uts --mount \
+        sh -c 'hostname "$1" && mount --bind "$3" /etc/hosts && exec slurmd -D -N "$1" -f "$2"' \
+        node "$name" "$CONF" "$STATE_DIR/hosts-$name" </dev/null >>"$STATE_DIR/log/slurmd-$name.out" 2>&1 &
     else
       env "$MARKER" setsid slurmd -D -N "$name" -f "$CONF" </dev/null >>"$STATE_DIR/log/slurmd-$name.out" 2>&1 &
     fi
