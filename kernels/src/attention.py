@@ -182,6 +182,21 @@ def model_inputs(
     return kwargs, kept.to(target_device, non_blocking=True)
 
 
+def padding_computed(documents: list[list[int]], implementation: str, device_type: str, flatten: bool = True) -> int:
+    """Padding positions the model computes for a micro-batch whose rows hold documents of these
+    lengths (each row's, in order; every document with a target, as a prepared cache holds them).
+    Rows that go as they are (eager, `flatten=False`) carry their padding to the longest row; a
+    flattened row drops it, and only launcher_sdpa's layout pads (its buckets); other paths pad nothing."""
+    if not flatten or implementation == "eager":
+        real = [sum(row) for row in documents]
+        return len(real) * max(real, default=0) - sum(real)
+    if implementation == "launcher_sdpa":
+        from launcher.kernels.sdpa_varlen import padded_slots
+
+        return padded_slots([n for row in documents for n in row], device_type)
+    return 0
+
+
 def in_token_order(kwargs: dict[str, Any], per_slot: torch.Tensor) -> torch.Tensor:
     """[slots, ...] model outputs of a `model_inputs` row → [T, ...] in the row's token order,
     without padding (the launcher_sdpa layout sorts and pads documents; the others are as is)."""

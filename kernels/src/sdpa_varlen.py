@@ -30,9 +30,10 @@ import torch.nn.functional as F
 
 NAME = "launcher_sdpa"
 # A document joins a bucket when its length is within this factor of the bucket's longest. On CPU a
-# small model pays per operation more than per padded slot (tests/bench/RESULTS.md, "Peers: attention
-# on views of a laid-out row": 1.25 measured best of 1.0-2.0).
-PAD_FACTOR = {"cpu": 1.25}
+# small model pays per SDPA call about what it pays for ten padded slots: 1.0-1.25 measured alike,
+# 1.6 and 2.0 slower (tests/bench/RESULTS.md, "Peers: padding at the embedding"); 1.1 pads about 2 %
+# of the slots (1.25: 6 %) for 7 calls a layer instead of 5 on the peers job.
+PAD_FACTOR = {"cpu": 1.1}
 
 
 @dataclass(frozen=True)
@@ -84,20 +85,31 @@ class Layout:
         return self._keys[device]
 
 
+def buckets(lengths: list[int], device_type: str) -> list[list[int]]:
+    """The documents (indices into `lengths`), longest first, in buckets: each within PAD_FACTOR of
+    its bucket's first (longest) one, whose length they are padded to."""
+    factor = PAD_FACTOR.get(device_type, 1.0)
+    out: list[list[int]] = []
+    for d in sorted(range(len(lengths)), key=lambda d: -lengths[d]):
+        if out and lengths[d] * factor >= lengths[out[-1][0]]:
+            out[-1].append(d)
+        else:
+            out.append([d])
+    return out
+
+
+def padded_slots(lengths: list[int], device_type: str) -> int:
+    """Slots of padding the layout of documents of these lengths adds (what `lay_out` would pad)."""
+    return sum(lengths[b[0]] * len(b) for b in buckets(lengths, device_type)) - sum(lengths)
+
+
 def lay_out(lengths: list[int], device_type: str) -> Layout:
     """Documents of these lengths (row order) → their layout for this device (see the module doc)."""
-    factor = PAD_FACTOR.get(device_type, 1.0)
-    order = sorted(range(len(lengths)), key=lambda d: -lengths[d])
-    buckets: list[list[int]] = []
-    for d in order:
-        if buckets and lengths[d] * factor >= lengths[buckets[-1][0]]:
-            buckets[-1].append(d)
-        else:
-            buckets.append([d])
-    runs = tuple((len(b), lengths[b[0]]) for b in buckets)
-    real = tuple(lengths[d] for b in buckets for d in b)
-    docs = [d for b in buckets for d in b]
-    padded = [lengths[b[0]] for b in buckets for _ in b]
+    groups = buckets(lengths, device_type)
+    runs = tuple((len(b), lengths[b[0]]) for b in groups)
+    real = tuple(lengths[d] for b in groups for d in b)
+    docs = [d for b in groups for d in b]
+    padded = [lengths[b[0]] for b in groups for _ in b]
     if docs == list(range(len(lengths))) and padded == list(real):
         return Layout(runs, real)  # already in row order, nothing padded
     starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)[docs]  # each segment's first token
@@ -199,22 +211,20 @@ def sdpa_varlen_attention(
     heads, groups = query.shape[1], getattr(module, "num_key_value_groups", 1)
     gqa = groups > 1 and query.device.type == "cpu"  # SDPA's own GQA (no repeated K/V copies); CUDA kernels vary in support
     layout = _layout_for(cu)
-    outputs, at = [], 0
+    outputs = []
     reals = [None] * len(layout.runs) if causal else layout.key_lengths(query.device)  # causal needs no key mask
-    for (count, length), real in zip(layout.runs, reals, strict=True):
-        end = at + count * length
-
-        def segments(x: torch.Tensor, at: int = at, end: int = end, count: int = count) -> torch.Tensor:
-            return x[0, :, at:end].unflatten(1, (count, -1)).transpose(0, 1)  # a view: [count, heads, length, dim]
-
-        qb, kb, vb = segments(query), segments(key), segments(value)
+    # One split per tensor, not a slice per run: in backward a split joins its runs' gradients in one
+    # cat, where slices each fill a zero tensor of the whole row and add it to the others.
+    sizes = [count * length for count, length in layout.runs]
+    runs = zip(*(x[0].split(sizes, dim=1) for x in (query, key, value)), strict=True)  # each [heads, slots of the run, dim]
+    for (count, length), real, parts in zip(layout.runs, reals, runs, strict=True):
+        qb, kb, vb = (x.unflatten(1, (count, length)).transpose(0, 1) for x in parts)  # views: [count, heads, length, dim]
         if groups > 1 and not gqa:
             kb, vb = repeat_kv(kb, groups), repeat_kv(vb, groups)
         mask = _band_mask(length, real, causal, sliding_window, query.device)
         extra = {"enable_gqa": True} if gqa else {}
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=mask is None, **extra)
         outputs.append(out.transpose(1, 2).reshape(count * length, heads, -1))  # [slots, heads, dim]
-        at = end
     joined = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     return joined[None], None
 

@@ -317,14 +317,14 @@ def _skip(steps: int) -> int:
     return min(SKIP, steps // 2)
 
 
-def _watch(argv: list[str], env: dict[str, str], probe: Path, pad_id: int) -> Watched:
+def _watch(argv: list[str], env: dict[str, str], probe: Path, pad_id: int, cwd: Path = ROOT) -> Watched:
     """Run argv with the probe on its PYTHONPATH, stamping its `step N/` lines and sampling its tree."""
     shutil.rmtree(probe, ignore_errors=True)
     probe.mkdir(parents=True)
     path = os.pathsep.join(p for p in (str(HOOK), env.get("PYTHONPATH", "")) if p)
     env = {**env, "PYTHONPATH": path, "BENCH_PEERS_PROBE": str(probe), "BENCH_PEERS_PAD_ID": str(pad_id)}
     t0 = time.time()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
     tree, stop = Tree(proc.pid), threading.Event()
     sampler = threading.Thread(target=_sample, args=(tree, stop), daemon=True)
     sampler.start()
@@ -345,9 +345,14 @@ def _watch(argv: list[str], env: dict[str, str], probe: Path, pad_id: int) -> Wa
     return Watched(t0, tree, stamps, probe)
 
 
-def run_launcher(assets: dict[str, Path], overrides: list[str], out: Path, steps: int) -> tuple[dict[str, float], str]:
+def run_launcher(
+    assets: dict[str, Path], overrides: list[str], out: Path, steps: int, tree: Path | None = None
+) -> tuple[dict[str, float], str]:
+    """`launcher run` of this checkout, or of `tree` (its code first on PYTHONPATH and its folder the
+    working directory, which `python -m` puts first for the ranks)."""
     argv = [str(BIN / "launcher"), "run", str(assets["recipe"]), f"train.max_steps={steps}", *overrides, "--out", str(out)]
-    watched = _watch(argv, {**os.environ}, out.with_name(out.name + "-probe"), _pad_id(assets))
+    env = {**os.environ, **({"PYTHONPATH": str(tree)} if tree else {})}
+    watched = _watch(argv, env, out.with_name(out.name + "-probe"), _pad_id(assets), tree or ROOT)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]
     by_step = {r["step"]: r for r in records}
@@ -506,8 +511,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a smoke check: one repeat of 12 steps, no warm-up pass")
-    parser.add_argument("--cases", nargs="*", default=[], help="substrings of the case names to run (default: all)")
+    parser.add_argument("--cases", nargs="*", default=[], help="case names, or substrings of them, to run (default: all)")
     parser.add_argument("--work", default=str(ROOT / ".cache" / "bench_peers"))
+    parser.add_argument(
+        "--vs",
+        default="",
+        help="another checkout (a `git worktree`, with `launcher/kernels -> ../kernels/src` and `launcher/slurm -> "
+        "../slurm/src` linked) whose launcher cases run in turn with this one's, as '<case> [vs]'",
+    )
     parser.add_argument("--hf-worker", choices=sorted(TRAINER_CASES.values()))
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--dir", default="")
@@ -526,7 +537,11 @@ def main() -> None:
     assets = build_assets(work)
     steps, repeats = (12, 1) if args.quick else (args.steps, args.repeats)
     cases: dict[str, Any] = {**LAUNCHER_CASES, **TRAINER_CASES}
-    names = [n for n in cases if not args.cases or any(c in n for c in args.cases)]
+    vs = Path(args.vs).resolve() if args.vs else None
+    if vs:
+        cases = {**LAUNCHER_CASES, **{f"{n} [vs]": o for n, o in LAUNCHER_CASES.items()}, **TRAINER_CASES}
+    # a whole case name picks that case alone ("HF Trainer, padded" without its bare twin); else substrings
+    names = [n for n in cases if not args.cases or any(c == n if c in cases else c in n for c in args.cases)]
     if not names:
         raise SystemExit(f"--cases {args.cases} matches none of: {', '.join(cases)}")
 
@@ -534,6 +549,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         if name in LAUNCHER_CASES:
             return run_launcher(assets, LAUNCHER_CASES[name], out, n)
+        if name.endswith(" [vs]"):
+            return run_launcher(assets, LAUNCHER_CASES[name.removesuffix(" [vs]")], out, n, vs)
         return run_trainer(assets, TRAINER_CASES[name], out, n)
 
     print(f"load average before: {Path('/proc/loadavg').read_text().strip()}", flush=True)

@@ -9,7 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 from launcher.kernels import sdpa_varlen, varlen
-from launcher.kernels.attention import IGNORE_INDEX, attn_implementation, in_token_order, model_inputs, next_token_targets
+from launcher.kernels.attention import (
+    IGNORE_INDEX,
+    attn_implementation,
+    in_token_order,
+    model_inputs,
+    next_token_targets,
+    padding_computed,
+)
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 VOCAB, WIDTH = 97, 24
@@ -276,10 +283,14 @@ def test_sdpa_varlen_attends_per_document(models, monkeypatch) -> None:
     assert sum(shape[0] * shape[2] for shape, _ in calls) == 2 * kwargs["input_ids"].shape[1]  # 2 layers
 
 
-def test_layout_bounds_padding_and_keeps_every_token() -> None:
-    lengths = [300] + [10] * 50 + [40, 70, 150, 12, 9]
-    for device_type, factor in (("cpu", sdpa_varlen.PAD_FACTOR["cpu"]), ("cuda", 1.0)):
+@pytest.mark.parametrize("cpu_factor", [sdpa_varlen.PAD_FACTOR["cpu"], 1.25])
+def test_layout_bounds_padding_and_keeps_every_token(monkeypatch, cpu_factor: float) -> None:
+    monkeypatch.setitem(sdpa_varlen.PAD_FACTOR, "cpu", cpu_factor)
+    lengths = [300] + [10] * 50 + [40, 70, 150, 12, 9, 145, 38]
+    for device_type, factor in (("cpu", cpu_factor), ("cuda", 1.0)):
         layout = sdpa_varlen.lay_out(lengths, device_type)
+        padded = sum(count * length for count, length in layout.runs) - sum(lengths)
+        assert padded == sdpa_varlen.padded_slots(lengths, device_type) and (padded > 0) == (device_type == "cpu")
         assert sum(count * length for count, length in layout.runs) == len(layout.source)
         assert sorted(layout.real) == sorted(lengths) and all(n <= max(lengths) for n in layout.lengths)
         assert all(length < factor * real or length == real for length, real in zip(layout.lengths, layout.real, strict=True))
@@ -293,7 +304,8 @@ def test_layout_bounds_padding_and_keeps_every_token() -> None:
     assert sdpa_varlen.lay_out([7, 7, 3], "cpu").source is None  # already sorted and unpadded: the row as it is
 
 
-def test_padding_documents_are_dropped() -> None:
+def test_padding_documents_are_dropped(monkeypatch) -> None:
+    monkeypatch.setitem(sdpa_varlen.PAD_FACTOR, "cpu", 1.25)  # a factor that pads this batch
     _, ids, labels, positions = packed_batch(ROWS[2])
     kwargs, targets = model_inputs(ids, labels, positions, "flash_attention_2")
     learning = sum(n for row in ROWS[2] for n in row if n > 1)  # padding and the one-token document go
@@ -312,6 +324,18 @@ def test_padding_documents_are_dropped() -> None:
         torch.zeros(1, 8, dtype=torch.long), torch.full((1, 8), IGNORE_INDEX), torch.arange(8)[None], "launcher_sdpa"
     )
     assert kwargs["input_ids"].shape == (1, 8) and bool((targets == IGNORE_INDEX).all())
+
+
+def test_padding_computed_is_what_the_model_gets(monkeypatch) -> None:
+    """metrics.jsonl's pad_tokens: the padding the model computes. A flattened row drops the rows'
+    own padding; launcher_sdpa's layout adds its buckets' (on CPU); rows that go as they are keep theirs."""
+    monkeypatch.setitem(sdpa_varlen.PAD_FACTOR, "cpu", 1.25)
+    rows = [[5, 9, 3], [12, 4]]
+    _, ids, labels, positions = packed_batch(rows)
+    kwargs, _ = model_inputs(ids, labels, positions, "launcher_sdpa")
+    assert padding_computed(rows, "launcher_sdpa", "cpu") == kwargs["input_ids"].shape[1] - 33 == 1  # 12 | 9 | 5 4+1 | 3
+    assert padding_computed(rows, "flash_attention_2", "cuda") == padding_computed(rows, "launcher_sdpa", "cuda") == 0
+    assert padding_computed(rows, "eager", "cpu") == padding_computed(rows, "launcher_sdpa", "cpu", flatten=False) == 2 * 17 - 33
 
 
 @torch.no_grad()

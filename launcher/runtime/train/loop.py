@@ -149,7 +149,7 @@ def train_step(ctx: Context, step: int, log: bool = True) -> dict[str, float]:
         flag = torch.full((1,), ctx.stop.local() if ctx.stop is not None else 0.0, dtype=torch.float64, device=info.device)
         reduced = start_sum(torch.cat([loss_sum.reshape(1), flag, *([extra] if extra is not None else [])]))
     grad_norm = _optimizer_step(ctx)
-    tokens, pads = step_tokens(ctx, step)
+    tokens, pads = step_tokens(ctx, step, padding=log)
     out = {"lr": lr, "tokens": float(tokens), "pad_tokens": float(pads)}
     if reduced is not None:
         total, signalled, *sums = reduced()
@@ -160,18 +160,24 @@ def train_step(ctx: Context, step: int, log: bool = True) -> dict[str, float]:
     return out
 
 
-def step_tokens(ctx: Context, step: int) -> tuple[int, int]:
-    """(real, padding) tokens of the whole global batch, from the sample order alone (no collective)."""
+def step_tokens(ctx: Context, step: int, padding: bool = True) -> tuple[int, int]:
+    """(real tokens, padding the model computes) of the whole global batch, from the sample order
+    alone (no collective); the padding (kernels/src/attention.py, `padding_computed`: a packed row's
+    own padding never reaches the model, the attention layout's does) only when asked, else 0."""
+    from launcher.kernels.attention import padding_computed
+
     t, data = ctx.cfg.train, ctx.train_data
     assert t.micro_batch_size and t.gradient_accumulation_steps and t.global_batch_size
+    flatten = ctx.cfg.method.name != "prompt_tuning" and ctx.cfg.task != "classification"  # as the tasks feed the model
     real = pads = 0
     for rank in range(ctx.info.world_size):
         for rows in ctx.order.step_rows(
             step, t.global_batch_size, rank, ctx.info.world_size, t.micro_batch_size, t.gradient_accumulation_steps
         ):
-            lengths = [int(data.offsets[r + 1] - data.offsets[r]) for r in rows]
-            real += sum(lengths)
-            pads += len(lengths) * max(lengths, default=0) - sum(lengths)
+            real += sum(int(data.offsets[r + 1] - data.offsets[r]) for r in rows)
+            if padding:
+                documents = [data.doc_lengths[data.doc_offsets[r] : data.doc_offsets[r + 1]].tolist() for r in rows]
+                pads += padding_computed(documents, ctx.attn_implementation, ctx.info.device.type, flatten)
     return real, pads
 
 
