@@ -22,11 +22,12 @@ process's first optimizer step (torch's global post-step hook). From those stamp
   its slowest rank's forward starts);
 - padding: pad-id tokens over all tokens the embeddings saw (what the model computes on; rows or
   slots dropped before the model are not padding, padded slots added for attention are).
-Peak RSS: every process in the command's tree is read every 0.05 s (its kernel high-water mark,
-VmHWM, so a peak between two reads still counts); the workers are the processes that ran a training
-forward, "everything else" is the sum of every other process's peak (the supervisor or agent, a
-pre-importing parent, helpers). RSS counts pages a forked worker shares with its parent in both, so
-the tree's proportional set size (PSS, summed over the tree, read every 0.5 s) is given too.
+Peak RSS: every process in the command's tree (looked for every 0.2 s) is read every 0.05 s (its
+kernel high-water mark, VmHWM, so a peak between two reads still counts); the workers are the
+processes that ran a training forward, "everything else" is the sum of every other process's peak
+(the supervisor or agent, a pre-importing parent, helpers). RSS counts pages a forked worker shares
+with its parent in both, so the tree's proportional set size (PSS, summed over the tree, read every
+2 s: each read costs the machine ~12 ms per worker) is given too.
 Kept from before, each tool's own figures: tokens/s and padding from metrics.jsonl (launcher) or the
 attention mask (Trainer), and "step-1 line": the `step 1/` line as it reaches this script through
 `launcher run`'s pipe, or the Trainer callback's `on_step_end` wall clock (slower rank); with "step 1
@@ -188,7 +189,10 @@ cluster: {{accelerator: cpu, nodes: 1, gpus_per_node: {PROCS}, cpus_per_task: {P
 # ---- one run of each tool -------------------------------------------------------------------------
 
 HOOK = Path(__file__).resolve().parent / "peers_hook"  # its sitecustomize.py: the probe
-PSS_EVERY = 10  # samples between two reads of the tree's PSS (smaps_rollup walks the page tables)
+# The sampler's own cost falls on the 2 cores the ranks share, so it reads little often: the tree's
+# members every 4th tick (psutil walks every process, ~1.5 ms), the PSS every 40th (smaps_rollup
+# walks a process's page tables: ~12 ms for a 600 MB worker).
+FIND_EVERY, PSS_EVERY = 4, 40
 
 
 class Tree:
@@ -225,11 +229,13 @@ def _sample(tree: Tree, stop: threading.Event) -> None:
     import psutil
 
     root, tick = psutil.Process(tree.root), 0
+    procs: list[Any] = []
     while not stop.is_set():
-        try:
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            break
+        if tick % FIND_EVERY == 0:
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                break
         cpu: dict[int, float] = {}
         pss = 0
         for proc in procs:
