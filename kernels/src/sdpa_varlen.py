@@ -31,8 +31,8 @@ import torch.nn.functional as F
 NAME = "launcher_sdpa"
 # A document joins a bucket when its length is within this factor of the bucket's longest. On CPU a
 # small model pays per SDPA call about what it pays for ten padded slots: 1.0-1.25 measured alike,
-# 1.6 and 2.0 slower (tests/bench/RESULTS.md, "Peers: padding at the embedding"); 1.1 pads about 2 %
-# of the slots (1.25: 6 %) for 7 calls a layer instead of 5 on the peers job.
+# 1.6 and 2.0 slower (tests/bench/RESULTS.md, "Peers: the issue-30 harness, padding at the embedding");
+# 1.1 pads about 2 % of the slots (1.25: 6 %) for 7 calls a layer instead of 5 on the peers job.
 PAD_FACTOR = {"cpu": 1.1}
 
 
