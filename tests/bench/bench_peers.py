@@ -203,6 +203,11 @@ class Tree:
         self.root = root
         self.peak: dict[int, float] = {}
         self.label: dict[int, str] = {}
+        # A fork of another process of the tree (same command line as its parent, e.g. the short-lived
+        # middle process launcher/zygote.py forks a rank through): its RSS and high-water mark are its
+        # parent's pages, shared, not memory it used; it counts by its private pages (USS) instead.
+        self.forks: set[int] = set()
+        self.private: dict[int, float] = {}
         self.cpu: list[tuple[float, dict[int, float]]] = []
         self.pss_peak = 0.0
 
@@ -242,6 +247,12 @@ def _sample(tree: Tree, stop: threading.Event) -> None:
             try:
                 if proc.pid not in tree.label:
                     tree.label[proc.pid] = " ".join(proc.cmdline())
+                    if tree.label.get(proc.ppid()) == tree.label[proc.pid] and proc.pid != tree.root:
+                        tree.forks.add(proc.pid)
+                if proc.pid in tree.forks:
+                    rollup = f"/proc/{proc.pid}/smaps_rollup"
+                    private = _kib(rollup, "Private_Clean:") + _kib(rollup, "Private_Dirty:")
+                    tree.private[proc.pid] = max(tree.private.get(proc.pid, 0.0), private * 1024 / 1e6)
                 hwm = _kib(f"/proc/{proc.pid}/status", "VmHWM:")
                 tree.peak[proc.pid] = max(tree.peak.get(proc.pid, 0.0), hwm * 1024 / 1e6)
                 times = proc.cpu_times()
@@ -304,18 +315,26 @@ class Watched:
             "step 1 end s": self.first_step["0"] - self.t0,
             "padding": 1 - sum(real) / sum(total),
             "rss worker (max)": max(self.tree.peak.get(pid, 0.0) for pid in self.workers),
-            "rss others": sum(self.tree.peak[pid] for pid in others),
+            "rss others": sum(self._counted(pid) for pid in others),
             "pss tree": self.tree.pss_peak,
         }
 
+    def _counted(self, pid: int) -> float:
+        """A process's memory for "everything else": its peak RSS, or a fork's private pages (Tree)."""
+        return self.tree.private.get(pid, 0.0) if pid in self.tree.forks else self.tree.peak[pid]
+
     def others(self, root_name: str) -> str:
-        """The processes besides the workers, with their peaks: `launcher run 84, python -m x 12`."""
+        """The processes besides the workers, with their peaks: `launcher run 84, python -m x 12`
+        (a fork: `fork of python -m x 0.4 private (282 shared)`)."""
         parts = []
         for pid, mb in self.tree.peak.items():
             if pid not in self.workers and mb > 0:  # 0: only ever seen as a zombie
                 argv = self.tree.label.get(pid, "?").split()
                 name = root_name if pid == self.tree.root else " ".join([Path(argv[0]).name, *argv[1:3]]) if argv else "?"
-                parts.append(f"{name} {mb:.0f}")
+                if pid in self.tree.forks:
+                    parts.append(f"fork of {name} {self._counted(pid):.1f} private ({mb:.0f} shared)")
+                else:
+                    parts.append(f"{name} {mb:.0f}")
         return ", ".join(parts)
 
 
