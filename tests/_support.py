@@ -6,17 +6,19 @@ import os
 from pathlib import Path
 
 # 20 steps of tiny-cpu.yaml under FSDP2 at 2 ranks, decay 0.1 (matrices only), a loss every step, no
-# evaluation, a checkpoint at steps 10 and 20 (the DeepSpeed tests export it; saving leaves the
-# losses alone). test_deepspeed.py's ZeRO runs use the same overrides, test_parity.py's other
-# backends the same minus the checkpoints.
-TINY_FSDP_20 = [
+# evaluation: the training of the session's shared run (conftest.py's tiny_fsdp_20). test_parity.py's
+# other backends and test_deepspeed.py's ZeRO runs train the same; test_checkpoint.py's runs too, held
+# to it bit for bit.
+TINY_20 = [
     "train.max_steps=20",
     "train.log_every=1",
     "train.eval_batches=0",
     "train.eval_exact_match=0",
     "optim.weight_decay=0.1",
-    "checkpoint.every=10",
 ]
+# The shared run's own overrides: TINY_20 with a checkpoint every 5 steps, all four kept (saving leaves
+# the losses alone). test_checkpoint.py and test_faults.py resume, export and break copies of them.
+TINY_FSDP_20 = [*TINY_20, "checkpoint.every=5", "checkpoint.keep_last=10"]
 
 
 def launcher_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None, check: bool = True, plot: bool = False):

@@ -41,8 +41,8 @@ def metrics():
 
 def export_here(*args: str) -> None:
     """`launcher export ARGS` in the test's own process: the same main(), without a Python, torch and
-    transformers start of its own (about 11 s each on 2 CPUs, CI time). test_archs.py exports through
-    `python -m launcher export`, as a user does, and test_checkpoint.py's refused export too."""
+    transformers start of its own (about 11 s each on 2 CPUs, CI time). test_archs.py exports once
+    through `python -m launcher export`, as a user does."""
     import contextlib
     import io
     import warnings
@@ -59,3 +59,16 @@ def export_here(*args: str) -> None:
 @pytest.fixture
 def export():
     return export_here
+
+
+@pytest.fixture(scope="session")
+def tiny_fsdp_20(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run directory of _support.TINY_FSDP_20, trained once for the session and never written to:
+    the FSDP2 reference of test_parity.py and test_deepspeed.py, the straight run test_checkpoint.py
+    resumes against, the checkpoints test_faults.py corrupts (in copies). Each had trained its own
+    (about 25 s each in CI). Its loss.png is drawn, as by default (test_checkpoint.py looks at it)."""
+    from _support import TINY_FSDP_20
+
+    run = tmp_path_factory.mktemp("tiny-fsdp-20") / "run"
+    launcher_cli("run", "tiny-cpu.yaml", *TINY_FSDP_20, "--out", str(run), plot=True)
+    return run

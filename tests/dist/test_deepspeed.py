@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _support import TINY_FSDP_20
+from _support import TINY_20
 
 from launcher.runtime.state import checkpoint as ckpt
 
@@ -16,8 +16,9 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.dist
 
 STEPS = 20
-# The overrides of the FSDP2 run (conftest.py's tiny_fsdp_20, shared with test_parity.py) the ZeRO runs are held to.
-COMMON = TINY_FSDP_20
+# The training of the FSDP2 run the ZeRO runs are held to (conftest.py's tiny_fsdp_20, the session's);
+# ZeRO-3 saves at steps 10 and 20 (the resume tests start from step 10).
+COMMON = [*TINY_20, "checkpoint.every=10"]
 
 
 def _losses(run: Path) -> dict[int, float]:

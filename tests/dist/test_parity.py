@@ -10,20 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
+from _support import TINY_20
 
 pytestmark = pytest.mark.dist
 
-# The FSDP2 run is conftest.py's tiny_fsdp_20 (shared with test_deepspeed.py): these overrides, but
-# saving at steps 10 and 20 too, which leaves the losses alone.
-COMMON = [
-    "train.max_steps=20",
-    "train.log_every=1",
-    "train.eval_batches=0",
-    "train.eval_exact_match=0",
-    "checkpoint.every=0",
-    "checkpoint.resume=never",
-    "optim.weight_decay=0.1",
-]
+# The FSDP2 run is conftest.py's tiny_fsdp_20 (the session's): the same training, saving every 5
+# steps, which leaves the losses alone.
+COMMON = [*TINY_20, "checkpoint.every=0", "checkpoint.resume=never"]
 RUNS = {
     "ddp": ["parallel.backend=ddp"],
     "single": ["parallel.backend=single", "cluster.gpus_per_node=1", "train.micro_batch_size=8"],

@@ -13,19 +13,14 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from _support import TINY_20
 
 from launcher.runtime.state import checkpoint as ckpt
 
 pytestmark = pytest.mark.dist
 
 STEPS = 20
-BASE = [
-    f"train.max_steps={STEPS}",
-    "train.log_every=1",
-    "train.eval_batches=0",
-    "train.eval_exact_match=0",
-    "optim.warmup_steps=3",
-]
+BASE = TINY_20  # the training of the session's straight run (conftest.py's tiny_fsdp_20)
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -37,14 +32,10 @@ def _losses(run: Path) -> dict[int, float]:
     return out
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
-    """The uninterrupted 2-rank reference run, with checkpoints every 5 steps."""
-    from _support import launcher_cli
-
-    run = tmp_path_factory.mktemp("straight") / "run"
-    launcher_cli("run", "tiny-cpu.yaml", *BASE, "checkpoint.every=5", "checkpoint.keep_last=10", "--out", str(run), plot=True)
-    return run
+@pytest.fixture
+def straight(tiny_fsdp_20: Path) -> Path:
+    """The uninterrupted 2-rank reference run, with checkpoints every 5 steps, all kept (the session's)."""
+    return tiny_fsdp_20
 
 
 def _start(run: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -140,7 +131,8 @@ def test_rank_killed_mid_save_keeps_previous_checkpoint(tmp_path: Path, launcher
     run = tmp_path / "run"
     # Rank 0 holds in the save (it leaves only by SIGKILL): 2 s of grace after rank 1's death, not 30.
     env = {"LAUNCHER_TEST_PAUSE_BEFORE_COMPLETE": "10", "LAUNCHER_TEST_FAILURE_GRACE_SECONDS": "2"}
-    proc = _start(run, "checkpoint.every=5", env=env)
+    short = ["train.max_steps=12", "checkpoint.every=5"]  # step 10's save is not the last; the resume trains 7 steps
+    proc = _start(run, *short, env=env)
     shard_written = ckpt.step_dir(run / "checkpoints", 10) / "model_optim" / ".metadata"
     _wait_for(shard_written.exists, what="the step-10 save to be under way")
     _ranks(proc)[1].kill()  # SIGKILL, mid-save
@@ -151,10 +143,10 @@ def test_rank_killed_mid_save_keeps_previous_checkpoint(tmp_path: Path, launcher
     assert not (ckpt.step_dir(run / "checkpoints", 10) / ckpt.COMPLETE).exists()
     assert os.readlink(run / "checkpoints" / "latest") == "step-00000005"
 
-    done = launcher("run", "tiny-cpu.yaml", *BASE, "checkpoint.every=5", "--out", str(run))
+    done = launcher("run", "tiny-cpu.yaml", *BASE, *short, "--out", str(run))
     assert "skipping checkpoint" in done.stderr and "step-00000010: no COMPLETE marker" in done.stderr
     assert "at step 5" in done.stdout
-    assert sorted(_losses(run))[-1] == STEPS
+    assert sorted(_losses(run)) == list(range(1, 13))
 
 
 def test_truncated_or_unmarked_checkpoints_are_skipped(straight: Path, tmp_path: Path) -> None:
@@ -189,9 +181,11 @@ def test_launcher_run_draws_the_plot_once_the_ranks_exit(straight: Path) -> None
     assert "loss.png" not in (straight / "logs" / "launcher.log").read_text()  # no rank drew it
 
 
-def test_export_loads_and_matches_checkpoint_logits(straight: Path, tmp_path: Path, launcher, export) -> None:
+def test_export_loads_and_matches_checkpoint_logits(straight: Path, tmp_path: Path, export, capsys) -> None:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoModelForCausalLM
+
+    from launcher.cli import main
 
     out = tmp_path / "hf"
     export(str(straight), "--step", "15", "--out", str(out))
@@ -206,8 +200,9 @@ def test_export_loads_and_matches_checkpoint_logits(straight: Path, tmp_path: Pa
     base = AutoModelForCausalLM.from_pretrained(Path(os.environ["LAUNCHER_CACHE_DIR"]) / "tiny-llama-v2").eval()
     with torch.no_grad():
         assert not torch.allclose(exported(ids).logits, base(ids).logits, atol=1e-3)  # it did train
-    bad = launcher("export", str(straight), "--step", "7", "--out", str(tmp_path / "x"), check=False)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: --step 7")
+    capsys.readouterr()
+    assert main(["export", str(straight), "--step", "7", "--out", str(tmp_path / "x")]) == 2  # `launcher export` exits with it
+    assert capsys.readouterr().err.startswith("error: --step 7") and not (tmp_path / "x").exists()
 
 
 def test_signal_during_startup_is_not_lost(tmp_path: Path) -> None:
