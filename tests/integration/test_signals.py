@@ -131,10 +131,16 @@ def test_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
     proc = _start(run)
     _wait_for_steps(proc, run, 2)
     os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.05)  # long enough for the handlers to run, short of a step, a save and the exit (0.2 s here)
+    assert proc.stdout is not None
+    seen = ""
+    while "(Ctrl-C again to stop at once)" not in seen:  # the first one handled: then the second, well before the save ends
+        line = proc.stdout.readline()
+        assert line, f"launcher run ended before it handled the first Ctrl-C:\n{seen}"
+        seen += line
     t0 = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
+    output = seen + output
     assert time.monotonic() - t0 < 10, output
     assert proc.returncode == 130, output
     assert "second Ctrl-C: stopping every process of the run now" in output

@@ -87,8 +87,12 @@ def _run(plan, fake: dict[str, str], tmp: Path, send: int | None = None) -> tupl
 
         def later() -> None:
             for _ in range(2):
-                started.acquire()
-            time.sleep(0.2)  # both have printed; the handler was installed before the print
+                started.acquire()  # both have started (each installed its handler before its first line)
+            deadline = time.monotonic() + 60
+            # and both are done printing (ready-N comes after their last line): a handler's own line
+            # cannot land inside one of them. Polled, not a fixed wait: a loaded machine takes longer.
+            while not all((tmp / f"ready-{r}").exists() for r in "01") and time.monotonic() < deadline:
+                time.sleep(0.01)
             ranks.send(send)
 
         threading.Thread(target=later, daemon=True).start()
