@@ -82,9 +82,15 @@ def test_signal_saves_and_resume_is_exact(straight: Path, tmp_path: Path, launch
     ranks = _ranks(proc)
     assert len(ranks) == 2
     ranks[1].send_signal(signal.SIGUSR1)  # one rank only: all must stop at the same step
-    time.sleep(0.05)
-    ranks[0].send_signal(signal.SIGTERM)  # a second signal during the save changes nothing
+    assert proc.stdout is not None
+    seen = ""
+    while "launcher: received SIGUSR1" not in seen:  # rank 1 has it (a condition, not a fixed wait)
+        line = proc.stdout.readline()
+        assert line, f"launcher run ended before rank 1 took its signal:\n{seen[-3000:]}"
+        seen += line
+    ranks[0].send_signal(signal.SIGTERM)  # a second signal, to the other rank, changes nothing
     output, _ = proc.communicate(timeout=240)
+    output = seen + output
     assert proc.returncode == 75, output
     stopped_at = int((run / "checkpoints" / "REQUEUE").read_text().strip().removeprefix("step-"))
     assert 6 <= stopped_at < STEPS
