@@ -33,6 +33,7 @@ from typing import IO
 from launcher.plan import Plan
 from launcher.plan.slurm import REQUEUE_EXIT_CODE  # the ranks saved after a signal: not a failure to restart from
 from launcher.plan.torchrun import shutdown_timeout
+from launcher.runtime.train.signals import STOP_SIGNALS  # the ranks' own (torch-free): held blocked in rank 0 until it handles them
 
 POLL_SECONDS = 0.05
 # After a rank failed, the others' time to leave before SIGKILL (torchrun's too); tests shorten it.
@@ -40,7 +41,6 @@ FAILURE_GRACE_SECONDS = float(os.environ.get("LAUNCHER_TEST_FAILURE_GRACE_SECOND
 Tee = Callable[[str, IO[str]], None]  # (line, console stream): write it to the console and the log
 BAD_INPUT_EXIT_CODE = 2  # a rank's exit for bad input (launcher/runtime/__main__.py): never restarted
 SUPERVISOR_PID = "LAUNCHER_SUPERVISOR_PID"  # in each rank's environment: the `launcher run` that started it
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # launcher/zygote.py's
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -286,10 +286,9 @@ class RankGroup:
                 self._popen(rank, self.argv, env, (listener.fileno(),) if rank == 0 else ())
         listener.close()  # rank 0 holds it now
 
-    def _popen(self, rank: int, argv: list[str], env: dict[str, str], fds: tuple[int, ...]) -> subprocess.Popen[str]:
+    def _popen(self, rank: int, argv: list[str], env: dict[str, str], fds: tuple[int, ...]) -> None:
         proc, pumps = start_piped(argv, env, self._tee, f"[default{rank}]:", fds)
         self.ranks.append(Rank(rank, proc, pumps))
-        return proc
 
     def _spawn_zygote(self, envs: list[dict[str, str]], listener: int) -> None:
         """Rank 0 (launcher/zygote.py), with the other ranks' output pipes and two of its own: the go

@@ -29,10 +29,9 @@ from launcher.plan.slurm import REQUEUE_EXIT_CODE
 from launcher.plot import plot_after_run
 from launcher.ranks import Ranks, Tee, send_signal, shell_code, start_piped
 from launcher.runfiles import open_append, read_small, replace_file
+from launcher.runtime.train.signals import STOP_SIGNALS
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-# SIGHUP: the terminal closed (the ranks, in their own sessions, get nothing from it); SIGQUIT: Ctrl-\.
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT)
 RUN_TOKEN = "LAUNCHER_RUN_TOKEN"
 
 
@@ -113,7 +112,9 @@ def _supervise(plan: Plan, log: IO[str]) -> tuple[int, bool]:
             say("launcher: second Ctrl-C: stopping every process of the run now, without saving")
             _kill_all(token)
 
-    previous = {signum: signal.signal(signum, on_signal) for signum in FORWARDED}
+    # The signals a rank stops on, passed on (the ranks, in sessions of their own, get nothing from the
+    # terminal): SIGHUP, the terminal closed; SIGQUIT, Ctrl-\.
+    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
     try:
         ranks.spawn()  # forking: rank 0 imports torch and the rest while the data is prepared
         code = _prepare(plan, {**os.environ, RUN_TOKEN: token}, tee, preparing)

@@ -43,9 +43,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from launcher.runtime.train.signals import STOP_SIGNALS
+
 CONTROL = "LAUNCHER_ZYGOTE_CONTROL"  # fd: the go message from `launcher run` (one JSON line), or EOF: give up
 REPORT = "LAUNCHER_ZYGOTE_REPORT"  # fd: the forked ranks' pids, one JSON line back
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 REPARENT_SECONDS = 10.0  # a forked rank waits this long to become `launcher run`'s child
 
 
