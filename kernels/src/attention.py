@@ -206,8 +206,58 @@ def in_token_order(kwargs: dict[str, Any], per_slot: torch.Tensor) -> torch.Tens
     return per_slot if layout is None else layout.unplace(per_slot)
 
 
-def attention_inputs(position_ids: torch.Tensor, implementation: str, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
-    """Keyword arguments for one unpacked row (generation): position ids, and the eager mask."""
-    if implementation == "eager":
-        return {"position_ids": position_ids, "attention_mask": document_causal_mask(position_ids, dtype)}
-    return {"position_ids": position_ids, "attention_mask": None}
+def generation_inputs(
+    sequences: list[list[int]], implementation: str, *, flatten: bool = True, keep_logits: bool = True, device: torch.device | None = None
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Token sequences (prompts with what was generated so far) → (kwargs for one forward over all of
+    them, the index of each sequence's last token in that forward's logits, flattened to [-1, vocab]).
+
+    The same contract as training's: a flattened row of documents with its varlen kwargs (and
+    launcher_sdpa's layout), or rows padded at their ends where rows go as they are (eager,
+    `flatten=False`; causal attention never reaches padding that follows a sequence). `keep_logits`:
+    pass `logits_to_keep` so the head runs on the last tokens only (the model's forward takes it);
+    otherwise every position's logits come back and the index picks from them."""
+    device = device or torch.device("cpu")
+    lengths = torch.tensor([len(s) for s in sequences])
+    ends = torch.cumsum(lengths, 0) - 1  # each sequence's last token in row order
+    if not flatten or implementation == "eager":
+        width = int(lengths.max())
+        ids = torch.zeros(len(sequences), width, dtype=torch.long)
+        for i, tokens in enumerate(sequences):
+            ids[i, : len(tokens)] = torch.tensor(tokens)
+        kwargs: dict[str, Any] = {"input_ids": ids.to(device)}
+        if flatten:  # eager: positions per row, no mask (plain causal)
+            kwargs.update(position_ids=torch.arange(width).expand(len(sequences), -1).to(device), attention_mask=None, use_cache=False)
+        last = lengths - 1
+        if keep_logits:
+            kwargs["logits_to_keep"] = last[:, None].to(device)  # [rows, 1]: one position per row
+            return kwargs, torch.arange(len(sequences))
+        return kwargs, torch.arange(
+            len(sequences)
+        ) * width + last  # prompt tuning's virtual tokens come first: the caller keeps the last `width`
+    ids = torch.tensor([t for s in sequences for t in s])
+    positions = torch.cat([torch.arange(int(n)) for n in lengths])
+    slots = ends
+    layout = None
+    if implementation == "launcher_sdpa":
+        from launcher.kernels.sdpa_varlen import lay_out
+
+        layout = lay_out(lengths.tolist(), device.type)
+        ids, positions = layout.place(ids, 0), layout.place_positions(positions)
+        if layout.source is not None:  # where each token sits among the slots
+            where = torch.empty(len(ids), dtype=torch.long)
+            real = (layout.source >= 0).nonzero()[:, 0]
+            where[layout.source[real]] = real
+            slots = where[ends]
+        lengths = torch.tensor(layout.lengths)
+    kwargs = {"input_ids": ids[None].to(device), "position_ids": positions[None].to(device), "attention_mask": None, "use_cache": False}
+    if implementation in VARLEN or implementation == "sdpa":
+        kwargs.update(varlen_kwargs(lengths, device))
+    if layout is not None:
+        from launcher.kernels.sdpa_varlen import remember
+
+        remember(kwargs["cu_seq_lens_q"], layout)
+    if keep_logits:
+        kwargs["logits_to_keep"] = slots.to(device)
+        return kwargs, torch.arange(len(sequences))
+    return kwargs, slots

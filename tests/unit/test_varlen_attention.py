@@ -12,6 +12,7 @@ from launcher.kernels import sdpa_varlen, varlen
 from launcher.kernels.attention import (
     IGNORE_INDEX,
     attn_implementation,
+    generation_inputs,
     in_token_order,
     model_inputs,
     next_token_targets,
@@ -172,6 +173,48 @@ def test_packed_logits_equal_documents_alone(
     # Targets: the next token of the same document; a document's last token predicts nothing.
     expected = torch.cat([torch.cat([d[1:], torch.tensor([IGNORE_INDEX])]) for d in _learning(docs)])
     assert torch.equal(targets, expected)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
+@torch.no_grad()
+def test_generation_forward_gives_each_sequence_its_own_next_token_logits(
+    models, flash_reference, varlen_kernel, arch: str, implementation: str, keep: bool
+) -> None:
+    """The evaluation's batched greedy step (runtime/train/tasks.py): one forward over sequences of
+    different lengths (10 and 11 share launcher_sdpa's bucket, so one is padded) gives each the logits
+    of its last token that it gets alone, with the head on those tokens only (`logits_to_keep`) or
+    on every position."""
+    model = models[arch]
+    gen = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (10, 3, 12, 11, 1)]
+    model.config._attn_implementation = "eager"
+    alone = torch.stack([model(input_ids=torch.tensor([s])).logits[0, -1] for s in sequences])
+    model.config._attn_implementation = implementation
+    kwargs, last = generation_inputs(sequences, implementation, keep_logits=keep)
+    logits = model(**kwargs).logits
+    if keep:  # the head ran on the last tokens alone: one row of them, or one per padded row (eager)
+        assert logits.shape == ((len(sequences), 1, VOCAB) if implementation == "eager" else (1, len(sequences), VOCAB))
+    elif implementation == "launcher_sdpa":
+        assert logits.shape[1] > sum(map(len, sequences))  # the bucket's padding is among the slots
+    picked = logits.reshape(-1, VOCAB)[last]
+    assert (picked - alone).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_generation_rows_for_prompt_tuning_take_the_last_positions(models) -> None:
+    """flatten=False (peft prompt tuning prepends virtual tokens): rows padded at their ends, and the
+    index counts positions within the rows, so the caller keeps the last `width` of each."""
+    model = models["llama"]
+    model.config._attn_implementation = "sdpa"
+    sequences = [[5, 6, 7, 8], [9, 10]]
+    kwargs, last = generation_inputs(sequences, "sdpa", flatten=False, keep_logits=False)
+    assert set(kwargs) == {"input_ids"} and kwargs["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
+    assert last.tolist() == [3, 5]
+    picked = model(**kwargs).logits.reshape(-1, VOCAB)[last]
+    alone = torch.stack([model(input_ids=torch.tensor([s])).logits[0, -1] for s in sequences])
+    assert (picked - alone).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("micro_batch", [1, 2, 4])
