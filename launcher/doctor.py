@@ -139,7 +139,7 @@ def check_bitsandbytes(cfg: RunConfig | None) -> Iterator[Check]:
 def check_extras(cfg: RunConfig | None) -> Iterator[Check]:
     wants = {
         "deepspeed": cfg is not None and cfg.parallel.backend == "deepspeed",
-        "peft": cfg is not None and cfg.method.name in ("lora", "qlora", "prompt_tuning"),
+        "peft": cfg is not None and cfg.method.peft,
     }
     extra = {"deepspeed": "deepspeed", "peft": "lora"}
     for dist, want in wants.items():

@@ -122,7 +122,7 @@ def _moe_lora_problems(cfg: RunConfig, model: ModelSection) -> list[Problem]:
     all-linear or an `experts` target) in its ParamWrapper, which takes no dropout: refused here, not
     as peft's traceback on every rank."""
     lora = cfg.method.lora
-    if cfg.method.name not in ("lora", "qlora"):
+    if not cfg.method.low_rank:
         return []
     experts = model.num_experts or 0  # resolved from config.json (resolve_model), or given for a model not on disk
     if experts < 2:

@@ -13,6 +13,8 @@ from typing import Literal
 # (plan/backend.py); the ranks only ever see the concrete backend.
 Backend = Literal["auto", "fsdp", "deepspeed", "ddp", "single"]
 MethodName = Literal["full", "lora", "qlora", "freeze", "prompt_tuning"]
+PEFT_METHODS = ("lora", "qlora", "prompt_tuning")  # peft wraps the model; only its adapters train
+LORA_METHODS = ("lora", "qlora")  # low-rank adapters on a frozen base: mergeable, and the base is the reference
 Precision = Literal["bf16", "fp16", "fp32"]
 DType = Literal["bfloat16", "float16", "float32"]
 Offload = Literal["none", "cpu", "nvme"]
@@ -122,6 +124,14 @@ class MethodSection:
     quant: QuantSection = field(default_factory=QuantSection)
     freeze: FreezeSection = field(default_factory=FreezeSection)
     prompt_tuning: PromptTuningSection = field(default_factory=PromptTuningSection)
+
+    @property
+    def peft(self) -> bool:
+        return self.name in PEFT_METHODS
+
+    @property
+    def low_rank(self) -> bool:
+        return self.name in LORA_METHODS
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,7 @@ def preload(argv: list[str]) -> None:
         "launcher.runtime.train.tasks",
         "launcher.runtime.train.metrics",
         "launcher.kernels.attention",
-        *(["peft"] if cfg.method.name in ("lora", "qlora", "prompt_tuning") else []),
+        *(["peft"] if cfg.method.peft else []),
         *(["bitsandbytes"] if cfg.method.name == "qlora" else []),
         *(["deepspeed"] if cfg.parallel.backend == "deepspeed" else []),
         *(["launcher.runtime.train.preference"] if cfg.task == "preference" else []),

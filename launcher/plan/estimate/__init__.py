@@ -102,7 +102,7 @@ def reference_pass(cfg: RunConfig) -> str:
     micro-batch), stored (computed once before step 1 by the same sharded model, kept beside the data)."""
     if cfg.task != "preference" or not cfg.preference.needs_reference:
         return "none"
-    return "adapters" if cfg.method.name in ("lora", "qlora") else "stored"
+    return "adapters" if cfg.method.low_rank else "stored"
 
 
 def estimate_plan(cfg: RunConfig, topology: Topology) -> dict[str, float]:

@@ -33,7 +33,7 @@ def checkpoint_bytes(s: Setting, memory: dict[str, float], checkpoint: Checkpoin
     """One save, all ranks: the state the runtime writes, and the time at FS_BYTES_PER_SECOND per node."""
     trainable, total = memory["trainable_params"], memory["params"]
     c = BYTES[s.train.precision]
-    adapter = s.method.name in ("lora", "qlora", "prompt_tuning")
+    adapter = s.method.peft
     if adapter:
         size = trainable * (4 + 8)  # trainable-only saves: fp32 adapters and their AdamW states
     elif s.parallel.backend == "deepspeed":

@@ -96,7 +96,7 @@ def block_saved_bytes(s: Setting, counts: ParamCounts, mode: str) -> float:
     heads = s.model.num_attention_heads or 1
     if mode == "full":
         return c * h  # the block's input, kept by the checkpoint
-    frozen = s.method.name in ("lora", "qlora")  # a frozen base saves nothing for its own weight gradients
+    frozen = s.method.low_rank  # a frozen base saves nothing for its own weight gradients
     if fam.layer_norm:  # input and two statistics; the output too when the next linear trains
         norms = 2 * (c * h + 8 + (0 if frozen else c * h))
     else:  # RMSNorm in fp32: the fp32 input and rsqrt; with a trained weight also the normalised value and output
@@ -140,7 +140,7 @@ def activation_bytes(s: Setting, counts: ParamCounts) -> dict[str, float]:
     c = BYTES[s.train.precision]
     tokens = (s.train.micro_batch_size or 1) * s.row_len
     fam = family_of(s.model)
-    frozen = s.method.name in ("lora", "qlora")  # frozen embeddings, final norm and head: less to keep
+    frozen = s.method.low_rank  # frozen embeddings, final norm and head: less to keep
     outside = 0 if frozen else 8 * (2 if fam.learned_positions else 1)  # token (and position) ids
     if fam.layer_norm:  # final norm: input and statistics, and the head's input
         outside += c * h + 8 + (0 if frozen else c * h)
@@ -210,7 +210,7 @@ def state_bytes(s: Setting, counts: ParamCounts, trainable: float) -> dict[str, 
     c, store = BYTES[s.train.precision], BYTES[s.model.dtype]
     par, method = s.parallel, s.method.name
     group = shard_group(s)
-    adapter = method in ("lora", "qlora", "prompt_tuning")
+    adapter = s.method.peft
     out = dict.fromkeys(("parameters", "quantized_base", "gradients", "optimizer", "master_weights", "gathered", "host_offloaded"), 0.0)
     stage = {"fsdp": 3, "ddp": 0, "single": 0}.get(par.backend, par.zero_stage)
     quantised = counts.linear if method == "qlora" else 0
@@ -233,7 +233,7 @@ def state_bytes(s: Setting, counts: ParamCounts, trainable: float) -> dict[str, 
 def fsdp_buffers(s: Setting, counts: ParamCounts, trainable: float, out: dict[str, float]) -> None:
     """FSDP2: gathered units and reduce buffers; deferred sync; CPU offload."""
     c, method, fsdp = BYTES[s.train.precision], s.method.name, s.parallel.fsdp
-    adapter = method in ("lora", "qlora", "prompt_tuning")
+    adapter = s.method.peft
     layer: float = counts.per_layer * c
     if method == "qlora":
         layer = counts.layer_linear * NF4_PACKED + (counts.per_layer - counts.layer_linear) * c

@@ -58,7 +58,7 @@ def build_training_model(
 ) -> Built:
     """meta → method → shard → load, for any architecture and task; `labels` names a classifier's classes."""
     backend, method, task = cfg.parallel.backend, cfg.method, cfg.task
-    adapters = method.name in ("lora", "qlora", "prompt_tuning")
+    adapters = method.peft
     checkpointing = cfg.train.checkpointing
     # Trainable weights are fp32 masters (the compute dtype comes from the mixed-precision policy);
     # an adapter method's frozen base stays in its storage dtype.

@@ -135,7 +135,7 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
     if not (run_dir / "plan.json").exists():
         raise ExportError(f"{run_dir}: not a run directory (no plan.json)")
     cfg = Plan.load(run_dir / "plan.json").run_config
-    if merge and cfg.method.name not in ("lora", "qlora"):
+    if merge and not cfg.method.low_rank:
         raise ExportError(
             f"--merge: merges a LoRA/QLoRA adapter into its base model, but this run's method is {cfg.method.name}; leave --merge out"
         )
@@ -150,13 +150,13 @@ def export(run_dir: Path, out: Path, step: int | None, merge: bool) -> int:
     dtype = DTYPES[cfg.model.dtype]
     labels = json.loads((run_dir / "labels.json").read_text()) if cfg.task == "classification" else None
     heads = head_names(base, cfg, labels) if labels else []
-    if cfg.method.name in ("lora", "qlora", "prompt_tuning") and not merge:
+    if cfg.method.peft and not merge:
         from launcher.runtime.model.methods import write_adapter
 
         count = write_adapter(read, cfg, out, heads)
-    elif cfg.method.name in ("lora", "qlora") and any(".experts." in k and "lora_" in k for k in read.keys()):  # noqa: SIM118
+    elif cfg.method.low_rank and any(".experts." in k and "lora_" in k for k in read.keys()):  # noqa: SIM118
         count = _merge_with_peft(read, cfg, base, out, dtype, heads)
-    elif cfg.method.name in ("lora", "qlora"):
+    elif cfg.method.low_rank:
         from launcher.runtime.model.methods import merged_tensors
 
         _copy_side_files(base, out, dtype, cfg.task, labels)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launcher.config.schema import PreferenceSection, RunConfig
+from launcher.config.schema import LORA_METHODS, PreferenceSection, RunConfig
 from launcher.runtime.data.packing import IGNORE_INDEX, Batch, GlobalOrder, TokenData
 from launcher.runtime.parallel.dist import all_reduce_sum, row_shares
 from launcher.runtime.train.loop import Context, _autocast
@@ -110,7 +110,7 @@ class Preference:
 
     def __init__(self, pref: PreferenceSection, method: str) -> None:
         self.pref = pref
-        self.adapters = method in ("lora", "qlora")
+        self.adapters = method in LORA_METHODS  # the reference is the base: the adapters switched off
         self.needs_reference = pref.needs_reference
         self.stored: dict[str, np.ndarray] = {}  # split -> reference log-probability per sequence (full, freeze)
         self.sums: torch.Tensor | None = None  # this step's METRICS summed over its pairs
