@@ -426,3 +426,73 @@ def test_sdpa_varlen_bidirectional_encoder_per_document() -> None:
     model.config._attn_implementation = "eager"
     alone = torch.cat([model(input_ids=d[None]).last_hidden_state[0] for d in _learning(docs)])
     assert (packed - alone).abs().max().item() <= 1e-5
+
+
+class _Tokenizer:
+    """What the evaluation's generation asks of a tokenizer; token 1 ends an answer."""
+
+    eos_token_id = 1
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return 1
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [2] * len(text.split())
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("implementation", ["launcher_sdpa", "eager"])
+@torch.no_grad()
+def test_grouped_generation_equals_greedy_one_at_a_time_with_as_many_forwards_on_every_rank(models, implementation: str) -> None:
+    """CausalLM.generate (runtime/train/tasks.py) as each of 2 ranks runs it: rank 0's two prompts
+    exceed the group budget (max_seq_len 40 x micro-batch 1) and take two groups, rank 1's one takes
+    one; both ranks run the same number of forwards (a sharded model gathers in each), and every
+    answer is the one greedy decoding of that prompt alone gives."""
+    from types import SimpleNamespace
+
+    from launcher.runtime.train.tasks import CausalLM
+
+    model = models["llama"]
+    model.config._attn_implementation = implementation
+    gen = torch.Generator().manual_seed(5)
+    prompts = [{"prompt_ids": torch.randint(3, VOCAB, (n,), generator=gen).tolist(), "answer": "a b c d e"} for n in (20, 20, 19)]
+    calls: list[int] = []
+
+    class Counted(torch.nn.Module):  # a wrapper with `.module`, as DDP is: logits_to_keep is read through it
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = model
+
+        def forward(self, **kwargs):
+            calls.append(1)
+            return self.module(**kwargs)
+
+    counted = Counted()
+
+    cfg = SimpleNamespace(
+        train=SimpleNamespace(eval_exact_match=3, micro_batch_size=1),
+        method=SimpleNamespace(name="full"),
+        data=SimpleNamespace(max_seq_len=40),
+    )
+    answers, forwards = {}, []
+    for rank in range(2):
+        calls.clear()
+        info = SimpleNamespace(rank=rank, world_size=2, device=torch.device("cpu"))
+        ctx = SimpleNamespace(
+            cfg=cfg, info=info, model=counted, tokenizer=_Tokenizer(), eval_prompts=prompts, attn_implementation=implementation,
+            backend="fsdp", compute_dtype=torch.float32,
+        )  # fmt: skip
+        answers.update({a["index"]: a["prediction"] for a in CausalLM().generate(ctx)})
+        forwards.append(len(calls))
+    assert forwards == [2 * 6, 2 * 6]  # two groups on rank 0, one (and a one-token stand-in group) on rank 1; 5 + 1 new tokens each
+    for index, prompt in enumerate(prompts):
+        ids = list(prompt["prompt_ids"])
+        for _ in range(6):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] == 1:
+                break
+        generated = ids[len(prompt["prompt_ids"]) :]
+        expected = generated[: generated.index(1)] if 1 in generated else generated
+        assert answers[index] == " ".join(map(str, expected)), index
