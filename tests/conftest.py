@@ -14,6 +14,9 @@ os.environ.setdefault("LAUNCHER_CACHE_DIR", str(ROOT / ".cache" / "launcher"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before torch is imported here: the in-process tests' OpenMP threads spin at most 1000 times at a
+# barrier, as the ranks' do (launcher/plan/network.py), so a busy machine does not stall them.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,5 +1,6 @@
-"""cluster.network → the NCCL and libfabric variables a GPU job exports, and the defaults it sets only
-where the user's environment has not (PYTORCH_CUDA_ALLOC_CONF). A CPU job gets none: no NCCL there."""
+"""cluster.network → the NCCL and libfabric variables a GPU job exports, and the defaults a job sets only
+where the user's environment has not: PYTORCH_CUDA_ALLOC_CONF on GPUs, GOMP_SPINCOUNT on CPUs. A CPU
+job gets no network variables: no NCCL there."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ EFA_RDMA_GPUS = frozenset({"a100-40gb", "a100-80gb", "h100-80gb", "h200"})
 # Expandable segments: the caching allocator grows segments instead of leaving odd-sized blocks
 # behind, the fragmentation that ends long FSDP/ZeRO runs with an OOM at a few GiB free.
 ENV_DEFAULTS = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+# On CPU: how long an OpenMP thread of torch's (GNU libgomp) spins at a barrier before it sleeps.
+# libgomp's default (300,000 spins) turns any other busy process into a stall: a thread that waits
+# burns its core while the one it waits for has none, and the tiny recipe's one-process run with 2
+# threads beside one busy process took 177 s instead of 7 (OMP_WAIT_POLICY=PASSIVE: 9.5 s, 1.38x
+# slower on idle cores; 1000 spins: 11 s there, and the same speed on idle cores; tests/bench/RESULTS.md,
+# "OpenMP threads beside a busy process").
+CPU_ENV_DEFAULTS = {"GOMP_SPINCOUNT": "1000"}
 _SAFE = re.compile(r"^[A-Za-z0-9_.:,=^-]*$")  # a default is written unquoted inside "${NAME:=value}"
 
 
@@ -45,10 +53,9 @@ def network_env(cluster: ClusterSection) -> dict[str, str]:
 
 
 def env_defaults(cluster: ClusterSection) -> dict[str, str]:
-    """Variables a GPU job sets only when the environment it starts in has not (the scripts write
+    """Variables a job sets only when the environment it starts in has not (the scripts write
     `: "${NAME:=value}"`); one that cluster.env sets is left to cluster.env."""
-    if cluster.accelerator != "cuda":
-        return {}
-    out = {name: value for name, value in ENV_DEFAULTS.items() if name not in cluster.env}
+    defaults = ENV_DEFAULTS if cluster.accelerator == "cuda" else CPU_ENV_DEFAULTS
+    out = {name: value for name, value in defaults.items() if name not in cluster.env}
     assert all(_SAFE.match(value) for value in out.values()), out
     return out

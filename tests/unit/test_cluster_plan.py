@@ -359,7 +359,27 @@ def test_a_cpu_job_gets_no_network_alloc_or_numa_settings() -> None:
     plan = build_plan(load_config(RECIPES / "tiny-cpu.yaml", overrides), "/scratch/r")
     for script in (plan.launch_script, plan.sbatch_script):
         assert not any(name in script for name in (*NETWORK_VARS, "PYTORCH_CUDA_ALLOC_CONF", "numa"))
-    assert plan.env_defaults == {} and "--numa-binding" not in plan.torchrun
+    assert plan.env_defaults == {"GOMP_SPINCOUNT": "1000"} and "--numa-binding" not in plan.torchrun
+
+
+def test_a_cpu_job_bounds_openmp_spinning_unless_the_environment_sets_it(tmp_path: Path) -> None:
+    """GOMP_SPINCOUNT=1000 where neither the environment nor cluster.env says otherwise: in launch.sh,
+    job.sbatch and the ranks `launcher run` starts (ranks.rank_env: the environment wins)."""
+    from launcher.ranks import rank_env
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "python", 'printf "%s" "$GOMP_SPINCOUNT"\n')
+    plan = build_plan(load_config(RECIPES / "tiny-cpu.yaml"), str(tmp_path / "run"), python=str(bin_dir / "python"))
+    assert ': "${GOMP_SPINCOUNT:=1000}"' in plan.sbatch_script.splitlines() and "GOMP_SPINCOUNT" not in plan.env
+    write_run_dir(plan)
+    launch = str(tmp_path / "run" / "launch.sh")
+    for given, expected in (({}, "1000"), ({"GOMP_SPINCOUNT": "300000"}, "300000")):
+        done = subprocess.run(["bash", launch], env={"PATH": "/usr/bin:/bin", **given}, capture_output=True, text=True)
+        assert done.stdout == expected, done.stderr
+        assert rank_env(given, plan, 0, 29500, 0)["GOMP_SPINCOUNT"] == expected
+    given_plan = build_plan(load_config(RECIPES / "tiny-cpu.yaml", ["cluster.env={GOMP_SPINCOUNT: '0'}"]), "/scratch/r")
+    assert given_plan.env_defaults == {} and _exports(given_plan.launch_script)["GOMP_SPINCOUNT"] == "0"
 
 
 @pytest.mark.parametrize("mode", ["node", "socket", "exclusive", "core-complex"])
