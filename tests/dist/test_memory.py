@@ -152,8 +152,11 @@ def items(record: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def close(measured: float, estimated: float) -> bool:
-    return abs(measured - estimated) <= TOLERANCE * max(abs(measured), 1.0)
+def close(measured: float, estimated: float, floor: float = 1.0) -> bool:
+    """Within TOLERANCE of the measurement, or within `floor` bytes: an item estimated at nothing
+    (ZeRO-3's gradients, allocated with the parameters) measures a few hundred bytes either way as
+    the collector and DeepSpeed's hooks free small buffers at their own pace (-512 B once, under load)."""
+    return abs(measured - estimated) <= max(TOLERANCE * abs(measured), floor)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -170,6 +173,7 @@ def test_bytes_per_rank_match_the_estimate(case: str, measured: dict[str, list[d
             held, gradients = held + gradients, 0.0
         print(f"{case} rank {rank}: measured {got}; estimated held {held:.0f} gradients {gradients:.0f} optimizer {optimizer:.0f}")
         report = f"{case} rank {rank}: measured {got}, estimated held {held:.0f} gradients {gradients:.0f} optimizer {optimizer:.0f}"
+        floor = 0.001 * held  # 0.1 % of what the rank holds: 6 kB here, against items of 4-6 MB
         assert close(got["held"], held), report
         if case.startswith("zero2"):
             # one bucket may wait unreduced on the rank that owns it, or may already be reduced (timing):
@@ -178,7 +182,7 @@ def test_bytes_per_rank_match_the_estimate(case: str, measured: dict[str, list[d
             shards = e["trainable_params"] * 4 / 2
             assert shards * (1 - TOLERANCE) <= worst <= gradients * (1 + TOLERANCE), report
         else:
-            assert close(got["gradients"], gradients), report
+            assert close(got["gradients"], gradients, floor), report
         # deferred: the window's last backward hands the gradients to their shards; DeepSpeed's engine
         # has stepped the optimizer at the window's end
         if not case.endswith("deferred") and not deepspeed:
