@@ -114,6 +114,7 @@ def measure(case: str, out: Path, info: Any) -> None:
             else:
                 loss.backward()
         del loss, ids
+        torch.distributed.barrier()  # both ranks past their backward: no collective of it still holds a buffer
         record[f"backward{i + 1}"] = live_bytes()
     if engine is None:
         built.optimizer.step()
