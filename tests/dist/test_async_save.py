@@ -16,9 +16,11 @@ import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.dist
 
-# Up to MAX_STEPS steps, a save every EVERY steps when none is in flight, until SAVES saves have
-# finished: at least 50 polled steps on a quiet machine, and the same SAVES on a loaded one.
-MAX_STEPS, EVERY, SAVES, SLOW_RANK, SLOW_SECONDS = 400, 10, 3, 1, 1.5
+# A save every EVERY steps when none is in flight, until SAVES saves have finished: at least 50 polled
+# steps on a quiet machine, and the same SAVES on a loaded one. MAX_STEPS only bounds a loop that never
+# finishes its saves: a step takes 2-6 ms, so one 1.5 s save spans 250-750 of them (400 let only 2 of 3
+# saves finish once the steps got faster).
+MAX_STEPS, EVERY, SAVES, SLOW_RANK, SLOW_SECONDS = 5000, 10, 3, 1, 1.5
 
 
 def _free_port() -> int:

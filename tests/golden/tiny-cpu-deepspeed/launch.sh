@@ -4,4 +4,6 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1
 export PYTHONSAFEPATH=1
 export OMP_NUM_THREADS=1
+: "${GOMP_SPINCOUNT:=1000}"
+export GOMP_SPINCOUNT
 exec /opt/venv/bin/python -m launcher.agent --standalone --nnodes 1 --nproc_per_node 2 --max_restarts 0 --signals-to-handle SIGTERM,SIGINT,SIGUSR1,SIGHUP,SIGQUIT --shutdown-timeout 120 --log-dir /scratch/runs/tiny-cpu-deepspeed/logs/torchrun --tee 3 -m launcher.runtime --plan /scratch/runs/tiny-cpu-deepspeed/plan.json
