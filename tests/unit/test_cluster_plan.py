@@ -209,7 +209,7 @@ def test_collective_timeout_covers_a_save_and_is_at_least_nccls(tmp_path: Path) 
 GROUPS = """
 import json, os, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from launcher.runtime.parallel.dist import init_distributed
+from launcher.runtime.parallel.dist import init_distributed, teardown
 
 info = init_distributed("cpu", timeout_seconds=1234)
 mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))  # HSDP's groups
@@ -218,7 +218,7 @@ seconds = {name: g._get_backend(torch.device("cpu")).options._timeout.total_seco
 total = torch.ones(1)
 dist.all_reduce(total, group=groups["new_group"])
 print("RESULT " + json.dumps({"rank": info.rank, "seconds": seconds, "sum": total.item()}), flush=True)
-dist.destroy_process_group()
+teardown(True)  # barrier, then destroy: a bare destroy aborts at exit now and then ("terminate called ...", -6)
 """
 
 
