@@ -8,15 +8,18 @@ from pathlib import Path
 import pytest
 from _support import launcher_cli, read_metrics
 
+from launcher.plan.network import CPU_ENV_DEFAULTS  # no torch: the config schema only
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 os.environ.setdefault("LAUNCHER_CACHE_DIR", str(ROOT / ".cache" / "launcher"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Before torch is imported here: the in-process tests' OpenMP threads spin at most 1000 times at a
-# barrier, as the ranks' do (launcher/plan/network.py), so a busy machine does not stall them.
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# Before torch is imported here: the in-process tests' OpenMP threads spin no longer at a barrier than
+# the ranks' do (the plan's CPU defaults), so a busy machine does not stall them.
+for _name, _value in CPU_ENV_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
